@@ -1,0 +1,219 @@
+"""QKV attention and flash attention: public functions and their custom ops.
+
+``qkv_attention`` reads q, k, v as strided views of the UNet's ``[B, 3*H*D, T]`` tensor and writes the
+output and the qkv gradient in that layout, so no reshape or copy surrounds the kernel.
+"""
+
+import importlib
+import math
+from types import ModuleType
+
+import torch
+
+from fastdiff.ops import backend as backends
+from fastdiff.ops import cpu_attention, reference
+from fastdiff.ops.reference import compute_dtype
+from fastdiff.ops.validate import check_float_tensor, check_positive_int
+
+Tensor = torch.Tensor
+
+ORDERS = ("legacy", "split")
+
+
+def _implementation(name: str) -> ModuleType:
+    """The module holding ``attention_forward`` / ``attention_backward`` for backend ``name``."""
+    if name == "torch":
+        return reference
+    if name == "cpp":
+        return cpu_attention
+    return importlib.import_module("fastdiff.kernels.attention")
+
+
+def qkv_views(qkv: Tensor, num_heads: int, order: str) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as ``[B, H, T, D]`` views (no copy) of a contiguous qkv ``[B, 3*H*D, T]``.
+
+    ``legacy``: channels are grouped by head, then q/k/v (improved-diffusion's QKVAttention).
+    ``split``: channels are grouped q/k/v, then by head (guided-diffusion's QKVAttention).
+    """
+    b, width, t = qkv.shape
+    d = width // (3 * num_heads)
+    if order == "legacy":
+        parts = qkv.view(b, num_heads, 3, d, t).unbind(2)
+    else:
+        parts = qkv.view(b, 3, num_heads, d, t).unbind(1)
+    return tuple(p.transpose(-1, -2) for p in parts)
+
+
+def _heads_view(x: Tensor, num_heads: int) -> Tensor:
+    """``[B, H*D, T]`` -> ``[B, H, T, D]`` view."""
+    b, width, t = x.shape
+    return x.view(b, num_heads, width // num_heads, t).transpose(-1, -2)
+
+
+def _lse_like(q: Tensor) -> Tensor:
+    return q.new_empty(q.shape[:-1], dtype=compute_dtype(q.dtype))
+
+
+# --- qkv layout ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastdiff::qkv_attention_fwd", mutates_args=())
+def _qkv_attention_fwd(qkv: Tensor, num_heads: int, order: str, backend: str) -> tuple[Tensor, Tensor]:
+    b, width, t = qkv.shape
+    out = qkv.new_empty((b, width // 3, t))
+    q, k, v = qkv_views(qkv, num_heads, order)
+    if qkv.numel() == 0:
+        return out, _lse_like(q)
+    _, lse = _implementation(backend).attention_forward(
+        q, k, v, q.shape[-1] ** -0.5, out=_heads_view(out, num_heads)
+    )
+    return out, lse.to(compute_dtype(qkv.dtype))
+
+
+@_qkv_attention_fwd.register_fake
+def _(qkv, num_heads, order, backend):
+    b, width, t = qkv.shape
+    return qkv.new_empty((b, width // 3, t)), qkv.new_empty((b, num_heads, t), dtype=compute_dtype(qkv.dtype))
+
+
+@torch.library.custom_op("fastdiff::qkv_attention_bwd", mutates_args=())
+def _qkv_attention_bwd(
+    dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, order: str, backend: str
+) -> Tensor:
+    dqkv = torch.empty_like(qkv)
+    if qkv.numel() == 0:
+        return dqkv
+    q, k, v = qkv_views(qkv, num_heads, order)
+    dq, dk, dv = qkv_views(dqkv, num_heads, order)
+    _implementation(backend).attention_backward(
+        _heads_view(dout, num_heads),
+        q,
+        k,
+        v,
+        _heads_view(out, num_heads),
+        lse,
+        q.shape[-1] ** -0.5,
+        dq,
+        dk,
+        dv,
+    )
+    return dqkv
+
+
+@_qkv_attention_bwd.register_fake
+def _(dout, qkv, out, lse, num_heads, order, backend):
+    return torch.empty_like(qkv)
+
+
+def _qkv_setup_context(ctx, inputs, output) -> None:
+    qkv, num_heads, order, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads, ctx.order, ctx.backend = num_heads, order, backend
+
+
+def _qkv_backward(ctx, dout, _dlse):
+    qkv, out, lse = ctx.saved_tensors
+    dqkv = _qkv_attention_bwd(dout.contiguous(), qkv, out, lse, ctx.num_heads, ctx.order, ctx.backend)
+    return dqkv, None, None, None
+
+
+_qkv_attention_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+
+
+def qkv_attention(qkv: Tensor, num_heads: int, order: str = "legacy") -> Tensor:
+    """Multi-head attention over the UNet's qkv tensor: ``[B, 3*H*D, T]`` -> ``[B, H*D, T]``.
+
+    Scale ``1/sqrt(D)``, softmax in fp32, output in qkv's dtype; the T x T matrix is never stored on the
+    fast backends. ``order`` is ``"legacy"`` (improved-diffusion) or ``"split"`` (guided-diffusion's
+    ``use_new_attention_order``).
+    """
+    check_float_tensor("qkv", qkv)
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be [B, 3*H*D, T], got shape {tuple(qkv.shape)}")
+    check_positive_int("num_heads", num_heads)
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    width = qkv.shape[1]
+    if width == 0 or width % (3 * num_heads):
+        raise ValueError(f"qkv width {width} must be a positive multiple of 3 * num_heads = {3 * num_heads}")
+    backend = backends.resolve_attention(qkv, width // (3 * num_heads))
+    out, _ = _qkv_attention_fwd(qkv.contiguous(), num_heads, order, backend)
+    return out
+
+
+# --- separate q, k, v ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastdiff::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.numel() == 0:
+        return out, _lse_like(q)
+    _, lse = _implementation(backend).attention_forward(q, k, v, scale, out=out)
+    return out, lse.to(compute_dtype(q.dtype))
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, scale, backend):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), _lse_like(q)
+
+
+@torch.library.custom_op("fastdiff::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    if q.numel() == 0:
+        return dq, dk, dv
+    _implementation(backend).attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, scale, backend):
+    return tuple(torch.empty_like(t) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """Non-causal attention softmax(scale * q k^T) v for q, k, v ``[B, H, T, D]`` of any strides.
+
+    ``scale`` defaults to ``1/sqrt(D)``. Softmax in fp32; output ``[B, H, T, D]`` in q's dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, T, D], got shape {tuple(t.shape)}")
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(
+            "q, k and v must have the same shape [B, H, T, D], "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    head_dim = q.shape[-1]
+    if scale is None:
+        scale = head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    backend = backends.resolve_attention(q, head_dim)
+    out, _ = _attention_fwd(q, k, v, float(scale), backend)
+    return out

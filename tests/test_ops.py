@@ -1,0 +1,340 @@
+"""The fastdiff.ops contract: every backend against float64 PyTorch, bad input, backend choice, compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import require_backend
+
+from fastdiff import ops
+from fastdiff.ops import backend as backends
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+
+
+def reference_group_norm(x, groups, weight, bias, scale=None, shift=None, silu=False):
+    """float64 GroupNorm(+scale-shift)(+SiLU) from torch's own F.group_norm."""
+    y = F.group_norm(
+        x.double(),
+        groups,
+        None if weight is None else weight.double(),
+        None if bias is None else bias.double(),
+        eps=1e-5,
+    )
+    if scale is not None:
+        expand = (*scale.shape[:2],) + (1,) * (x.dim() - 2)
+        y = y * (1 + scale.double().reshape(expand)) + shift.double().reshape(expand)
+    return F.silu(y) if silu else y
+
+
+def reference_attention(q, k, v, scale):
+    weights = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1)
+    return weights @ v.double()
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    tol = TOLERANCE[dtype] * scale
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual.double(), expected.double(), atol=tol, rtol=tol)
+
+
+def dtypes_for(backend):
+    return {
+        "torch": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+        "cpp": (torch.float64, torch.float32, torch.bfloat16),
+        "triton": (torch.float32, torch.bfloat16, torch.float16),
+    }[backend]
+
+
+CASES = [  # (shape, groups, kind, channels_last)
+    ((2, 6), 3, "norm", False),
+    ((3, 32, 33), 8, "silu", False),
+    ((2, 64, 7, 7), 32, "scale_shift", False),
+    ((2, 64, 7, 7), 32, "silu", True),
+    ((1, 12, 3, 4, 5), 4, "scale_shift", True),
+    ((2, 32, 1, 1), 32, "norm", True),
+]
+
+
+@pytest.mark.parametrize(("shape", "groups", "kind", "channels_last"), CASES)
+def test_group_norm_family_matches_float64(backend, shape, groups, kind, channels_last):
+    for dtype in dtypes_for(backend):
+        c = shape[1]
+        x = (torch.randn(shape) * 3 + 2).to(dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        x.requires_grad_()
+        # parameters stay fp32 under autocast
+        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        weight = torch.randn(c, dtype=param_dtype, requires_grad=True)
+        bias = torch.randn(c, dtype=param_dtype, requires_grad=True)
+        scale = shift = None
+        if kind == "scale_shift":
+            scale = (torch.randn(shape[0], c) * 0.5).to(dtype).requires_grad_()
+            shift = torch.randn(shape[0], c).to(dtype).requires_grad_()
+            y = ops.group_norm_scale_shift_silu(x, groups, weight, bias, scale, shift)
+        elif kind == "silu":
+            y = ops.group_norm_silu(x, groups, weight, bias)
+        else:
+            y = ops.group_norm(x, groups, weight, bias)
+        assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+        inputs = [t for t in (x, weight, bias, scale, shift) if t is not None]
+        dy = torch.randn(shape, dtype=dtype)
+        grads = torch.autograd.grad(y, inputs, dy)
+
+        leaves = [t.detach().double().requires_grad_() for t in inputs]
+        expected = reference_group_norm(
+            leaves[0], groups, leaves[1], leaves[2], *leaves[3:], silu=kind != "norm"
+        )
+        expected_grads = torch.autograd.grad(expected, leaves, dy.double())
+        assert_close(y, expected, dtype)
+        for grad, want, leaf in zip(grads, expected_grads, inputs, strict=True):
+            assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+            # parameter gradients sum over N*spatial products of rounded values: looser in low precision
+            assert_close(grad, want, dtype, scale=1 if dtype == torch.float64 else 8)
+
+
+def test_group_norm_without_affine_and_with_4d_scale(backend):
+    x = torch.randn(2, 8, 5, 3, requires_grad=True)
+    scale, shift = torch.randn(2, 8, 1, 1), torch.randn(2, 8, 1, 1)
+    y = ops.group_norm_scale_shift_silu(x, 2, None, None, scale, shift)
+    assert_close(y, reference_group_norm(x, 2, None, None, scale, shift, silu=True), torch.float32)
+
+
+def test_group_norm_large_mean_is_accurate(backend):
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float32) + 1e3
+    y = ops.group_norm(x, 4, None, None)
+    torch.testing.assert_close(y.double(), reference_group_norm(x, 4, None, None), atol=2e-3, rtol=0)
+
+
+def test_group_norm_empty_batch(backend):
+    x = torch.randn(0, 8, 4, 4, requires_grad=True)
+    weight = torch.randn(8, requires_grad=True)
+    y = ops.group_norm_silu(x, 4, weight, None)
+    assert y.shape == x.shape
+    dx, dw = torch.autograd.grad(y.sum(), (x, weight))
+    assert dx.shape == x.shape and torch.equal(dw, torch.zeros(8))
+
+
+@pytest.mark.parametrize("order", ["legacy", "split"])
+@pytest.mark.parametrize(
+    ("batch", "heads", "head_dim", "length"), [(2, 2, 16, 1), (1, 3, 40, 37), (2, 1, 64, 20)]
+)
+def test_qkv_attention_matches_float64(backend, order, batch, heads, head_dim, length):
+    for dtype in (torch.float32, torch.bfloat16):
+        if dtype not in dtypes_for(backend) and backend != "cpp":
+            continue
+        qkv = (torch.randn(batch, 3 * heads * head_dim, length) * 2).to(dtype).requires_grad_()
+        out = ops.qkv_attention(qkv, heads, order)
+        assert out.shape == (batch, heads * head_dim, length) and out.dtype == dtype
+        dout = torch.randn_like(out)
+        (grad,) = torch.autograd.grad(out, qkv, dout)
+
+        leaf = qkv.detach().double().requires_grad_()
+        if order == "legacy":
+            q, k, v = leaf.reshape(batch * heads, 3 * head_dim, length).split(head_dim, dim=1)
+        else:
+            q, k, v = (p.reshape(batch * heads, head_dim, length) for p in leaf.chunk(3, dim=1))
+        expected = reference_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), head_dim**-0.5
+        )
+        expected = expected.transpose(1, 2).reshape(batch, heads * head_dim, length)
+        (expected_grad,) = torch.autograd.grad(expected, leaf, dout.double())
+        assert_close(out, expected, dtype, scale=2)
+        assert_close(grad, expected_grad, dtype, scale=8)
+
+
+def test_flash_attention_matches_float64_on_strided_inputs(backend):
+    base = torch.randn(2, 19, 3, 32) * 2  # [B, T, H, D]: q/k/v are strided views
+    q, k, v = (base.transpose(1, 2) + i for i in range(3))
+    q, k, v = (t.requires_grad_() for t in (q.detach(), k.detach(), v.detach()))
+    q = q.transpose(-1, -2).contiguous().transpose(-1, -2).detach().requires_grad_()  # D not unit-stride
+    out = ops.flash_attention(q, k, v, scale=0.2)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference_attention(*leaves, 0.2)
+    expected_grads = torch.autograd.grad(expected, leaves, dout.double())
+    assert_close(out, expected, torch.float32)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert_close(g, e, torch.float32, scale=4)
+
+
+def test_attention_empty_batch(backend):
+    qkv = torch.randn(0, 24, 5, requires_grad=True)
+    out = ops.qkv_attention(qkv, 2)
+    assert out.shape == (0, 8, 5)
+    (grad,) = torch.autograd.grad(out.sum(), qkv)
+    assert grad.shape == qkv.shape
+
+
+def test_reference_gradcheck_float64():
+    with ops.use_backend("torch"):
+        x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+        params = [torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+        scale, shift = (torch.randn(2, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        assert torch.autograd.gradcheck(
+            lambda *a: ops.group_norm_scale_shift_silu(a[0], 3, *a[1:]), (x, *params, scale, shift)
+        )
+        qkv = torch.randn(2, 3 * 2 * 4, 7, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: ops.qkv_attention(t, 2, "split"), (qkv,))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: ops.group_norm(torch.randn(2, 6, 4), 4, None, None), "num_groups=4 must divide"),
+        (lambda: ops.group_norm(torch.randn(2, 6, 4), 0, None, None), "num_groups must be a positive int"),
+        (lambda: ops.group_norm(torch.randn(6), 3, None, None), "x must be"),
+        (lambda: ops.group_norm(torch.randn(2, 6, 1, 1, 1, 1), 3, None, None), "x must be"),
+        (lambda: ops.group_norm(torch.ones(2, 6, 4, dtype=torch.int64), 3, None, None), "x must be float16"),
+        (
+            lambda: ops.group_norm(torch.randn(2, 6, 4, dtype=torch.complex64), 3, None, None),
+            "x must be float16",
+        ),
+        (lambda: ops.group_norm([1.0], 3, None, None), "x must be a torch.Tensor"),
+        (
+            lambda: ops.group_norm(torch.randn(2, 6, 4), 3, torch.randn(5), None),
+            r"weight must have shape \[C\]",
+        ),
+        (
+            lambda: ops.group_norm(torch.randn(2, 6, 4), 3, None, torch.randn(6, 1)),
+            r"bias must have shape \[C\]",
+        ),
+        (lambda: ops.group_norm(torch.randn(2, 6, 4), 3, None, None, eps=-1.0), "eps must be"),
+        (
+            lambda: ops.group_norm_scale_shift_silu(
+                torch.randn(2, 6, 4), 3, None, None, torch.randn(6), torch.randn(2, 6)
+            ),
+            r"scale must have shape \[N, C\]",
+        ),
+        (
+            lambda: ops.group_norm_scale_shift_silu(
+                torch.randn(2, 6, 4), 3, None, None, torch.randn(2, 6), None
+            ),
+            "scale and shift",
+        ),
+        (
+            lambda: ops.group_norm_scale_shift_silu(
+                torch.randn(2, 6, 4), 3, None, None, torch.randn(2, 6), torch.randn(2, 6, 2)
+            ),
+            r"shift must have shape \[N, C\]",
+        ),
+        (lambda: ops.qkv_attention(torch.randn(2, 20, 5), 2), "multiple of 3 \\* num_heads"),
+        (lambda: ops.qkv_attention(torch.randn(2, 24), 2), "qkv must be"),
+        (lambda: ops.qkv_attention(torch.randn(2, 24, 5), 2, "other"), "order must be one of"),
+        (lambda: ops.flash_attention(*[torch.randn(1, 2, 3, 4)] * 2, torch.randn(1, 2, 4, 4)), "same shape"),
+        (
+            lambda: ops.flash_attention(
+                torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4).half()
+            ),
+            "same dtype",
+        ),
+        (lambda: ops.flash_attention(*[torch.randn(2, 3, 4)] * 3), r"q must be \[B, H, T, D\]"),
+        (lambda: ops.set_backend("cuda"), "backend must be one of"),
+    ],
+)
+def test_bad_input_names_the_argument(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_forced_backend_that_cannot_serve_says_why(monkeypatch):
+    monkeypatch.setattr(backends, "cpp_extension", None)
+    monkeypatch.setattr(backends, "CPP_IMPORT_ERROR", "not built in this test")
+    with ops.use_backend("cpp"), pytest.raises(ops.BackendUnavailableError, match="not built in this test"):
+        ops.group_norm(torch.randn(2, 4, 3), 2, None, None)
+    monkeypatch.setattr(backends, "TRITON_INTERPRET", False)
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match="CUDA tensors"):
+        ops.qkv_attention(torch.randn(1, 6, 3), 1)
+
+
+def test_auto_backend_choice(monkeypatch):
+    x = torch.randn(2, 4, 3)
+    monkeypatch.setattr(backends, "cpp_extension", None)
+    assert backends.resolve_group_norm(x) == "torch"
+    monkeypatch.setattr(backends, "cpp_extension", object())
+    assert backends.resolve_group_norm(x) == "cpp"
+    assert backends.resolve_group_norm(x.half()) == "torch"
+    assert backends.resolve_attention(x, 64) == "cpp"
+
+
+def test_use_backend_restores_and_env_is_validated(monkeypatch):
+    before = ops.get_backend()
+    with ops.use_backend("torch"):
+        assert ops.get_backend() == "torch"
+        with pytest.raises(RuntimeError), ops.use_backend("cpp"):
+            raise RuntimeError
+        assert ops.get_backend() == "torch"
+    assert ops.get_backend() == before
+    with pytest.raises(ValueError, match="FASTDIFF_BACKEND must be one of"):
+        backends._check_name("gpu", "FASTDIFF_BACKEND")
+
+
+def test_channels_last_is_read_in_place_by_fast_backends():
+    """The op hands a channels_last tensor to its backend without a copy."""
+    seen = {}
+
+    class Spy:
+        @staticmethod
+        def group_norm_forward(x, *args):
+            seen["x"] = x
+            return ops.group_norm.__globals__["reference"].group_norm_forward(x, *args)
+
+    x = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last)
+    original = ops.group_norm.__globals__["_implementation"]
+    try:
+        ops.group_norm.__globals__["_implementation"] = lambda name: Spy
+        ops.group_norm(x, 4, None, None)
+    finally:
+        ops.group_norm.__globals__["_implementation"] = original
+    assert seen["x"].data_ptr() == x.data_ptr()
+
+
+def test_custom_ops_are_registered_with_fakes():
+    for name in (
+        "group_norm_fwd",
+        "group_norm_bwd",
+        "qkv_attention_fwd",
+        "qkv_attention_bwd",
+        "attention_fwd",
+    ):
+        op = getattr(torch.ops.fastdiff, name).default
+        assert torch._library.utils.has_fake_kernel(op), name
+
+
+def test_autocast_keeps_input_dtype():
+    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
+    weight = torch.randn(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.group_norm_silu(x, 4, weight, None)
+        out = ops.qkv_attention(torch.randn(2, 24, 6, dtype=torch.bfloat16), 2)
+    assert y.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["torch", "cpp"])
+def test_compile_fullgraph_traces_every_op(name):
+    require_backend(name)
+
+    def step(x, weight, scale, shift, qkv):
+        h = ops.group_norm_scale_shift_silu(x, 4, weight, None, scale, shift)
+        h = ops.group_norm_silu(h, 4, weight, weight) + ops.group_norm(h, 4, None, None)
+        a = ops.qkv_attention(qkv, 2, "split")
+        q, k, v = qkv.view(2, 3, 2, 8, 9).transpose(-1, -2).unbind(1)
+        return h.square().sum() + a.square().sum() + ops.flash_attention(q, k, v).sum()
+
+    inputs = [
+        torch.randn(2, 16, 3, 3, requires_grad=True),
+        torch.randn(16, requires_grad=True),
+        torch.randn(2, 16),
+        torch.randn(2, 16),
+        torch.randn(2, 48, 9, requires_grad=True),
+    ]
+    with ops.use_backend(name):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        loss = compiled(*inputs)
+        grads = torch.autograd.grad(loss, [inputs[0], inputs[1], inputs[4]])
+        expected = step(*inputs)
+        expected_grads = torch.autograd.grad(expected, [inputs[0], inputs[1], inputs[4]])
+    torch.testing.assert_close(loss, expected)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e)
