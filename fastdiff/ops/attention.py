@@ -67,7 +67,7 @@ def _qkv_attention_fwd(qkv: Tensor, num_heads: int, order: str, backend: str) ->
     _, lse = _implementation(backend).attention_forward(
         q, k, v, q.shape[-1] ** -0.5, out=_heads_view(out, num_heads)
     )
-    return out, lse.to(compute_dtype(qkv.dtype))
+    return out, lse.to(compute_dtype(qkv.dtype)).contiguous()
 
 
 @_qkv_attention_fwd.register_fake
@@ -151,7 +151,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) 
     if q.numel() == 0:
         return out, _lse_like(q)
     _, lse = _implementation(backend).attention_forward(q, k, v, scale, out=out)
-    return out, lse.to(compute_dtype(q.dtype))
+    return out, lse.to(compute_dtype(q.dtype)).contiguous()
 
 
 @_attention_fwd.register_fake
