@@ -33,7 +33,7 @@ else:
     CPP_IMPORT_ERROR = ""
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CPP_GROUP_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+CPP_GROUP_NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -100,7 +100,7 @@ def _cpp_group_norm_refusal(device: torch.device, dtype: torch.dtype) -> str:
     if device.type != "cpu":
         return f"the C++ kernels run on CPU tensors, got device {device}"
     if dtype not in CPP_GROUP_NORM_DTYPES:
-        return f"the C++ kernels take float32, bfloat16 or float64, got {dtype}"
+        return f"the C++ kernels take float16, bfloat16, float32 or float64, got {dtype}"
     return ""
 
 
