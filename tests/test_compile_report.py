@@ -1,0 +1,101 @@
+"""Compile report: every Triton kernel configuration builds for sm_80 and sm_90 without register spills.
+
+Compiling needs no GPU (Triton targets ``GPUTarget("cuda", arch, 32)``) but real ``@triton.jit``
+functions, so under TRITON_INTERPRET=1 the report runs in subprocesses without it.
+"""
+
+import importlib.util
+import os
+
+import pytest
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    if os.environ.get("FASTDIFF_REQUIRE_BACKENDS") == "1":
+        raise
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from fastdiff.kernels import report
+
+ARCHS = (80, 90)
+
+
+def _kernel_modules() -> list[str]:
+    return [name for name in report.KERNEL_MODULES if importlib.util.find_spec(name) is not None]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", _kernel_modules())
+def test_every_spec_compiles_without_spills(module):
+    rows = report.compile_report(ARCHS, jobs=2, modules=[module])
+    specs = report.collect_specs([module])
+    assert specs, f"{module}.compile_specs() is empty"
+    assert len(rows) == len(specs) * len(ARCHS)
+    assert {(row["kernel"], row["arch"]) for row in rows} == {
+        (spec.name, f"sm_{arch}") for spec in specs for arch in ARCHS
+    }, "spec names must be unique and every (spec, arch) reported"
+    failed = [f"{row['kernel']} {row['arch']}: {row['error']}" for row in rows if row["error"]]
+    assert not failed, "\n".join(failed)
+    spilled = [f"{row['kernel']} {row['arch']}: {row['spills']} bytes" for row in rows if row["spills"]]
+    assert not spilled, "register spills:\n" + "\n".join(spilled)
+    for row in rows:
+        assert 0 < row["registers"] <= 255
+        assert row["registers"] == row["ptxas_registers"], "ptxas -v must describe the cubin Triton built"
+        assert row["local"] == 0 and row["shared"] >= 0
+
+
+def test_group_norm_specs_cover_every_kernel_dtype_and_config():
+    from fastdiff.kernels import group_norm as gn
+
+    specs = gn.compile_specs()
+    for tunable in gn.TUNABLES:
+        names = [spec.name for spec in specs if spec.fn is tunable.fn]
+        for dtype in ("fp32", "fp16", "bf16"):
+            for config in tunable.configs:
+                marker = f"w{config['num_warps']}]"
+                tile = f"TILE={config['TILE']}" if "TILE" in config else ""
+                assert any(f"[{dtype}," in n and n.endswith(marker) and tile in n for n in names), (
+                    f"{tunable.name}: no spec for {dtype} {config}"
+                )
+    for spec in specs:
+        assert set(spec.signature) == set(spec.fn.arg_names), spec.name
+        assert all(spec.signature[k] == "constexpr" for k in spec.constexprs), spec.name
+
+
+def test_parsers_read_tool_output():
+    cuobjdump = (
+        "Resource usage:\n Common:\n  GLOBAL:0\n Function k:\n"
+        "  REG:40 STACK:8 SHARED:16 LOCAL:4 CONSTANT[0]:392 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
+    )
+    assert report._parse_cuobjdump(cuobjdump) == {"reg": 40, "stack": 8, "shared": 16, "local": 4}
+    ptxas = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "    8 bytes stack frame, 12 bytes spill stores, 20 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers\n"
+    )
+    assert report._parse_ptxas(ptxas) == {
+        "ptxas_registers": 255,
+        "stack_frame": 8,
+        "spill_stores": 12,
+        "spill_loads": 20,
+    }
+    with pytest.raises(RuntimeError):
+        report._parse_ptxas("ptxas fatal: unsupported PTX version")
+
+
+def test_table_lists_every_row():
+    ok = {
+        "kernel": "a",
+        "arch": "sm_80",
+        "num_warps": 4,
+        "registers": 32,
+        "spills": 0,
+        "shared": 0,
+        "local": 0,
+    }
+    failed = {"kernel": "b", "arch": "sm_90", "num_warps": 8, "error": "PTXASError: boom"}
+    table = report.format_table([{**ok, "error": None}, failed]).splitlines()
+    assert len(table) == 4
+    assert table[2].split() == ["a", "sm_80", "4", "32", "0", "0", "0"]
+    assert "FAILED: PTXASError: boom" in table[3]

@@ -1,0 +1,369 @@
+"""Triton GroupNorm kernels (fastdiff.kernels.group_norm) against a float64 reference written here.
+
+Runs under TRITON_INTERPRET=1 on CPU tensors. Every buffer the host code allocates is filled with NaN
+first, so an element a kernel forgets to write (or a workspace slot it reads before writing) fails.
+"""
+
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    if os.environ.get("FASTDIFF_REQUIRE_BACKENDS") == "1":
+        raise
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from fastdiff.kernels import group_norm as gn
+from fastdiff.kernels.traffic import count_traffic
+
+# The interpreter evaluates SiLU's exp(-z) in numpy, which warns when it overflows to inf (the right value).
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETING else "cuda"
+if not INTERPRETING and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# Max error allowed, relative to max(1, max |reference|), by the dtype the result is stored in.
+TOLERANCE = {F32: 1e-4, F16: 4e-3, BF16: 3e-2}
+ALL_GRADS = (True, True, True, True, True)
+# Tiny split geometry: several channel blocks per group, several tiles per chunk, many chunks per
+# group and several partial blocks per merge, so every loop of the split kernels runs more than once.
+TINY_SPLIT = gn.GroupNormTuning(
+    fused_always=1, fused_max_forward=1, fused_max_backward=1, chunk_elements=24, min_chunk_elements=24,
+    target_programs=1, max_block_c=4, block_p=2, split_tile=8,
+)  # fmt: skip
+
+
+class _PoisonedTorch:
+    """``torch`` as seen by the kernel module, with ``empty``/``empty_like`` returning NaN-filled tensors."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    def empty(self, *args, **kwargs):
+        return self._poison(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs):
+        return self._poison(torch.empty_like(*args, **kwargs))
+
+
+@pytest.fixture(autouse=True)
+def _poison_allocations(monkeypatch) -> None:
+    monkeypatch.setattr(gn, "torch", _PoisonedTorch())
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 reference
+# ------------------------------------------------------------------------------------------------
+
+
+def reference_forward(x, num_groups, weight, bias, scale, shift, eps, silu):
+    """float64 (y, mean [N, G], rstd [N, G]); differentiable w.r.t. every tensor argument."""
+    n, c = x.shape[:2]
+    groups = x.double().reshape(n, num_groups, -1)
+    mean = groups.mean(-1)
+    var = ((groups - mean[..., None]) ** 2).mean(-1)
+    rstd = 1.0 / torch.sqrt(var + eps)
+    y = ((groups - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    channel_shape = (1, c) + (1,) * (x.dim() - 2)
+    sample_shape = (n, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.double().reshape(channel_shape)
+    if bias is not None:
+        y = y + bias.double().reshape(channel_shape)
+    if scale is not None:
+        y = y * (1 + scale.double().reshape(sample_shape)) + shift.double().reshape(sample_shape)
+    if silu:
+        y = y * torch.sigmoid(y)
+    return y, mean, rstd
+
+
+def reference_grads(dy, x, num_groups, weight, bias, scale, shift, eps, silu):
+    """float64 gradients w.r.t. (x, weight, bias, scale, shift); None for absent inputs."""
+    leaves = [
+        None if t is None else t.detach().double().requires_grad_() for t in (x, weight, bias, scale, shift)
+    ]
+    y, _, _ = reference_forward(*leaves[:1], num_groups, *leaves[1:], eps, silu)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, present, dy.double()))
+    return [None if t is None else next(grads) for t in leaves]
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    assert not torch.isnan(actual).any(), f"{what}: NaN (an element was not written)"
+    error = (actual.double() - expected).abs().max().item()
+    bound = TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
+    assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        return t.contiguous(memory_format=fmt)
+    if layout == "spatial_transposed":  # spatial dims that cannot share one stride: copied once
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t.contiguous()
+
+
+def make_inputs(
+    shape, dtype, layout="contiguous", affine=True, scale_shift=True, param_dtypes=None, loc=0.0, std=1.0
+):
+    """x in ``dtype`` and ``layout``; random weight, bias (not 1/0) and scale, shift [N, C]."""
+    n, c = shape[:2]
+    w_dtype, b_dtype, s_dtype, t_dtype = param_dtypes or (F32, F32, dtype, dtype)
+    x = to_layout((torch.randn(shape, dtype=torch.float64) * std + loc).to(dtype), layout)
+    weight = (1 + 0.5 * torch.randn(c)).to(w_dtype) if affine else None
+    bias = (0.5 * torch.randn(c)).to(b_dtype) if affine else None
+    scale = (0.5 * torch.randn(n, c)).to(s_dtype) if scale_shift else None
+    shift = (0.5 * torch.randn(n, c)).to(t_dtype) if scale_shift else None
+    return x, weight, bias, scale, shift
+
+
+def check_against_reference(
+    shape,
+    groups,
+    dtype,
+    layout,
+    silu,
+    affine,
+    scale_shift,
+    *,
+    tuning=gn.DEFAULT_TUNING,
+    param_dtypes=None,
+    loc=0.0,
+    std=1.0,
+    dy_layout=None,
+):
+    x, weight, bias, scale, shift = make_inputs(
+        shape, dtype, layout, affine, scale_shift, param_dtypes, loc, std
+    )
+    eps = 1e-5
+    y, mean, rstd = gn.group_norm_forward(x, groups, weight, bias, scale, shift, eps, silu, tuning=tuning)
+    ref_y, ref_mean, ref_rstd = reference_forward(x, groups, weight, bias, scale, shift, eps, silu)
+    assert_matches(y, ref_y, dtype, "y")
+    layout_strides = x.contiguous().stride() if layout == "spatial_transposed" else x.stride()
+    assert y.stride() == layout_strides, "y must have x's memory format"
+    assert_matches(mean, ref_mean, F32, "mean")
+    assert rstd.dtype == F32 and rstd.shape == ref_rstd.shape
+    torch.testing.assert_close(rstd.double(), ref_rstd, rtol=1e-4, atol=0)
+
+    dy = to_layout(torch.randn(shape, dtype=torch.float64).to(dtype), dy_layout or layout)
+    grads = gn.group_norm_backward(
+        dy, x, groups, weight, bias, scale, shift, mean, rstd, silu, ALL_GRADS, tuning=tuning
+    )
+    expected = reference_grads(dy, x, groups, weight, bias, scale, shift, eps, silu)
+    names = ("dx", "dweight", "dbias", "dscale", "dshift")
+    for name, grad, ref, like in zip(names, grads, expected, (x, weight, bias, scale, shift), strict=True):
+        if like is None:
+            assert grad is None, f"{name} must be None for an absent input"
+            continue
+        assert_matches(grad, ref, like.dtype, name)
+    assert grads[0].stride() == layout_strides, "dx must have x's memory format"
+
+
+# ------------------------------------------------------------------------------------------------
+# numerics
+# ------------------------------------------------------------------------------------------------
+
+# (shape, groups, dtype, layout, silu, affine, scale_shift)
+CASES = [
+    ((2, 6, 7, 7), 3, F32, "contiguous", True, True, True),
+    ((2, 6, 7, 7), 3, BF16, "channels_last", True, True, True),
+    ((3, 8, 33), 4, F16, "contiguous", True, True, False),
+    ((2, 4), 2, F32, "contiguous", False, True, True),
+    ((2, 8, 3, 4, 5), 2, BF16, "channels_last", True, True, True),
+    ((2, 8, 3, 4, 5), 4, F32, "contiguous", False, False, False),
+    ((1, 6, 1, 1), 3, F16, "channels_last", True, True, True),
+    ((2, 4, 5, 6), 2, F16, "spatial_transposed", True, False, True),
+    ((2, 4, 48, 48), 2, F32, "contiguous", True, True, True),  # default tuning takes the split path
+    ((2, 32, 16, 16), 32, BF16, "channels_last", False, True, False),  # one channel per group
+]
+
+
+@pytest.mark.parametrize(("shape", "groups", "dtype", "layout", "silu", "affine", "scale_shift"), CASES)
+def test_matches_float64_reference(shape, groups, dtype, layout, silu, affine, scale_shift):
+    check_against_reference(shape, groups, dtype, layout, silu, affine, scale_shift)
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "dtype", "layout"),
+    [
+        ((1, 12, 5, 7), 2, F32, "contiguous"),
+        ((1, 12, 3, 5), 2, BF16, "channels_last"),
+        ((1, 6, 37), 3, F16, "contiguous"),
+    ],
+)
+def test_split_groups_match_float64_reference(shape, groups, dtype, layout):
+    geometry = gn._geometry(shape[0] * groups, shape[1] // groups, math.prod(shape[2:]), 1, TINY_SPLIT)
+    assert not geometry.fused and geometry.num_chunks > TINY_SPLIT.block_p
+    check_against_reference(shape, groups, dtype, layout, True, True, True, tuning=TINY_SPLIT)
+
+
+def test_independent_parameter_dtypes():
+    """x fp16 with weight bf16, bias fp32, scale fp32, shift bf16: each gradient in its input's dtype."""
+    check_against_reference(
+        (2, 6, 5, 5), 3, F16, "contiguous", True, True, True, param_dtypes=(BF16, F32, F32, BF16)
+    )
+
+
+def test_dy_layout_differs_from_x():
+    check_against_reference((2, 6, 5, 7), 3, BF16, "channels_last", True, True, True, dy_layout="contiguous")
+    check_against_reference((2, 6, 5, 7), 3, F32, "contiguous", True, True, True, dy_layout="channels_last")
+
+
+@pytest.mark.parametrize("tuning", [gn.DEFAULT_TUNING, TINY_SPLIT], ids=["fused", "split"])
+def test_large_mean_keeps_precision(tuning):
+    """mean 1e3, std 1: a one-pass E[x^2] - E[x]^2 loses every digit of the variance here."""
+    check_against_reference((2, 6, 6, 6), 3, F32, "contiguous", True, True, True, tuning=tuning, loc=1e3)
+
+
+@pytest.mark.parametrize("tuning", [gn.DEFAULT_TUNING, TINY_SPLIT], ids=["fused", "split"])
+def test_fp16_values_whose_squares_overflow_fp16(tuning):
+    check_against_reference((2, 4, 6, 6), 2, F16, "contiguous", True, True, True, tuning=tuning, std=3000.0)
+
+
+def test_empty_batch():
+    x, weight, bias, scale, shift = make_inputs((0, 6, 4, 4), BF16)
+    y, mean, rstd = gn.group_norm_forward(x, 3, weight, bias, scale, shift, 1e-5, True)
+    assert y.shape == x.shape and y.dtype == BF16
+    assert mean.shape == (0, 3) and rstd.shape == (0, 3) and mean.dtype == F32
+    grads = gn.group_norm_backward(
+        torch.empty_like(x), x, 3, weight, bias, scale, shift, mean, rstd, True, ALL_GRADS
+    )
+    assert grads[0].shape == x.shape
+    for grad, like in zip(grads[1:], (weight, bias, scale, shift), strict=True):
+        assert grad.shape == like.shape and grad.dtype == like.dtype and not grad.any()
+
+
+def test_only_requested_gradients():
+    x, weight, bias, scale, shift = make_inputs((2, 6, 5, 5), F32)
+    _, mean, rstd = gn.group_norm_forward(x, 3, weight, bias, scale, shift, 1e-5, True)
+    dy = torch.randn_like(x)
+    expected = reference_grads(dy, x, 3, weight, bias, scale, shift, 1e-5, True)
+    for needs in [(True, False, False, False, False), (False, True, False, False, True), (False,) * 5]:
+        grads = gn.group_norm_backward(dy, x, 3, weight, bias, scale, shift, mean, rstd, True, needs)
+        for need, grad, ref in zip(needs, grads, expected, strict=True):
+            if need:
+                assert_matches(grad, ref, F32, "gradient")
+            else:
+                assert grad is None
+
+
+@pytest.mark.parametrize("tuning", [gn.DEFAULT_TUNING, TINY_SPLIT], ids=["fused", "split"])
+def test_bitwise_deterministic(tuning):
+    x, weight, bias, scale, shift = make_inputs((1, 6, 5, 7), BF16, "channels_last")
+    dy = torch.randn_like(x)
+    runs = []
+    for _ in range(2):
+        y, mean, rstd = gn.group_norm_forward(x, 3, weight, bias, scale, shift, 1e-5, True, tuning=tuning)
+        grads = gn.group_norm_backward(
+            dy, x, 3, weight, bias, scale, shift, mean, rstd, True, ALL_GRADS, tuning=tuning
+        )
+        runs.append((y, mean, rstd, *grads))
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first.contiguous().view(torch.uint8), second.contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("tunable", gn.TUNABLES, ids=lambda t: t.name)
+def test_launch_configurations_fit_their_register_budget(tunable):
+    """The heuristic config and every config the autotuner keeps hold at most the per-thread element
+    budget the compile report proved spill-free, for every tile the host can ask for."""
+    tuned = gn._autotuned(tunable)
+    assert [(c.num_warps, c.kwargs.get("TILE")) for c in tuned.configs] == [
+        (c["num_warps"], c.get("TILE")) for c in tunable.configs
+    ]
+    fused = "BLOCK_S" in tunable.fn.arg_names
+    limit = (
+        gn.DEFAULT_TUNING.fused_max_forward
+        if tunable is gn.FWD_FUSED
+        else gn.DEFAULT_TUNING.fused_max_backward
+    )
+    tiles = (
+        [(c, limit // c) for c in (1, 4, 32)] + [(1, 1), (2, 8)] if fused else [(c, None) for c in (1, 4, 32)]
+    )
+    for block_c, block_s in tiles:
+        meta = {"BLOCK_C": block_c} | ({"BLOCK_S": block_s} if fused else {})
+        kept = gn._prune(tunable)(tuned.configs, {}, **meta)
+        assert kept and all(tunable.fits({**c.kwargs, "num_warps": c.num_warps}, meta) for c in kept)
+        assert tunable.fits(tunable.heuristic(meta, None), meta)
+
+
+def test_rejects_unsupported_dtypes():
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        gn.group_norm_forward(x, 2, None, None, None, None, 1e-5, False)
+    with pytest.raises(ValueError, match="split_tile"):
+        gn.GroupNormTuning(split_tile=12)
+    with pytest.raises(ValueError, match="fused_max_backward"):
+        gn.GroupNormTuning(fused_max_backward=2 * gn.DEFAULT_TUNING.fused_max_backward)
+
+
+# ------------------------------------------------------------------------------------------------
+# memory traffic (bytes are deterministic under the interpreter)
+# ------------------------------------------------------------------------------------------------
+
+
+def _bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="traffic is counted by the Triton interpreter")
+@pytest.mark.parametrize(
+    ("path", "tuning", "forward_bound", "backward_bound"),
+    [
+        ("fused", gn.DEFAULT_TUNING, 1.05, 1.1),
+        (
+            "split",
+            gn.GroupNormTuning(fused_always=256, chunk_elements=512, min_chunk_elements=512),
+            1.55,
+            1.75,
+        ),
+    ],
+)
+def test_traffic_near_floor(path, tuning, forward_bound, backward_bound):
+    """Floor: each input read once, each output written once. The split path reads x (and dy) twice."""
+    shape = (2, 8, 16, 16)
+    assert gn.launch_path(shape, 2, False, tuning) == gn.launch_path(shape, 2, True, tuning) == path
+    x, weight, bias, scale, shift = make_inputs(shape, BF16)
+    with count_traffic() as forward:
+        y, mean, rstd = gn.group_norm_forward(x, 2, weight, bias, scale, shift, 1e-5, True, tuning=tuning)
+    dy = torch.randn_like(x)
+    with count_traffic() as backward:
+        grads = gn.group_norm_backward(
+            dy, x, 2, weight, bias, scale, shift, mean, rstd, True, ALL_GRADS, tuning=tuning
+        )
+    forward_floor = _bytes(x, weight, bias, scale, shift, y, mean, rstd)
+    backward_floor = _bytes(dy, x, weight, bias, scale, shift, mean, rstd, *grads)
+    assert forward_floor <= forward.bytes_total <= forward_bound * forward_floor
+    # The kernels write per-(n, c) fp32 sums in place of the four parameter gradients (reduced by torch).
+    assert backward_floor * 0.99 <= backward.bytes_total <= backward_bound * backward_floor
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="traffic is counted by the Triton interpreter")
+def test_traffic_counter_counts_active_lanes_only():
+    x = torch.randn(3, 5, 7)  # fp32; 35 elements per group of one sample
+    with count_traffic() as traffic:
+        y, mean, rstd = gn.group_norm_forward(x, 1, None, None, None, None, 1e-5, False)
+    assert traffic.bytes_read == (x.numel() + 3) * 4  # x, and each group's first element once more (pivot)
+    assert traffic.bytes_written == (y.numel() + mean.numel() + rstd.numel()) * 4
+    with pytest.raises(RuntimeError, match="nested"), count_traffic(), count_traffic():
+        pass
