@@ -1,0 +1,246 @@
+"""Triton flash attention (fastdiff.kernels.attention) against a float64 reference, under TRITON_INTERPRET=1.
+
+Inputs are views of one qkv activation [B, 3*H*D, T] in both channel orders (and plain [B, H, T, D]
+tensors); outputs and gradients land in views of NaN-filled buffers, so an element left unwritten fails.
+Inputs come from torch's global generator, which tests/conftest.py seeds afresh each session.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on CPU tensors
+
+import pytest
+import torch
+from fastdiff.kernels import attention as attn
+from fastdiff.kernels.attention import MAX_HEAD_DIM, attention_backward, attention_forward
+
+# Max error allowed, relative to the largest magnitude of the reference (at least 1).
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _heads_of(channels: torch.Tensor, num_heads: int, order: str) -> tuple[torch.Tensor, ...]:
+    """q, k, v as [B, H, T, D] views (T the unit stride) of ``channels`` [B, 3*H*D, T]."""
+    B, width, T = channels.shape
+    D = width // (3 * num_heads)
+    if order == "legacy":  # per head: its q, k, v channels side by side
+        parts = channels.reshape(B * num_heads, 3 * D, T).split(D, dim=1)
+    else:  # "split": all q channels, then all k, then all v
+        parts = [part.reshape(B * num_heads, D, T) for part in channels.chunk(3, dim=1)]
+    return tuple(part.view(B, num_heads, D, T).transpose(2, 3) for part in parts)
+
+
+def _make_case(B: int, H: int, T: int, D: int, dtype: torch.dtype, layout: str):
+    """Inputs, dout and NaN-poisoned destinations for one layout ("legacy" | "split" | "bthd")."""
+
+    def randn(*shape: int, spread: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape) * spread).to(dtype)
+
+    if layout == "bthd":
+        q, k, v = (randn(B, H, T, D, spread=1.5) for _ in range(3))
+        dout = randn(B, H, T, D)
+        out = torch.full((B, H, T, D), float("nan"), dtype=dtype)
+        grads = tuple(torch.full((B, H, T, D), float("nan"), dtype=dtype) for _ in range(3))
+    else:
+        # spread 1.5: scale * q.k has a standard deviation of about 2, so each softmax row is peaked
+        q, k, v = _heads_of(randn(B, 3 * H * D, T, spread=1.5), H, layout)
+        dout = randn(B, H * D, T).view(B, H, D, T).transpose(2, 3)
+        out = torch.full((B, H * D, T), float("nan"), dtype=dtype).view(B, H, D, T).transpose(2, 3)
+        grads = _heads_of(torch.full((B, 3 * H * D, T), float("nan"), dtype=dtype), H, layout)
+    return (q, k, v), dout, out, grads
+
+
+def _reference(q, k, v, scale: float, dout):
+    """Float64 attention: out, lse and the gradients of sum(out * dout) w.r.t. q, k, v."""
+    q64, k64, v64 = (t.detach().to(torch.float64).requires_grad_() for t in (q, k, v))
+    scores = scale * q64 @ k64.transpose(-1, -2)
+    out = torch.softmax(scores, dim=-1) @ v64
+    out.backward(dout.to(torch.float64))
+    return out.detach(), torch.logsumexp(scores, dim=-1).detach(), q64.grad, k64.grad, v64.grad
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+    assert not actual.isnan().any(), f"{what}: NaN (an element was not written)"
+    error = (actual.to(torch.float64) - expected).abs().max().item()
+    bound = tolerance * max(1.0, expected.abs().max().item())
+    assert error <= bound, f"{what}: max error {error:.3e} > {bound:.3e}"
+
+
+# (dtype, head dim, T, layout): every head dim and dtype, each dtype in every layout and with T = 1;
+# T odd / not a multiple of any block, and above 64 so that several query and key blocks are visited.
+CASES = [
+    (torch.float32, 16, 1, "legacy"),
+    (torch.float32, 40, 37, "split"),
+    (torch.float32, 96, 70, "bthd"),
+    (torch.float32, 128, 45, "legacy"),
+    (torch.float16, 32, 70, "legacy"),
+    (torch.float16, 48, 17, "bthd"),
+    (torch.float16, 64, 67, "split"),
+    (torch.float16, 128, 1, "split"),
+    (torch.bfloat16, 64, 70, "legacy"),
+    (torch.bfloat16, 80, 29, "split"),
+    (torch.bfloat16, 16, 1, "bthd"),
+    (torch.bfloat16, 128, 33, "legacy"),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "T", "layout"),
+    [pytest.param(*case, id=f"{str(case[0])[6:]}-d{case[1]}-T{case[2]}-{case[3]}") for case in CASES],
+)
+def test_forward_and_backward_match_float64(dtype, head_dim, T, layout):
+    B, H = 2, 2
+    (q, k, v), dout, out_buf, (dq_buf, dk_buf, dv_buf) = _make_case(B, H, T, head_dim, dtype, layout)
+    scale = head_dim**-0.5
+
+    out, lse = attention_forward(q, k, v, scale, out=out_buf)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, scale, dq=dq_buf, dk=dk_buf, dv=dv_buf)
+
+    assert out is out_buf and dq is dq_buf and dk is dk_buf and dv is dv_buf
+    assert lse.shape == (B, H, T) and lse.dtype == torch.float32
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = _reference(q, k, v, scale, dout)
+    tolerance = TOLERANCE[dtype]
+    _assert_close(out, ref_out, tolerance, "out")
+    _assert_close(lse, ref_lse, 1e-5, "lse")  # fp32 whatever the input dtype
+    _assert_close(dq, ref_dq, tolerance, "dq")
+    _assert_close(dk, ref_dk, tolerance, "dk")
+    _assert_close(dv, ref_dv, tolerance, "dv")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_allocates_outputs_in_the_inputs_layout(dtype):
+    (q, k, v), dout, _, _ = _make_case(1, 3, 21, 24, dtype, "legacy")
+    out, lse = attention_forward(q, k, v, 0.3)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, 0.3)
+    for tensor in (out, dq, dk, dv):
+        assert tensor.shape == q.shape and tensor.dtype == dtype and tensor.stride(2) == 1
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = _reference(q, k, v, 0.3, dout)
+    for name, actual, expected in zip(
+        ("out", "lse", "dq", "dk", "dv"),
+        (out, lse, dq, dk, dv),
+        (ref_out, ref_lse, ref_dq, ref_dk, ref_dv),
+        strict=True,
+    ):
+        _assert_close(actual, expected, TOLERANCE[dtype], name)
+
+
+def _single_config_cases():
+    """(table, key, config) for every launch config other than the first of its list (the default)."""
+    cases = []
+    for table in ("FORWARD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS"):
+        seen = set()
+        for key, configs in getattr(attn, table).items():
+            for config in configs:
+                tiles = (key, config.block_m, config.block_n)
+                if tiles not in seen:
+                    seen.add(tiles)
+                    if config is not configs[0]:
+                        cases.append(
+                            pytest.param(table, key, config, id=f"{table}-{key[0]}-d{key[1]}-{config.tag}")
+                        )
+    return cases
+
+
+@pytest.mark.parametrize(("table", "key", "config"), _single_config_cases())
+def test_every_tile_shape_is_correct(monkeypatch, table, key, config):
+    """The autotuner may pick any config on a GPU: each tile shape must give right answers too."""
+    monkeypatch.setitem(getattr(attn, table), key, (config,))
+    precision, bucket = key
+    dtype = torch.float32 if precision == "fp32" else torch.float16
+    head_dim = bucket - bucket // 4  # below the bucket: the padded D lanes are masked
+    T = 2 * max(config.block_m, config.block_n) + 3  # several blocks on both axes, the last one partial
+    (q, k, v), dout, _, grads = _make_case(1, 1, T, head_dim, dtype, "legacy")
+    scale = head_dim**-0.5
+    out, lse = attention_forward(q, k, v, scale)
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = _reference(q, k, v, scale, dout)
+    tolerance = TOLERANCE[dtype]
+    if table == "FORWARD_CONFIGS":
+        _assert_close(out, ref_out, tolerance, "out")
+        _assert_close(lse, ref_lse, 1e-5, "lse")
+        return
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, scale, *grads)
+    if table == "DKDV_CONFIGS":
+        _assert_close(dk, ref_dk, tolerance, "dk")
+        _assert_close(dv, ref_dv, tolerance, "dv")
+    else:
+        _assert_close(dq, ref_dq, tolerance, "dq")
+
+
+# The dK/dV kernel lets padded key rows overflow (they are never stored); NumPy warns about them.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_rows_whose_scores_are_all_very_negative():
+    """exp(-lse) overflows fp32 here: padded key lanes must still weigh exactly zero in dQ."""
+    T, D = 37, 32
+    noise = torch.randn(3, 1, 1, T, D)
+    q = 4.5 + 0.1 * noise[0]
+    k = -4.5 + 0.1 * noise[1]  # scale * q.k is about -115 for every pair, so exp(-lse) > 1e49
+    v, dout = noise[2], torch.randn(1, 1, T, D)
+    scale = D**-0.5
+    out, lse = attention_forward(q, k, v, scale)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, scale)
+    assert lse.max() < -100
+    for name, actual, expected in zip(
+        ("out", "lse", "dq", "dk", "dv"),
+        (out, lse, dq, dk, dv),
+        _reference(q, k, v, scale, dout),
+        strict=True,
+    ):
+        _assert_close(actual, expected, TOLERANCE[torch.float32], name)
+
+
+def test_gradients_are_bitwise_reproducible():
+    (q, k, v), dout, out_buf, _ = _make_case(2, 2, 70, 64, torch.bfloat16, "split")
+    out, lse = attention_forward(q, k, v, 0.125, out=out_buf)
+    first = attention_backward(dout, q, k, v, out, lse, 0.125)
+    grads = _heads_of(torch.full((2, 3 * 2 * 64, 70), float("nan"), dtype=torch.bfloat16), 2, "split")
+    second = attention_backward(dout, q, k, v, out, lse, 0.125, *grads)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_head_dim_above_the_maximum_raises():
+    q = torch.zeros(1, 1, 4, MAX_HEAD_DIM + 1)
+    with pytest.raises(ValueError, match=str(MAX_HEAD_DIM + 1)):
+        attention_forward(q, q, q, 0.1)
+    with pytest.raises(ValueError, match=str(MAX_HEAD_DIM + 1)):
+        attention_backward(q, q, q, q, q, torch.zeros(1, 1, 4), 0.1)
+
+
+def test_wrong_destination_raises():
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="out"):
+        attention_forward(q, q, q, 0.1, out=torch.zeros(1, 1, 4, 16, dtype=torch.float16))
+    with pytest.raises(ValueError, match="dk"):
+        attention_backward(q, q, q, q, q, torch.zeros(1, 1, 4), 0.1, dk=torch.zeros(1, 1, 5, 16))
+
+
+def test_empty_batch_gives_empty_results():
+    q = torch.zeros(0, 2, 5, 32)
+    out, lse = attention_forward(q, q, q, 0.1)
+    assert out.shape == q.shape and lse.shape == (0, 2, 5)
+    grads = attention_backward(q, q, q, q, out, lse, 0.1)
+    assert all(g.shape == q.shape for g in grads)
+
+
+def test_compile_specs_cover_every_kernel_dtype_bucket_and_config():
+    specs = attn.compile_specs()
+    names = {spec.name for spec in specs}
+    assert len(names) == len(specs)
+    expected = 0
+    for table in (attn.FORWARD_CONFIGS, attn.DKDV_CONFIGS, attn.DQ_CONFIGS):
+        expected += sum(len(table[("fp32", b)]) + 2 * len(table[("half", b)]) for b in attn.HEAD_DIM_BUCKETS)
+    expected += 3 * len(attn.HEAD_DIM_BUCKETS)  # delta: one config per dtype and bucket
+    assert len(specs) == expected * len(attn.LAYOUTS)
+    for spec in specs:
+        dtype = spec.name.split("[")[1].split(",")[0]
+        assert list(spec.signature) == list(spec.fn.arg_names)
+        assert {n for n, t in spec.signature.items() if t == "constexpr"} == set(spec.constexprs)
+        assert spec.signature.get("Q", f"*{dtype}") == f"*{dtype}"
+        assert spec.constexprs["BLOCK_D"] in attn.HEAD_DIM_BUCKETS
+
+
+def test_backward_loop_blocks_are_fixed_per_list():
+    """Determinism across autotuner picks: the block a backward kernel loops over never varies."""
+    for key, configs in attn.DKDV_CONFIGS.items():
+        assert len({c.block_m for c in configs}) == 1, key
+    for key, configs in attn.DQ_CONFIGS.items():
+        assert len({c.block_n for c in configs}) == 1, key
