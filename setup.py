@@ -31,7 +31,7 @@ def cpp_extensions() -> tuple[list, dict]:
 
 ext_modules, cmdclass = cpp_extensions()
 
-packages = find_packages(include=["fastdiff", "fastdiff.*"]) + ["fastdiff.kernels"]
+packages = [*find_packages(include=["fastdiff", "fastdiff.*"]), "fastdiff.kernels"]
 
 setup(
     name="fastdiff",

@@ -1,0 +1,156 @@
+"""Draw samples from a trained model: ``python -m fastdiff.sample --model_path RUN/ema_0.9999_010000.pt``.
+
+improved-diffusion's ``image_sample.py`` flags and output: ``samples_{N}x{H}x{W}x3.npz`` holding ``arr_0``
+(uint8 ``[N, H, W, 3]``) and, for class-conditional models, ``arr_1`` (int64 labels ``[N]``), plus a PNG
+grid of the first ``--grid_samples`` images. DDPM by default, DDIM with ``--use_ddim True``; fewer steps
+with ``--timestep_respacing`` (e.g. ``250`` or ``ddim50``). Under torchrun every rank samples its share.
+
+Model and diffusion flags not given are read from ``model_flags.json`` beside ``--model_path`` when
+fastdiff.train wrote one (improved-diffusion's files need the flags on the command line, as in its script).
+"""
+
+import argparse
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fastdiff import dist_util, ops
+from fastdiff.script_util import (
+    NUM_CLASSES,
+    add_dict_to_argparser,
+    args_to_dict,
+    model_and_diffusion_defaults,
+)
+from fastdiff.training.cli import check_kernels, explicit_flags, run_main
+from fastdiff.training.image_grid import save_image_grid, to_uint8_nhwc
+from fastdiff.training.inference import build_inference_model
+from fastdiff.training.model_flags import apply_model_flags
+from fastdiff.training.precision import resolve_precision
+from fastdiff.training.rng import seed_everything
+
+SAMPLE_DEFAULTS = dict(
+    clip_denoised=True,
+    num_samples=10000,
+    batch_size=16,
+    use_ddim=False,
+    model_path="",
+)
+"""improved-diffusion's image_sample.py flags, with its defaults."""
+
+EXTRA_DEFAULTS = dict(
+    out_dir="",
+    sample_classes=0,
+    eta=0.0,
+    grid_samples=64,
+    seed=0,
+    precision="fp32",
+    kernels="auto",
+    device="auto",
+)
+
+FLAG_HELP = dict(
+    batch_size="samples per rank per batch",
+    out_dir="where to write the npz and PNG (default: the directory of --model_path)",
+    sample_classes="class-conditional: draw labels from [0, this) (0: the run's classes, else all 1000)",
+    eta="DDIM noise (0: deterministic)",
+    grid_samples="how many samples go into the PNG grid (0: no grid)",
+    precision="fp32 | bf16 | fp16 autocast for sampling (auto: bf16 on GPUs that have it)",
+)
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    """The sampling flags: improved-diffusion's, fastdiff's additions, model and diffusion flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdiff.sample",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_dict_to_argparser(parser, {**SAMPLE_DEFAULTS, **EXTRA_DEFAULTS, **model_and_diffusion_defaults()})
+    for action in parser._actions:
+        if action.dest in FLAG_HELP:
+            action.help = FLAG_HELP[action.dest]
+    return parser
+
+
+def _label_count(args: argparse.Namespace, class_names: list[str]) -> int:
+    if args.sample_classes < 0 or args.sample_classes > NUM_CLASSES:
+        raise ValueError(f"--sample_classes must be in [0, {NUM_CLASSES}], got {args.sample_classes}")
+    return args.sample_classes or len(class_names) or NUM_CLASSES
+
+
+def generate(
+    model, diffusion, args, ctx, precision, label_count: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``num_samples`` images (uint8 NHWC) and labels, gathered from every rank in rank order per batch."""
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    sample_fn = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    extra = {"eta": args.eta} if args.use_ddim else {}
+    images, labels = [], []
+    produced = 0
+    while produced < args.num_samples:
+        kwargs = {}
+        if args.class_cond:
+            kwargs["y"] = torch.randint(0, label_count, (args.batch_size,), device=ctx.device)
+        with precision.autocast():
+            sample = sample_fn(
+                model,
+                shape,
+                clip_denoised=args.clip_denoised,
+                model_kwargs=kwargs,
+                device=ctx.device,
+                **extra,
+            )
+        gathered = dist_util.all_gather_object(to_uint8_nhwc(sample).cpu().numpy())
+        images.extend(gathered)
+        if args.class_cond:
+            labels.extend(dist_util.all_gather_object(kwargs["y"].cpu().numpy()))
+        produced += args.batch_size * ctx.world_size
+        if ctx.is_main:
+            print(f"created {min(produced, args.num_samples)} of {args.num_samples} samples", flush=True)
+    array = np.concatenate(images)[: args.num_samples]
+    label_array = np.concatenate(labels)[: args.num_samples].astype(np.int64) if args.class_cond else None
+    return array, label_array
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Sample with the flags in ``argv`` (``sys.argv`` when None); returns the exit status."""
+    args = create_argparser().parse_args(argv)
+    given = explicit_flags(create_argparser, argv)
+    if args.num_samples <= 0 or args.batch_size <= 0:
+        raise ValueError(
+            f"--num_samples and --batch_size must be positive, got {args.num_samples}, {args.batch_size}"
+        )
+    ctx = dist_util.setup_dist(args.device)
+    try:
+        taken, class_names = apply_model_flags(args, given, args.model_path, model_and_diffusion_defaults())
+        precision = resolve_precision(args.precision, ctx.device)
+        kernels = check_kernels(args.kernels, ctx.device)
+        label_count = _label_count(args, class_names)
+        if ctx.is_main and taken:
+            print(
+                f"model flags from model_flags.json beside {args.model_path}: {', '.join(taken)}", flush=True
+            )
+        flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+        model, diffusion = build_inference_model(flags, args.model_path, ctx.device)
+        seed_everything(args.seed, ctx.rank)
+        with ops.use_backend(kernels):
+            images, labels = generate(model, diffusion, args, ctx, precision, label_count)
+        if ctx.is_main:
+            out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.model_path))
+            os.makedirs(out_dir, exist_ok=True)
+            stem = os.path.join(out_dir, "samples_" + "x".join(str(side) for side in images.shape))
+            arrays = (images,) if labels is None else (images, labels)
+            np.savez(f"{stem}.npz", *arrays)
+            if args.grid_samples > 0:
+                save_image_grid(images[: args.grid_samples], f"{stem}.png")
+            print(f"saved {stem}.npz" + (f" and {stem}.png" if args.grid_samples > 0 else ""), flush=True)
+        dist_util.barrier()
+        return 0
+    finally:
+        dist_util.cleanup_dist()
+
+
+if __name__ == "__main__":
+    run_main(main, "fastdiff.sample")

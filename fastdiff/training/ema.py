@@ -1,0 +1,87 @@
+"""Exponential moving averages of the model's parameters, one per rate, kept in fp32."""
+
+import torch
+
+from fastdiff.training.checkpoint import mismatched_keys
+
+
+def parse_ema_rates(rates: str | float | list[float]) -> list[float]:
+    """improved-diffusion's comma-separated rates (``"0.9999"``, ``"0.999,0.9999"``) as floats in [0, 1)."""
+    if isinstance(rates, (int, float)):
+        values = [float(rates)]
+    elif isinstance(rates, str):
+        try:
+            values = [float(part) for part in rates.split(",") if part.strip()]
+        except ValueError as error:
+            raise ValueError(f"ema_rate must be comma-separated numbers, got {rates!r}") from error
+    else:
+        values = [float(rate) for rate in rates]
+    if not values:
+        raise ValueError(f"ema_rate must name at least one rate, got {rates!r}")
+    for rate in values:
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"every ema_rate must be in [0, 1), got {rate}")
+    return values
+
+
+class ParameterEMA:
+    """fp32 shadows of ``model``'s parameters per rate: ``shadow = rate * shadow + (1 - rate) * param``."""
+
+    def __init__(self, model: torch.nn.Module, rates: list[float]) -> None:
+        self.rates = list(rates)
+        self.names = [name for name, _ in model.named_parameters()]
+        self.shadows = [
+            [param.detach().float().clone() for _, param in model.named_parameters()] for _ in self.rates
+        ]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """One EMA step towards ``model``'s current parameters."""
+        params = [param.detach().float() for _, param in model.named_parameters()]
+        for rate, shadow in zip(self.rates, self.shadows, strict=True):
+            torch._foreach_mul_(shadow, rate)
+            torch._foreach_add_(shadow, params, alpha=1.0 - rate)
+
+    def model_state_dict(self, model: torch.nn.Module, index: int) -> dict[str, torch.Tensor]:
+        """``model.state_dict()`` with rate ``index``'s averages in place of the parameters (loadable)."""
+        state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        for name, value in zip(self.names, self.shadows[index], strict=True):
+            state[name] = value.detach().clone()
+        return state
+
+    def copy_to(self, model: torch.nn.Module, index: int = 0) -> None:
+        """Write rate ``index``'s averages into ``model``'s parameters."""
+        with torch.no_grad():
+            for (_, param), value in zip(model.named_parameters(), self.shadows[index], strict=True):
+                param.copy_(value)
+
+    def state_dict(self) -> dict:
+        """Rates and averages by parameter name."""
+        return {
+            "rates": list(self.rates),
+            "shadows": [dict(zip(self.names, shadow, strict=True)) for shadow in self.shadows],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore averages saved by :meth:`state_dict` (same rates and parameter names)."""
+        if [float(rate) for rate in state["rates"]] != self.rates:
+            raise ValueError(
+                f"the checkpoint's EMA rates {state['rates']} differ from --ema_rate {self.rates}"
+            )
+        for shadow, saved in zip(self.shadows, state["shadows"], strict=True):
+            problems = mismatched_keys(dict(zip(self.names, shadow, strict=True)), saved)
+            if problems:
+                raise ValueError("the checkpoint's EMA does not fit this model: " + "; ".join(problems))
+            for target, name in zip(shadow, self.names, strict=True):
+                target.copy_(saved[name])
+
+    def load_rate_from_model_state(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        """Set rate ``index``'s averages from a model-shaped state_dict (an ``ema_{rate}_*.pt`` file)."""
+        expected = dict(zip(self.names, self.shadows[index], strict=True))
+        problems = mismatched_keys(
+            expected, {name: value for name, value in state.items() if name in expected}
+        )
+        if problems:
+            raise ValueError("the EMA file does not fit this model: " + "; ".join(problems))
+        for target, name in zip(self.shadows[index], self.names, strict=True):
+            target.copy_(state[name])

@@ -1,0 +1,364 @@
+"""The training loop: one readable step (microbatches, mixed precision, DDP), logging, saving, resuming.
+
+Step ``s`` (0-based; ``self.step`` counts completed steps) takes one batch per rank, draws timesteps and
+noise as pure functions of (seed, s, position in the global batch), runs the microbatches (each loss
+weighted by its share of the batch; DDP synchronises gradients on the last one only), then one optimizer
+step in fp32 (skipped and counted when fp16 loss scaling finds non-finite gradients) and one EMA update.
+"""
+
+import contextlib
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from fastdiff import dist_util
+from fastdiff.data.loader import BatchStream
+from fastdiff.diffusion import LossAwareSampler
+from fastdiff.dist_util import DistContext
+from fastdiff.training.checkpoint import (
+    atomic_save,
+    config_differences,
+    ema_filename,
+    load_model_state,
+    mismatched_keys,
+    model_filename,
+    opt_filename,
+    prune_states,
+    state_filename,
+)
+from fastdiff.training.config import LoopSettings
+from fastdiff.training.ema import ParameterEMA
+from fastdiff.training.metrics import IntervalMetrics, max_over_ranks, peak_memory_gib
+from fastdiff.training.model_flags import write_model_flags
+from fastdiff.training.optim import annealed_lr, build_optimizer, set_lr
+from fastdiff.training.precision import Precision
+from fastdiff.training.preview import SamplePreview
+from fastdiff.training.reporters import Reporter
+from fastdiff.training.resume import ResumeSource, find_resume_source
+from fastdiff.training.rng import StepRandomness, capture_rng_state, restore_rng_state, seed_everything
+from fastdiff.training.stop import StopRequest
+
+STATE_FORMAT = "fastdiff-training-state"
+STATE_VERSION = 1
+
+
+def _cpu_copy(state: dict) -> dict:
+    """A state_dict with every tensor detached and copied to the CPU."""
+    return {name: value.detach().cpu().clone() for name, value in state.items()}
+
+
+class TrainLoop:
+    """Trains ``model`` on ``data`` with ``diffusion``'s losses; see the module docstring for one step."""
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        diffusion,
+        data: BatchStream,
+        schedule_sampler,
+        settings: LoopSettings,
+        ctx: DistContext,
+        precision: Precision,
+        resume_checkpoint: str = "",
+        preview: SamplePreview | None = None,
+    ) -> None:
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.schedule_sampler = schedule_sampler
+        self.settings = settings
+        self.ctx = ctx
+        self.precision = precision
+        self.resume_checkpoint = resume_checkpoint
+        self.preview = preview
+        self.global_batch = settings.batch_size * ctx.world_size
+
+        if settings.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        dist_util.sync_params(list(self.model.parameters()) + list(self.model.buffers()))
+        self.ddp = (
+            DistributedDataParallel(
+                self.model,
+                device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+                bucket_cap_mb=128,
+            )
+            if ctx.world_size > 1
+            else None
+        )
+        forward_model = self.ddp if self.ddp is not None else self.model
+        self.train_model = torch.compile(forward_model) if settings.compile else forward_model
+        self.optimizer = build_optimizer(
+            settings.optimizer, self.model.parameters(), settings.lr, settings.weight_decay, ctx.device
+        )
+        self.scaler = torch.amp.GradScaler(ctx.device.type) if precision.uses_grad_scaler else None
+        self.ema = ParameterEMA(self.model, settings.ema_rates)
+        self.randomness = StepRandomness(settings.seed, ctx.device)
+        self.metrics = IntervalMetrics(diffusion.num_timesteps, ctx.device)
+        self.reporter = Reporter(settings.log_dir, ctx.is_main)
+        self.step = 0
+        self.skipped_steps = 0
+        self.last_saved_step: int | None = None
+        self.last_preview_step: int | None = None
+
+    # ------------------------------------------------------------------ one step
+
+    def run_step(self, images: torch.Tensor, cond: dict[str, torch.Tensor]) -> bool:
+        """One optimizer step on this rank's ``images`` ``[B, 3, S, S]``; returns whether it was applied."""
+        batch = images.shape[0]
+        first = self.ctx.rank * batch
+        t_all, weights_all = self.randomness.timesteps(
+            self.schedule_sampler, self.step, self.global_batch, first, batch
+        )
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        seen_t, seen_losses = [], []
+        for start in range(0, batch, self.settings.microbatch):
+            end = min(start + self.settings.microbatch, batch)
+            losses, t, weights = self._forward_backward(images, cond, t_all, weights_all, start, end, first)
+            self.metrics.add_losses(
+                t, {name: value.detach().float() * weights for name, value in losses.items()}
+            )
+            seen_t.append(t)
+            seen_losses.append(losses["loss"].detach().float())
+        if isinstance(self.schedule_sampler, LossAwareSampler):
+            self.schedule_sampler.update_with_local_losses(torch.cat(seen_t), torch.cat(seen_losses))
+        return self._optimizer_step()
+
+    def _forward_backward(self, images, cond, t_all, weights_all, start: int, end: int, first: int):
+        """Losses of microbatch ``[start, end)`` and their backward, scaled by its share of the batch."""
+        device = self.ctx.device
+        memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
+        micro = images[start:end].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        micro_cond = {name: value[start:end].to(device, non_blocking=True) for name, value in cond.items()}
+        t, weights = t_all[start:end], weights_all[start:end]
+        noise = self.randomness.noise(self.step, first + start, tuple(micro.shape), micro.dtype)
+        noise = noise.contiguous(memory_format=memory_format)
+        is_last = end >= images.shape[0]
+        sync = contextlib.nullcontext() if is_last or self.ddp is None else self.ddp.no_sync()
+        with sync:
+            with self.precision.autocast():
+                losses = self.diffusion.training_losses(
+                    self.train_model, micro, t, model_kwargs=micro_cond, noise=noise
+                )
+            loss = (losses["loss"].float() * weights).mean() * ((end - start) / images.shape[0])
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return losses, t, weights
+
+    def _optimizer_step(self) -> bool:
+        set_lr(self.optimizer, annealed_lr(self.settings.lr, self.step, self.settings.lr_anneal_steps))
+        params = [param for param in self.model.parameters() if param.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.get_total_norm([param.grad for param in params])
+        if self.settings.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.settings.grad_clip, grad_norm)
+        if self.scaler is not None:
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            applied = self.scaler.get_scale() >= scale_before
+        else:
+            self.optimizer.step()
+            applied = True
+        if applied:
+            self.ema.update(self.model)
+            self.metrics.add_scalar("grad_norm", grad_norm)
+        else:
+            self.skipped_steps += 1
+        return applied
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        """Resume if there is a state, train to the last step (or a stop signal); returns the step reached."""
+        try:
+            self.resume()
+            if self.ctx.is_main and "model_and_diffusion" in self.settings.run_config:
+                config = self.settings.run_config
+                write_model_flags(self.settings.log_dir, config["model_and_diffusion"], config["class_names"])
+            last = self.settings.last_step()
+            if last is not None and self.step >= last:
+                self.reporter.message(
+                    f"step {self.step} already reaches the last step {last}: nothing to train"
+                )
+                return self.step
+            self.reporter.start_progress(self.step, last)
+            with StopRequest() as stop:
+                self._train_until(last, stop)
+            return self.step
+        finally:
+            self.data.close()
+            self.reporter.close()
+
+    def _train_until(self, last: int | None, stop: StopRequest) -> None:
+        settings = self.settings
+        interval_start, interval_steps = time.perf_counter(), 0
+        while last is None or self.step < last:
+            batch, error = self._next_batch()
+            stop_now, failed = self._agree(stop.requested, error is not None)
+            if stop_now:
+                self.reporter.message(
+                    f"{stop.signal_name or 'stop requested'}: saving step {self.step}, exiting"
+                )
+                self.save()
+                return
+            if failed:
+                self.reporter.message(f"loading data failed: saving step {self.step} before stopping")
+                self.save()
+                raise error if error is not None else RuntimeError("another rank failed to load its data")
+            self.run_step(*batch)
+            self.step += 1
+            interval_steps += 1
+            self.reporter.advance()
+            if self.step % settings.log_interval == 0:
+                self.log(interval_steps, time.perf_counter() - interval_start)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if self.step % settings.save_interval == 0:
+                self.save()
+            if settings.sample_interval and self.step % settings.sample_interval == 0:
+                self.write_preview()
+        if self.last_saved_step != self.step:
+            self.save()
+        if settings.sample_interval and self.last_preview_step != self.step:
+            self.write_preview()
+
+    def _next_batch(self) -> tuple[tuple | None, BaseException | None]:
+        try:
+            return next(self.data), None
+        except Exception as error:
+            return None, error
+
+    def _agree(self, stop: bool, failed: bool) -> tuple[bool, bool]:
+        """(any rank asked to stop, any rank failed to load data), the same answer on every rank."""
+        if self.ctx.world_size == 1:
+            return stop, failed
+        flags = torch.tensor([float(stop), float(failed)], device=self.ctx.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        stop_any, failed_any = flags.tolist()
+        return stop_any > 0, failed_any > 0
+
+    def log(self, steps: int, seconds: float) -> dict[str, float]:
+        """Reduce the interval's metrics over ranks and report them (every rank must call this)."""
+        values = {
+            "step": self.step,
+            "samples": self.step * self.global_batch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **self.metrics.reduce(),
+            "images_per_s": steps * self.global_batch / max(seconds, 1e-9),
+            "peak_mem_gib": max_over_ranks(peak_memory_gib(self.ctx.device), self.ctx.device),
+        }
+        if self.scaler is not None:
+            values.update(loss_scale=self.scaler.get_scale(), skipped_steps=self.skipped_steps)
+        self.reporter.metrics(values)
+        return values
+
+    def write_preview(self) -> None:
+        """Rank 0 writes a grid of EMA samples (other ranks go on; they wait at the next collective)."""
+        self.last_preview_step = self.step
+        if self.preview is not None and self.ctx.is_main:
+            path = self.preview.write(self.ema, self.settings.log_dir, self.step)
+            self.reporter.message(f"wrote samples {path}")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> None:
+        """Write model, EMA, optimizer and full-state files for this step (rank 0; every rank must call)."""
+        rng_states = dist_util.all_gather_object(capture_rng_state(self.ctx.device))
+        if self.ctx.is_main:
+            directory = self.settings.log_dir
+            model_state = _cpu_copy(self.model.state_dict())
+            atomic_save(model_state, f"{directory}/{model_filename(self.step)}")
+            for index, rate in enumerate(self.ema.rates):
+                ema_state = _cpu_copy(self.ema.model_state_dict(self.model, index))
+                atomic_save(ema_state, f"{directory}/{ema_filename(rate, self.step)}")
+            optimizer_state = self.optimizer.state_dict()
+            atomic_save(optimizer_state, f"{directory}/{opt_filename(self.step)}")
+            state = {
+                "format": STATE_FORMAT,
+                "version": STATE_VERSION,
+                "step": self.step,
+                "skipped_steps": self.skipped_steps,
+                "world_size": self.ctx.world_size,
+                "global_batch": self.global_batch,
+                "run_config": self.settings.run_config,
+                "model": model_state,
+                "optimizer": optimizer_state,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "ema": self.ema.state_dict(),
+                "schedule_sampler": self.schedule_sampler.state_dict(),
+                "data": self.data.state_dict(),
+                "rng": rng_states,
+            }
+            atomic_save(state, f"{directory}/{state_filename(self.step)}")
+            prune_states(directory, self.settings.keep_states)
+            self.reporter.message(f"saved checkpoint for step {self.step} in {directory}")
+        dist_util.barrier()
+        self.last_saved_step = self.step
+
+    def resume(self) -> None:
+        """Load the resume source, if any (an explicit path, else the newest full state in the log dir)."""
+        source = find_resume_source(self.resume_checkpoint, self.settings.log_dir, self.ema.rates)
+        if source is None:
+            return
+        if source.kind == "state":
+            self._load_state(source.path)
+        else:
+            self._load_model_files(source)
+        self.last_saved_step = self.step
+        self.reporter.message(f"resumed from {source.path} at step {self.step}")
+
+    def _load_state(self, path: str) -> None:
+        state = dist_util.load_file(path, map_location="cpu")
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path} is not a fastdiff training state (pass a state*.pt or model*.pt file)")
+        saved_flags = state.get("run_config", {}).get("model_and_diffusion", {})
+        current_flags = self.settings.run_config.get("model_and_diffusion", {})
+        differences = config_differences(saved_flags, current_flags)
+        problems = mismatched_keys(self.model.state_dict(), state["model"])
+        if problems:
+            flags = f" Flags that differ: {'; '.join(differences)}." if differences else ""
+            raise ValueError(f"{path} comes from another model configuration: {'; '.join(problems)}.{flags}")
+        if differences:
+            self.reporter.message(
+                f"warning: resuming with flags that differ from {path}: {'; '.join(differences)}"
+            )
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.ema.load_state_dict(state["ema"])
+        self.schedule_sampler.load_state_dict(state["schedule_sampler"])
+        self.data.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if state["world_size"] == self.ctx.world_size:
+            restore_rng_state(state["rng"][self.ctx.rank], self.ctx.device)
+        else:
+            seed_everything(self.settings.seed + self.step, self.ctx.rank)
+            self.reporter.message(
+                f"note: {path} was written by {state['world_size']} ranks, this run has "
+                f"{self.ctx.world_size}: "
+                "data order and per-step noise continue exactly, dropout randomness is re-seeded"
+            )
+
+    def _load_model_files(self, source: ResumeSource) -> None:
+        load_model_state(self.model, dist_util.load_state_dict(source.path), source.path)
+        if source.opt_path:
+            self.optimizer.load_state_dict(dist_util.load_file(source.opt_path, map_location="cpu"))
+        self.ema = ParameterEMA(self.model, self.settings.ema_rates)
+        for index, ema_path in enumerate(source.ema_paths):
+            if ema_path:
+                self.ema.load_rate_from_model_state(index, dist_util.load_state_dict(ema_path))
+        self.step = source.step
+        steps_per_epoch = len(self.data.dataset) // self.global_batch
+        self.data.load_state_dict(
+            {
+                "epoch": self.step // steps_per_epoch,
+                "offset": (self.step % steps_per_epoch) * self.global_batch,
+                "seed": self.data.seed,
+                "dataset_len": len(self.data.dataset),
+            }
+        )
+        seed_everything(self.settings.seed + self.step, self.ctx.rank)

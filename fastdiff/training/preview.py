@@ -1,0 +1,68 @@
+"""Sample grids during training: the EMA model, a few deterministic DDIM steps, the same noise every time."""
+
+import copy
+import os
+
+import torch
+
+from fastdiff.training.ema import ParameterEMA
+from fastdiff.training.image_grid import save_image_grid, to_uint8_nhwc
+from fastdiff.training.precision import Precision
+from fastdiff.training.rng import derive_seed
+
+
+def preview_filename(step: int) -> str:
+    """``samples_{step:06d}.png``."""
+    return f"samples_{step:06d}.png"
+
+
+class SamplePreview:
+    """Writes a PNG grid of ``num_samples`` EMA samples (rate index 0) with a respaced diffusion, by DDIM
+    (deterministic, eta 0) or by ancestral DDPM sampling (its noise drawn from a generator of its own).
+
+    The starting noise and the class labels (0, 1, ..., cycling over ``num_classes``) are fixed for the
+    run, so successive grids show the same samples improving. The global RNGs are left as they were.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sampling_diffusion,
+        image_size: int,
+        num_samples: int,
+        num_classes: int | None,
+        seed: int,
+        precision: Precision,
+        use_ddim: bool = True,
+        batch_size: int = 64,
+    ) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.diffusion = sampling_diffusion
+        self.precision = precision
+        self.use_ddim = use_ddim
+        self.seed = seed
+        self.batch_size = batch_size
+        device = next(self.model.parameters()).device
+        generator = torch.Generator().manual_seed(derive_seed(seed, 0x5A3))
+        self.noise = torch.randn((num_samples, 3, image_size, image_size), generator=generator).to(device)
+        self.labels = torch.arange(num_samples, device=device) % num_classes if num_classes else None
+
+    @torch.no_grad()
+    def write(self, ema: ParameterEMA, log_dir: str, step: int) -> str:
+        """Sample with the EMA weights and write ``samples_{step}.png`` in ``log_dir``; returns its path."""
+        ema.copy_to(self.model, 0)
+        chunks = []
+        devices = [self.noise.device] if self.noise.device.type == "cuda" else []
+        sample_loop = self.diffusion.ddim_sample_loop if self.use_ddim else self.diffusion.p_sample_loop
+        with torch.random.fork_rng(devices=devices), self.precision.autocast():
+            torch.manual_seed(derive_seed(self.seed, 0x5A4))
+            for start in range(0, self.noise.shape[0], self.batch_size):
+                noise = self.noise[start : start + self.batch_size]
+                kwargs = {} if self.labels is None else {"y": self.labels[start : start + self.batch_size]}
+                sample = sample_loop(
+                    self.model, tuple(noise.shape), noise=noise, clip_denoised=True, model_kwargs=kwargs
+                )
+                chunks.append(to_uint8_nhwc(sample).cpu())
+        path = os.path.join(log_dir, preview_filename(step))
+        save_image_grid(torch.cat(chunks).numpy(), path)
+        return path
