@@ -44,8 +44,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pillow", "tqdm"],
     extras_require={
         "triton": ["triton>=3.1"],
-        "test": ["pytest", "pytest-benchmark", "ruff", "scipy"],
-        "diffusers": ["diffusers"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "scipy", "matplotlib", "diffusers>=0.38,<0.43"],
+        "diffusers": ["diffusers>=0.38,<0.43"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

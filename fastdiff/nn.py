@@ -95,6 +95,24 @@ class QKVAttention(nn.Module):
         return f"num_heads={self.num_heads}, order={self.order!r}"
 
 
+class FlashAttention(nn.Module):
+    """Non-causal attention ``softmax(scale * q k^T) v`` over ``[B, H, T, D]`` q, k, v; no parameters.
+
+    A module form of :func:`fastdiff.ops.flash_attention` for models that hold attention as a module;
+    ``scale=None`` means ``1/sqrt(D)``.
+    """
+
+    def __init__(self, scale: float | None = None) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return ops.flash_attention(q, k, v, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
 def _check_dims(dims: int) -> int:
     if dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.nn import (
+    FlashAttention,
     GroupNorm32,
     GroupNorm32SiLU,
     QKVAttention,
@@ -183,3 +184,13 @@ def test_layer_helpers():
         avg_pool_nd(0, kernel_size=2)
     conv = zero_module(nn.Conv2d(2, 3, 3))
     assert all((p == 0).all() for p in conv.parameters())
+
+
+def test_flash_attention_module_matches_softmax_attention():
+    q, k, v = (torch.randn(2, 3, 11, 24, dtype=torch.float64) for _ in range(3))
+    for scale in (None, 0.3):
+        out = FlashAttention(scale)(q, k, v)
+        used = 24**-0.5 if scale is None else scale
+        expected = torch.softmax(q @ k.transpose(-1, -2) * used, dim=-1) @ v
+        torch.testing.assert_close(out, expected)
+    assert "scale=0.3" in repr(FlashAttention(0.3))

@@ -1,0 +1,450 @@
+"""fastdiff's kernels in diffusers' UNets: ``apply_fastdiff(unet) -> PatchReport``, ``remove_fastdiff(unet)``.
+
+``apply_fastdiff`` changes a model in place, in three ways, and lists every change and every skip:
+
+* each ``ResnetBlock2D`` becomes a :class:`FastdiffResnetBlock2D` (the same object, its class swapped):
+  ``norm1`` + SiLU and ``norm2`` + SiLU run as ``fastdiff.ops.group_norm_silu``, and with
+  ``time_embedding_norm="scale_shift"`` the second pair with the FiLM step runs as
+  ``group_norm_scale_shift_silu``. The rest of the forward is diffusers' own, step for step (up/down
+  sampling, time embedding, dropout, ``conv_shortcut``, ``output_scale_factor``).
+* each self-attention ``Attention`` whose processor is diffusers' ``AttnProcessor2_0`` gets a
+  :class:`FastdiffAttnProcessor`: that processor's steps with ``fastdiff.ops.flash_attention`` in place
+  of ``scaled_dot_product_attention``. Cross-attention keeps its processor (keys and values come from
+  ``encoder_hidden_states``, of another length than the queries, and ``flash_attention`` takes q, k, v of
+  one shape); it is reported as skipped.
+* every other ``nn.GroupNorm`` (attention ``group_norm``, ``Transformer2DModel.norm``, ``conv_norm_out``)
+  goes through :func:`fastdiff.patch.fuse_group_norm`'s rewrite.
+
+The fused forward and processor mirror diffusers' source. ``apply_fastdiff`` checks, by a fingerprint of
+that source (its syntax tree, without docstrings and annotations), that the installed diffusers has the
+code they mirror; when it does not, those blocks are left as they are and reported as skipped, with the
+version. Blocks it cannot serve (another activation than SiLU, hooks on the norms, ``ResnetBlockCondNorm2D``
+for ``"ada_group"``/``"spatial"``, custom processors) are reported the same way. Nothing is skipped
+silently. ``remove_fastdiff(unet)`` or ``report.unpatch()`` restores the classes, processors and modules.
+"""
+
+import ast
+import hashlib
+import inspect
+import textwrap
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastdiff import ops
+from fastdiff.nn import GroupNorm32
+from fastdiff.patch import (
+    Change,
+    PatchReport,
+    Skipped,
+    check_module,
+    group_norm_refusal,
+    has_hooks,
+    patches,
+    register,
+    rewrite_group_norms,
+)
+
+try:
+    import diffusers
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
+    from diffusers.utils import deprecate
+except ImportError as error:  # the optional dependency is missing
+    raise ImportError(
+        "fastdiff.integrations.diffusers needs diffusers: pip install 'fastdiff[diffusers]'"
+    ) from error
+
+Tensor = torch.Tensor
+
+DIFFUSERS_VERSION = diffusers.__version__
+
+_IGNORED_AST_FIELDS = frozenset({"ctx", "type_comment", "type_params", "kind", "annotation", "returns"})
+
+
+def _canonical(node: object) -> str:
+    """A Python-version-independent text of an AST: node names and fields, no positions or annotations."""
+    if isinstance(node, ast.AST):
+        fields = [
+            f"{name}={_canonical(value)}"
+            for name, value in ast.iter_fields(node)
+            if name not in _IGNORED_AST_FIELDS
+        ]
+        return f"{type(node).__name__}({','.join(fields)})"
+    if isinstance(node, list):
+        return f"[{','.join(_canonical(item) for item in node)}]"
+    return repr(node)
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            value = first.value if isinstance(first, ast.Expr) else None
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_fingerprint(function: Callable) -> str:
+    """16 hex digits identifying ``function``'s code (comments, docstrings, annotations left out); '' when
+    its source cannot be read."""
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError):
+        return ""
+    return hashlib.sha256(_canonical(_without_docstrings(ast.parse(source))).encode()).hexdigest()[:16]
+
+
+MIRRORED_CODE = {
+    "ResnetBlock2D.forward": (ResnetBlock2D.forward, {"484a456a176ec4a7": "diffusers 0.38 to 0.42"}),
+    "AttnProcessor2_0.__call__": (AttnProcessor2_0.__call__, {"523cacbe27f2f5c3": "diffusers 0.35 to 0.42"}),
+}
+"""Code that fastdiff's replacements mirror: the installed function and the fingerprints of the versions
+whose code they were checked against."""
+
+
+def mirror_refusal(name: str) -> str:
+    """Why diffusers' ``name`` here cannot be replaced by fastdiff's mirror of it ('' when it can)."""
+    function, known = MIRRORED_CODE[name]
+    fingerprint = code_fingerprint(function)
+    if fingerprint in known:
+        return ""
+    if not fingerprint:
+        return f"the source of diffusers {DIFFUSERS_VERSION}'s {name} cannot be read, so it cannot be checked"
+    return (
+        f"diffusers {DIFFUSERS_VERSION}'s {name} (fingerprint {fingerprint}) is not the code fastdiff "
+        f"mirrors ({', '.join(known.values())})"
+    )
+
+
+# --- ResnetBlock2D ---------------------------------------------------------------------------------
+
+
+def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    return ops.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, eps=norm.eps)
+
+
+def _scale_shift_norm_silu(norm: nn.GroupNorm, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return ops.group_norm_scale_shift_silu(
+        x, norm.num_groups, norm.weight, norm.bias, scale, shift, eps=norm.eps
+    )
+
+
+SCALE_DEPRECATION = (
+    "The `scale` argument is ignored; pass it to the pipeline through `cross_attention_kwargs` instead."
+)
+
+
+class FastdiffResnetBlock2D(ResnetBlock2D):
+    """diffusers' ``ResnetBlock2D`` with its norm + SiLU pairs as fastdiff's fused ops.
+
+    ``forward(input_tensor [N, C_in, H, W], temb [N, temb_channels] or None) -> [N, C_out, H', W']``,
+    the same function as ``ResnetBlock2D.forward`` up to kernel rounding. ``apply_fastdiff`` swaps a
+    block's class to this one (parameters, buffers and state-dict keys are untouched); ``remove_fastdiff``
+    swaps it back.
+    """
+
+    def forward(self, input_tensor: Tensor, temb: Tensor | None, *args, **kwargs) -> Tensor:
+        if len(args) > 0 or kwargs.get("scale") is not None:
+            deprecate("scale", "1.0.0", SCALE_DEPRECATION)
+
+        hidden_states = _norm_silu(self.norm1, input_tensor)
+
+        if self.upsample is not None:
+            if hidden_states.shape[0] >= 64:  # as diffusers: its nearest-neighbour NHWC upsample needs this
+                input_tensor = input_tensor.contiguous()
+                hidden_states = hidden_states.contiguous()
+            input_tensor = self.upsample(input_tensor)
+            hidden_states = self.upsample(hidden_states)
+        elif self.downsample is not None:
+            input_tensor = self.downsample(input_tensor)
+            hidden_states = self.downsample(hidden_states)
+
+        hidden_states = self.conv1(hidden_states)
+
+        if self.time_emb_proj is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, :, None, None]
+
+        if self.time_embedding_norm == "scale_shift":
+            if temb is None:
+                raise ValueError(
+                    f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}"
+                )
+            time_scale, time_shift = torch.chunk(temb, 2, dim=1)
+            hidden_states = _scale_shift_norm_silu(self.norm2, hidden_states, time_scale, time_shift)
+        else:
+            if self.time_embedding_norm == "default" and temb is not None:
+                hidden_states = hidden_states + temb
+            hidden_states = _norm_silu(self.norm2, hidden_states)
+
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = self.conv2(hidden_states)
+
+        if self.conv_shortcut is not None:
+            if self.training:  # as diffusers: a contiguous input only in training (DDP gradient strides)
+                input_tensor = input_tensor.contiguous()
+            input_tensor = self.conv_shortcut(input_tensor)
+
+        return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def _norm_refusal(block: nn.Module, name: str) -> str:
+    norm = getattr(block, name)
+    if type(norm) is GroupNorm32:
+        return "" if not has_hooks(norm) else f"{name} has hooks, which the fused forward would bypass"
+    if not isinstance(norm, nn.GroupNorm):
+        return f"{name} is {type(norm).__name__}, not a GroupNorm"
+    why = group_norm_refusal(norm, (nn.GroupNorm,))
+    return f"{name} {why}" if why else ""
+
+
+def resnet_refusal(block: nn.Module) -> str:
+    """Why ``block`` (a ResnetBlock2D) cannot become a :class:`FastdiffResnetBlock2D` ('' when it can)."""
+    if type(block) is not ResnetBlock2D:
+        return f"{type(block).__name__} subclasses ResnetBlock2D and may run another forward"
+    if "forward" in block.__dict__:
+        return "its forward was replaced on the instance"
+    why = mirror_refusal("ResnetBlock2D.forward")
+    if why:
+        return why
+    if type(block.nonlinearity) is not nn.SiLU:
+        return f"nonlinearity is {type(block.nonlinearity).__name__}; the fused kernels apply SiLU"
+    if has_hooks(block.nonlinearity):
+        return "nonlinearity has hooks, which the fused forward would bypass"
+    for name in ("norm1", "norm2"):
+        why = _norm_refusal(block, name)
+        if why:
+            return why
+    if block.time_embedding_norm == "scale_shift" and block.time_emb_proj is None:
+        return 'time_embedding_norm="scale_shift" without time_emb_proj (temb_channels=None)'
+    return ""
+
+
+COND_NORM_REASON = (
+    "ResnetBlockCondNorm2D (time_embedding_norm 'ada_group' or 'spatial') normalises with AdaGroupNorm or "
+    "SpatialNorm, whose conditioning fastdiff's kernels do not implement"
+)
+
+
+@dataclass(eq=False)
+class ClassSwap(Change):
+    """``module``'s class was ``original_class`` and is now ``new_class`` (same object, same state)."""
+
+    module: nn.Module
+    original_class: type
+    new_class: type
+
+    def is_in_place(self) -> bool:
+        return type(self.module) is self.new_class
+
+    def undo(self) -> None:
+        self.module.__class__ = self.original_class
+
+    def describe(self) -> str:
+        return f"{self.original_class.__name__} -> {self.new_class.__name__} ({self.kind})"
+
+
+# --- attention -------------------------------------------------------------------------------------
+
+
+class FastdiffAttnProcessor:
+    """diffusers attention processor: ``AttnProcessor2_0``'s steps with fastdiff's flash attention.
+
+    Serves self-attention without a mask: ``hidden_states [B, T, C]`` or ``[B, C, H, W]`` -> same shape.
+    A call with ``encoder_hidden_states`` or ``attention_mask`` goes to ``fallback`` (the processor this
+    one replaced), with a warning the first time; ``fallback_calls`` counts such calls.
+    """
+
+    def __init__(self, fallback: AttnProcessor2_0) -> None:
+        self.fallback = fallback
+        self.fallback_calls = 0
+
+    def _fall_back(self, reason: str) -> None:
+        if self.fallback_calls == 0:
+            warnings.warn(
+                f"fastdiff attention processor: {reason}; this call runs diffusers' "
+                f"{type(self.fallback).__name__}",
+                stacklevel=4,
+            )
+        self.fallback_calls += 1
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            given = "encoder_hidden_states" if encoder_hidden_states is not None else "attention_mask"
+            self._fall_back(f"{given} given, which flash_attention does not take")
+            return self.fallback(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
+        if len(args) > 0 or kwargs.get("scale") is not None:
+            deprecate("scale", "1.0.0", SCALE_DEPRECATION)
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size = hidden_states.shape[0]
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = ops.flash_attention(query, key, value)  # [B, heads, T, head_dim], scale 1/sqrt(D)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def attention_refusal(attn: nn.Module) -> str:
+    """Why ``attn`` cannot get a :class:`FastdiffAttnProcessor` ('' when it can)."""
+    if type(attn) is not Attention:
+        return f"{type(attn).__name__} is not diffusers' Attention class"
+    processor = attn.processor
+    if type(processor) is not AttnProcessor2_0:
+        return (
+            f"its processor is {type(processor).__name__}, not AttnProcessor2_0 "
+            "(custom, LoRA, IP-adapter, xformers, sliced and added-KV processors are kept)"
+        )
+    why = mirror_refusal("AttnProcessor2_0.__call__")
+    if why:
+        return why
+    if attn.is_cross_attention:
+        return (
+            "cross-attention: keys and values come from encoder_hidden_states, whose length differs from "
+            "the queries', and fastdiff's flash_attention takes q, k, v of one shape; diffusers' processor "
+            "is kept"
+        )
+    if attn.to_k is None or attn.to_v is None or attn.added_kv_proj_dim is not None:
+        return "added key/value projections (only_cross_attention / added_kv_proj_dim)"
+    if attn.inner_kv_dim != attn.inner_dim:
+        return f"kv_heads differ from heads (key/value width {attn.inner_kv_dim}, query {attn.inner_dim})"
+    return ""
+
+
+@dataclass(eq=False)
+class ProcessorSwap(Change):
+    """``attention``'s processor was ``original`` and is now ``replacement``."""
+
+    attention: Attention
+    original: object
+    replacement: FastdiffAttnProcessor
+
+    def is_in_place(self) -> bool:
+        return self.attention.processor is self.replacement
+
+    def undo(self) -> None:
+        self.attention.set_processor(self.original)
+
+    def describe(self) -> str:
+        return f"{type(self.original).__name__} -> {type(self.replacement).__name__} ({self.kind})"
+
+
+# --- the patch -------------------------------------------------------------------------------------
+
+REPORT_NAME = "apply_fastdiff"
+
+
+def _patch_resnet(report: PatchReport, path: str, block: nn.Module, exclude: set[int]) -> None:
+    if type(block) is FastdiffResnetBlock2D:
+        report.already_patched.append(path)
+        exclude.update((id(block.norm1), id(block.norm2)))
+        return
+    why = resnet_refusal(block)
+    if why:
+        report.skipped.append(Skipped(path, why))
+        return
+    block.__class__ = FastdiffResnetBlock2D
+    second = "scale_shift+silu" if block.time_embedding_norm == "scale_shift" else "silu"
+    kind = f"norm1+silu, norm2+{second}"
+    report.changes.append(ClassSwap(path, kind, block, ResnetBlock2D, FastdiffResnetBlock2D))
+    exclude.update((id(block.norm1), id(block.norm2)))
+
+
+def _patch_attention(report: PatchReport, path: str, attn: nn.Module) -> None:
+    if isinstance(attn.processor, FastdiffAttnProcessor):
+        report.already_patched.append(path)
+        return
+    why = attention_refusal(attn)
+    if why:
+        report.skipped.append(Skipped(path, why))
+        return
+    original = attn.processor
+    replacement = FastdiffAttnProcessor(original)
+    attn.set_processor(replacement)
+    report.changes.append(ProcessorSwap(path, "flash_attention", attn, original, replacement))
+
+
+def apply_fastdiff(unet: nn.Module) -> PatchReport:
+    """Run ``unet``'s ResnetBlock2D norms, self-attention and GroupNorms through fastdiff, in place.
+
+    Made for diffusers' ``UNet2DModel`` and ``UNet2DConditionModel``; any module is walked the same way.
+    Returns the :class:`~fastdiff.patch.PatchReport` (changed paths, skips with reasons); a model with
+    nothing left to patch (e.g. patched already) gives an empty report and a ``NothingToPatchWarning``.
+    Parameters, buffers and state-dict keys do not change.
+    """
+    check_module("unet", unet)
+    report = PatchReport(REPORT_NAME, unet)
+    served_norms: set[int] = set()
+    for path, module in unet.named_modules():
+        if isinstance(module, ResnetBlock2D):
+            _patch_resnet(report, path, module, served_norms)
+        elif isinstance(module, ResnetBlockCondNorm2D):
+            report.skipped.append(Skipped(path, COND_NORM_REASON))
+        elif hasattr(module, "set_processor") and hasattr(module, "processor"):
+            _patch_attention(report, path, module)
+    rewrite_group_norms(unet, report, (nn.GroupNorm,), served_norms)
+    return register(report)
+
+
+def remove_fastdiff(unet: nn.Module) -> list[PatchReport]:
+    """Undo every active ``apply_fastdiff`` on ``unet``, newest first; returns the undone reports.
+
+    Raises ``ValueError`` when ``unet`` has no active ``apply_fastdiff`` patch.
+    """
+    active = [report for report in patches(unet) if report.name == REPORT_NAME]
+    if not active:
+        raise ValueError(f"unet ({type(unet).__name__}) has no active apply_fastdiff patch to remove")
+    for report in reversed(active):
+        report.unpatch()
+    return active
