@@ -6,30 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_run import TINY_MODEL_ARGV, TINY_MODEL_FLAGS, one_thread  # noqa: F401 (autouse fixture)
 
 from fastdiff import nll, sample, train
 from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and lose much when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-TINY_FLAGS = dict(
-    image_size=8,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult="1,2",
-    attention_resolutions="4",
-    num_heads=2,
-    diffusion_steps=50,
-)
-TINY = [part for name, value in TINY_FLAGS.items() for part in (f"--{name}", str(value))]
+TINY = TINY_MODEL_ARGV
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +41,7 @@ def test_sample_writes_improved_diffusions_npz_and_a_grid(run_dir, tmp_path, use
 
 def test_sample_loads_improved_diffusion_files_with_flags_on_the_command_line(tmp_path):
     """A plain state_dict with no model_flags.json beside it (as improved-diffusion writes them)."""
-    flags = {**model_and_diffusion_defaults(), **TINY_FLAGS}
+    flags = {**model_and_diffusion_defaults(), **TINY_MODEL_FLAGS}
     model, _ = create_model_and_diffusion(**flags)
     torch.save(model.state_dict(), tmp_path / "model000100.pt")
     args = ["--model_path", str(tmp_path / "model000100.pt"), "--num_samples", "2", "--batch_size", "2"]

@@ -9,44 +9,21 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from tiny_run import TINY_MODEL_ARGV, TINY_MODEL_FLAGS, one_thread  # noqa: F401 (autouse fixture)
 
 from fastdiff import train
 from fastdiff.data import ImageDataError
 from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from fastdiff.training import precision
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and lose much when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = [
-    "--image_size", "8",
-    "--num_channels", "32",
-    "--num_res_blocks", "1",
-    "--channel_mult", "1,2",
-    "--attention_resolutions", "4",
-    "--num_heads", "2",
-    "--diffusion_steps", "50",
+    *TINY_MODEL_ARGV,
     "--batch_size", "4",
     "--num_workers", "0",
     "--log_interval", "2",
     "--sample_interval", "0",
 ]  # fmt: skip
-TINY_FLAGS = dict(
-    image_size=8,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult="1,2",
-    attention_resolutions="4",
-    num_heads=2,
-    diffusion_steps=50,
-)
+TINY_FLAGS = TINY_MODEL_FLAGS
 
 
 def run_train(log_dir, *extra: str) -> int:

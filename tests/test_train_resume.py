@@ -9,27 +9,12 @@ import time
 
 import pytest
 import torch
+from tiny_run import TINY_MODEL_ARGV, TINY_MODEL_FLAGS, one_thread  # noqa: F401 (autouse fixture)
 
 from fastdiff import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and lose much when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = [
-    "--image_size", "8",
-    "--num_channels", "32",
-    "--num_res_blocks", "1",
-    "--channel_mult", "1,2",
-    "--attention_resolutions", "4",
-    "--num_heads", "2",
-    "--diffusion_steps", "50",
+    *TINY_MODEL_ARGV,
     "--batch_size", "4",
     "--log_interval", "1",
     "--sample_interval", "0",

@@ -5,6 +5,7 @@ import signal
 
 import pytest
 import torch
+from tiny_run import TINY_MODEL_ARGV, TINY_MODEL_FLAGS, one_thread  # noqa: F401 (autouse fixture)
 
 from fastdiff import dist_util
 from fastdiff.data import BatchStream, ShapesDataset
@@ -19,25 +20,7 @@ from fastdiff.training.metrics import IntervalMetrics
 from fastdiff.training.optim import annealed_lr, build_optimizer
 from fastdiff.training.stop import StopRequest
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and lose much when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-TINY = dict(
-    image_size=8,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult="1,2",
-    attention_resolutions="4",
-    num_heads=2,
-    diffusion_steps=50,
-)
+TINY = TINY_MODEL_FLAGS
 
 
 @pytest.fixture(scope="module")
