@@ -9,6 +9,8 @@ views of the UNet's ``[B, 3*H*D, T]`` qkv tensor; such inputs are copied to a un
 
 import torch
 
+from fastdiff.ops.reference import deliver
+
 Tensor = torch.Tensor
 OptTensor = Tensor | None
 
@@ -26,10 +28,7 @@ def attention_forward(
 ) -> tuple[Tensor, Tensor]:
     """softmax(scale * q k^T) v for q, k, v ``[B, H, T, D]``; returns (out, lse ``[B, H, T]``)."""
     o, lse = _forward(_unit_stride(q), _unit_stride(k), _unit_stride(v), 0.0, False, scale=scale)
-    if out is None:
-        return o, lse
-    out.copy_(o)
-    return out, lse
+    return deliver((o,), (out,), (q,))[0], lse
 
 
 def attention_backward(
@@ -47,11 +46,4 @@ def attention_backward(
     """Gradients w.r.t. q, k, v, written into ``dq``/``dk``/``dv`` when given."""
     q, k, v, dout, out = (_unit_stride(t) for t in (q, k, v, dout, out))
     grads = _backward(dout, q, k, v, out, lse, 0.0, False, scale=scale)
-    results = []
-    for grad, given in zip(grads, (dq, dk, dv), strict=True):
-        if given is None:
-            results.append(grad)
-        else:
-            given.copy_(grad)
-            results.append(given)
-    return tuple(results)
+    return deliver(grads, (dq, dk, dv), (q, k, v))

@@ -139,10 +139,7 @@ def attention_forward(
     Writes into ``out`` when given. The T x T matrix is materialised: this is the spec, not the fast path.
     """
     o, lse = _attention_math(q, k, v, scale)
-    if out is None:
-        return o.to(q.dtype), lse
-    out.copy_(o)
-    return out, lse
+    return deliver((o,), (out,), (q,))[0], lse
 
 
 def _attention_math(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -180,11 +177,18 @@ def attention_backward(
         torch.matmul(ds.transpose(-1, -2), qf) * scale,
         torch.matmul(p.transpose(-1, -2), dof),
     )
-    results = []
-    for grad, given, like in zip(grads, (dq, dk, dv), (q, k, v), strict=True):
-        if given is None:
-            results.append(grad.to(like.dtype))
+    return deliver(grads, (dq, dk, dv), (q, k, v))
+
+
+def deliver(
+    results: tuple[Tensor, ...], destinations: tuple[OptTensor, ...], likes: tuple[Tensor, ...]
+) -> tuple[Tensor, ...]:
+    """Each result copied into its destination when one is given, else returned in its ``like``'s dtype."""
+    delivered = []
+    for result, destination, like in zip(results, destinations, likes, strict=True):
+        if destination is None:
+            delivered.append(result.to(like.dtype))
         else:
-            given.copy_(grad)
-            results.append(given)
-    return tuple(results)
+            destination.copy_(result)
+            delivered.append(destination)
+    return tuple(delivered)
