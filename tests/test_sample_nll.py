@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_run import TINY_MODEL_ARGV, TINY_MODEL_FLAGS, one_thread  # noqa: F401 (autouse fixture)
+from tiny_run import TINY_MODEL_FLAGS, TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from fastdiff import nll, sample, train
 from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-TINY = TINY_MODEL_ARGV
+TINY = TINY_RUN_ARGV
 
 
 @pytest.fixture(scope="module")

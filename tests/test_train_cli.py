@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from tiny_run import TINY_MODEL_ARGV, TINY_MODEL_FLAGS, one_thread  # noqa: F401 (autouse fixture)
+from tiny_run import TINY_MODEL_FLAGS, TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from fastdiff import train
 from fastdiff.data import ImageDataError
@@ -17,7 +17,7 @@ from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion
 from fastdiff.training import precision
 
 TINY = [
-    *TINY_MODEL_ARGV,
+    *TINY_RUN_ARGV,
     "--batch_size", "4",
     "--num_workers", "0",
     "--log_interval", "2",
@@ -141,7 +141,8 @@ def test_memory_flags_and_compile_are_wired(tmp_path, monkeypatch):
 
 
 def test_fp16_scale_growth_is_accepted_and_ignored(tmp_path, capsys):
-    assert run_train(tmp_path, "--use_fp16", "True", "--fp16_scale_growth", "0.01", "--max_steps", "1") == 0
+    fp16_alias = ["--precision", "auto", "--use_fp16", "True", "--fp16_scale_growth", "0.01"]
+    assert run_train(tmp_path, *fp16_alias, "--max_steps", "1") == 0
     output = capsys.readouterr().out
     assert "fp16_scale_growth is ignored" in output and "precision fp16" in output
     assert torch.load(tmp_path / "state000001.pt", weights_only=False)["scaler"]["scale"] > 0

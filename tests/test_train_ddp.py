@@ -13,10 +13,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tiny_run import TINY_MODEL_ARGV, TINY_MODEL_FLAGS, one_thread  # noqa: F401 (autouse fixture)
+from tiny_run import TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 TINY = [
-    *TINY_MODEL_ARGV,
+    *TINY_RUN_ARGV,
     "--num_workers", "0",
     "--log_interval", "1",
     "--sample_interval", "0",

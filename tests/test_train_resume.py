@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
-from tiny_run import TINY_MODEL_ARGV, TINY_MODEL_FLAGS, one_thread  # noqa: F401 (autouse fixture)
+from tiny_run import TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from fastdiff import train
 
 TINY = [
-    *TINY_MODEL_ARGV,
+    *TINY_RUN_ARGV,
     "--batch_size", "4",
     "--log_interval", "1",
     "--sample_interval", "0",

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 import torch
-from tiny_run import TINY_MODEL_ARGV, TINY_MODEL_FLAGS, one_thread  # noqa: F401 (autouse fixture)
+from tiny_run import TINY_MODEL_FLAGS, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from fastdiff import dist_util
 from fastdiff.data import BatchStream, ShapesDataset
@@ -219,7 +219,10 @@ def test_batch_size_rule():
 
 def test_precision_resolution_on_cpu(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert precision.resolve_precision("auto", cpu).name == "fp32"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_precision("auto", cpu).name == "bf16"
     assert precision.resolve_precision("auto", cpu, use_fp16=True).name == "fp16"
     assert precision.resolve_precision("fp16", cpu).uses_grad_scaler
     assert precision.resolve_precision("bf16", cpu).autocast_dtype == torch.bfloat16

@@ -20,7 +20,8 @@ def as_argv(flags: dict) -> list[str]:
     return [part for name, value in flags.items() for part in (f"--{name}", str(value))]
 
 
-TINY_MODEL_ARGV = as_argv(TINY_MODEL_FLAGS)
+TINY_RUN_ARGV = [*as_argv(TINY_MODEL_FLAGS), "--precision", "fp32"]
+"""The tiny model's flags for train / sample / nll, in fp32 so runs compare exactly on any CPU."""
 
 
 @pytest.fixture(autouse=True, scope="module")

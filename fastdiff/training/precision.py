@@ -1,9 +1,9 @@
 """Mixed precision with torch.amp: which autocast dtype, whether a GradScaler, and whether the device can.
 
 Weights, gradients, optimizer state and EMA stay fp32 in every mode (autocast only lowers the precision of
-the ops that run under it). ``auto`` means bf16 on a CUDA device that supports it, fp32 on a CUDA device
-that does not (fp16 needs loss scaling and can overflow: ask for it explicitly), and fp32 on the CPU (bf16
-autocast on CPUs without native bf16 is slower than fp32 and less accurate; ask for it explicitly).
+the ops that run under it). ``auto`` means bf16 where the device computes in bf16 natively: a CUDA device
+of compute capability 8.0+, or a CPU with AVX512-BF16 or AMX; fp32 elsewhere (fp16 needs loss scaling and
+can overflow: ask for it explicitly; bf16 autocast on CPUs without native bf16 is slower than fp32).
 """
 
 import contextlib
@@ -54,6 +54,20 @@ def _cpu_autocast_runs(dtype: torch.dtype) -> bool:
         return False
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def auto_precision(device: torch.device) -> str:
+    """``auto``'s choice: bf16 where ``device`` has native bf16, else fp32."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and cpu_has_native_bf16() and _cpu_autocast_runs(torch.bfloat16):
+        return "bf16"
+    return "fp32"
+
+
 def device_supports(name: str, device: torch.device) -> tuple[bool, str]:
     """(whether ``device`` can run precision ``name``, why not)."""
     if name == "fp32":
@@ -83,7 +97,7 @@ def resolve_precision(name: str, device: torch.device, use_fp16: bool = False) -
             raise ValueError(f"--use_fp16 True asks for fp16 but --precision is {name!r}: pass only one")
         name = "fp16"
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        name = auto_precision(device)
     supported, reason = device_supports(name, device)
     if not supported:
         raise PrecisionUnsupportedError(f"precision {name!r} cannot run on {device}: {reason}")
