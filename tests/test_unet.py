@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from small_unet import small_config
 
 from fastdiff import UNetModel, ops
 from fastdiff.unet import AttentionBlock, ResBlock, SuperResModel
@@ -28,22 +29,6 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.copy_(0.2 * noise)
     return model
-
-
-def small_config(**overrides) -> dict:
-    config = dict(
-        image_size=8,
-        in_channels=3,
-        model_channels=32,
-        out_channels=6,
-        num_res_blocks=1,
-        attention_resolutions=(2,),
-        channel_mult=(1, 2),
-        num_heads=2,
-        use_scale_shift_norm=True,
-    )
-    config.update(overrides)
-    return config
 
 
 def inputs(config: dict, batch: int = 2, seed: int = 1, dtype=torch.float32):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import require_backend
+from small_unet import small_config
 
 from fastdiff import ops
 from fastdiff.unet import UNetModel
@@ -10,20 +11,7 @@ from fastdiff.unet import UNetModel
 
 def small_unet(**overrides) -> UNetModel:
     """An 8x8 UNet touching every fused op: scale-shift, plain GN+SiLU, attention (both orders), GN alone."""
-    config = dict(
-        image_size=8,
-        in_channels=3,
-        model_channels=32,
-        out_channels=6,
-        num_res_blocks=1,
-        attention_resolutions=(2,),
-        channel_mult=(1, 2),
-        num_head_channels=16,
-        use_scale_shift_norm=True,
-        num_classes=3,
-    )
-    config.update(overrides)
-    return UNetModel(**config)
+    return UNetModel(**small_config(**{"num_head_channels": 16, "num_classes": 3, **overrides}))
 
 
 def forward_backward(model, x, t, y, dtype=None):
