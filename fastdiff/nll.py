@@ -16,11 +16,9 @@ import torch
 
 from fastdiff import dist_util, ops
 from fastdiff.data import BatchStream, build_dataset
-from fastdiff.script_util import add_dict_to_argparser, args_to_dict, model_and_diffusion_defaults
-from fastdiff.training.cli import check_kernels, explicit_flags, run_main
-from fastdiff.training.inference import build_inference_model
-from fastdiff.training.model_flags import apply_model_flags
-from fastdiff.training.precision import resolve_precision
+from fastdiff.script_util import add_dict_to_argparser, model_and_diffusion_defaults
+from fastdiff.training.cli import explicit_flags, run_main
+from fastdiff.training.inference import prepare_inference
 from fastdiff.training.rng import seed_everything
 
 NLL_DEFAULTS = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
@@ -75,15 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     ctx = dist_util.setup_dist(args.device)
     try:
-        taken, _ = apply_model_flags(args, given, args.model_path, model_and_diffusion_defaults())
-        precision = resolve_precision(args.precision, ctx.device)
-        kernels = check_kernels(args.kernels, ctx.device)
-        if ctx.is_main and taken:
-            print(
-                f"model flags from model_flags.json beside {args.model_path}: {', '.join(taken)}", flush=True
-            )
-        flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-        model, diffusion = build_inference_model(flags, args.model_path, ctx.device)
+        setup = prepare_inference(args, given, ctx)
         dataset = build_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
         data = BatchStream(
             dataset,
@@ -96,9 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_workers=args.num_workers,
         )
         seed_everything(args.seed, ctx.rank)
-        with torch.no_grad(), ops.use_backend(kernels):
+        with torch.no_grad(), ops.use_backend(setup.kernels):
             bpd, terms = evaluate_bpd(
-                model, diffusion, data, args.num_samples, args.clip_denoised, ctx, precision
+                setup.model, setup.diffusion, data, args.num_samples, args.clip_denoised, ctx, setup.precision
             )
         data.close()
         if ctx.is_main:

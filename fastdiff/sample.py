@@ -20,14 +20,11 @@ from fastdiff import dist_util, ops
 from fastdiff.script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
-    args_to_dict,
     model_and_diffusion_defaults,
 )
-from fastdiff.training.cli import check_kernels, explicit_flags, run_main
+from fastdiff.training.cli import explicit_flags, run_main
 from fastdiff.training.image_grid import save_image_grid, to_uint8_nhwc
-from fastdiff.training.inference import build_inference_model
-from fastdiff.training.model_flags import apply_model_flags
-from fastdiff.training.precision import resolve_precision
+from fastdiff.training.inference import prepare_inference
 from fastdiff.training.rng import seed_everything
 
 SAMPLE_DEFAULTS = dict(
@@ -124,19 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     ctx = dist_util.setup_dist(args.device)
     try:
-        taken, class_names = apply_model_flags(args, given, args.model_path, model_and_diffusion_defaults())
-        precision = resolve_precision(args.precision, ctx.device)
-        kernels = check_kernels(args.kernels, ctx.device)
-        label_count = _label_count(args, class_names)
-        if ctx.is_main and taken:
-            print(
-                f"model flags from model_flags.json beside {args.model_path}: {', '.join(taken)}", flush=True
-            )
-        flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-        model, diffusion = build_inference_model(flags, args.model_path, ctx.device)
+        setup = prepare_inference(args, given, ctx)
+        label_count = _label_count(args, setup.class_names)
         seed_everything(args.seed, ctx.rank)
-        with ops.use_backend(kernels):
-            images, labels = generate(model, diffusion, args, ctx, precision, label_count)
+        with ops.use_backend(setup.kernels):
+            images, labels = generate(setup.model, setup.diffusion, args, ctx, setup.precision, label_count)
         if ctx.is_main:
             out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.model_path))
             os.makedirs(out_dir, exist_ok=True)

@@ -1,12 +1,16 @@
 """Building a model from flags and loading a plain state_dict into it, for sampling and evaluation."""
 
 import pickle
+from dataclasses import dataclass
 
 import torch
 
 from fastdiff import dist_util
-from fastdiff.script_util import create_model_and_diffusion
+from fastdiff.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 from fastdiff.training.checkpoint import load_model_state
+from fastdiff.training.cli import check_kernels
+from fastdiff.training.model_flags import apply_model_flags
+from fastdiff.training.precision import Precision, resolve_precision
 
 
 def load_plain_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -33,3 +37,27 @@ def build_inference_model(flags: dict, model_path: str, device: torch.device):
     load_model_state(model, load_plain_state_dict(model_path), model_path)
     model.to(device).eval().requires_grad_(False)
     return model, diffusion
+
+
+@dataclass
+class InferenceSetup:
+    """What ``fastdiff.sample`` and ``fastdiff.nll`` run with."""
+
+    model: torch.nn.Module
+    diffusion: object
+    precision: Precision
+    kernels: str
+    class_names: list[str]
+
+
+def prepare_inference(args, given: set[str], ctx) -> InferenceSetup:
+    """Model flags not on the command line from ``model_flags.json`` beside ``--model_path``, precision and
+    kernels checked for ``ctx.device``, and the model with its weights loaded."""
+    taken, class_names = apply_model_flags(args, given, args.model_path, model_and_diffusion_defaults())
+    precision = resolve_precision(args.precision, ctx.device)
+    kernels = check_kernels(args.kernels, ctx.device)
+    if ctx.is_main and taken:
+        print(f"model flags from model_flags.json beside {args.model_path}: {', '.join(taken)}", flush=True)
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    model, diffusion = build_inference_model(flags, args.model_path, ctx.device)
+    return InferenceSetup(model, diffusion, precision, kernels, class_names)
