@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+from error_bounds import assert_no_worse, max_error
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -87,20 +88,7 @@ def run(model: nn.Module, sample: torch.Tensor, kwargs: dict, dy: torch.Tensor):
     return out.detach(), list(grads)
 
 
-def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected.double()).abs().max().item()
-
-
 RELATIVE_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def assert_no_worse(after: list, before: list, expected: list, floor: float, what: str) -> None:
-    """Each patched result is at most twice as far from the float64 result as diffusers' own, plus ``floor``
-    times the largest float64 value of the group."""
-    scale = max(e.abs().max().item() for e in expected)
-    for index, (a, b, e) in enumerate(zip(after, before, expected, strict=True)):
-        bound = 2 * max_error(b, e) + floor * scale
-        assert max_error(a, e) <= bound, f"{what} {index}: error {max_error(a, e):.3g} > {bound:.3g}"
 
 
 @pytest.fixture(autouse=True)
@@ -127,8 +115,9 @@ def test_outputs_and_gradients_match_before_and_after(backend, name, dtype):
     after = run(model, sample.to(dtype), kwargs, dy)
 
     assert not report.empty and after[0].dtype == dtype
-    assert_no_worse([after[0]], [before[0]], [expected[0]], RELATIVE_FLOOR[dtype], "output")
-    assert_no_worse(after[1], before[1], expected[1], RELATIVE_FLOOR[dtype], "gradient")
+    bounds = dict(factor=2.0, floor=RELATIVE_FLOOR[dtype])  # at most twice diffusers' own error
+    assert_no_worse([after[0]], [before[0]], [expected[0]], **bounds, what="output")
+    assert_no_worse(after[1], before[1], expected[1], **bounds, what="gradient")
 
 
 def kinds(model: nn.Module) -> tuple[list[str], list[str], list[str], list[str]]:
