@@ -221,6 +221,56 @@ def _diffusers_section(records: list[dict[str, Any]]) -> list[str]:
     return [*lines, *_table(header, rows), ""]
 
 
+def _group_norm_cpu_section(records: list[dict[str, Any]]) -> list[str]:
+    """Issue 3's CPU figure (``test_bench_group_norm_cpu.py``), when it ran."""
+    if not records:
+        return []
+    names = ("fastdiff", "kernels", "eager")
+    header = [
+        "op",
+        "shape",
+        "calls",
+        "dtype",
+        *[f"{n} ms" for n in names],
+        "fastdiff vs eager",
+        "kernels vs eager",
+    ]
+    rows, weighted = [], {}
+    for r in records:
+        c = r["contestants"]
+        rows.append(
+            [r["kernel"], r["label"], r["calls_per_forward"], r["dtype"], *[_cell(c.get(n)) for n in names]]
+            + [_ratio(c.get(n, {}).get("speedup_vs_eager")) for n in ("fastdiff", "kernels")]
+        )
+        totals = weighted.setdefault((r["kernel"], r["dtype"]), dict.fromkeys(names, 0.0))
+        for n in names:
+            totals[n] += r["calls_per_forward"] * c[n]["median_s"]
+    lines = [
+        "## GroupNorm on CPU at the 64x64 UNet's shapes (issue 3's figure)",
+        "",
+        "Forward+backward, batch 8, every GroupNorm+SiLU and scale-shift shape of improved-diffusion's 64x64 "
+        "UNet. fastdiff: `fastdiff.ops` on the `cpp` backend, autograd included; kernels: the C++ forward "
+        "and backward called directly; eager: improved-diffusion's code. Target: 1.5x faster than eager.",
+        "",
+        *_table(header, rows),
+        "",
+        "Weighted by calls per UNet forward (sum of calls x median):",
+        "",
+    ]
+    summary = [
+        [
+            kernel,
+            dtype,
+            *(f"{t[n] * 1e3:.1f}" for n in names),
+            _ratio(t["eager"] / t["fastdiff"]),
+            _ratio(t["eager"] / t["kernels"]),
+        ]
+        for (kernel, dtype), t in weighted.items()
+    ]
+    head = ["op", "dtype", *[f"{n} ms" for n in names], "fastdiff vs eager", "kernels vs eager"]
+    return [*lines, *_table(head, summary), ""]
+
+
 def _profile_lines(record: dict[str, Any]) -> list[str]:
     lines = [
         "",
@@ -366,6 +416,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines += _kernel_section(data.get("kernels", []))
     lines += _end_to_end_section(data.get("end_to_end", []))
     lines += _diffusers_section(data.get("diffusers", []))
+    lines += _group_norm_cpu_section(data.get("group_norm_cpu", []))
     lines += _traffic_section(data.get("traffic"))
     lines += _compile_section(data.get("compile"))
     lines += _skipped_section(data.get("skipped", []))

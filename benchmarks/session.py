@@ -97,7 +97,14 @@ class BenchRun:
     @property
     def has_results(self) -> bool:
         d = self.data
-        return bool(d["kernels"] or d["end_to_end"] or d["traffic"] or d["compile"] or d.get("diffusers"))
+        return bool(
+            d["kernels"]
+            or d["end_to_end"]
+            or d["traffic"]
+            or d["compile"]
+            or d.get("diffusers")
+            or d.get("group_norm_cpu")
+        )
 
 
 def default_device() -> torch.device:

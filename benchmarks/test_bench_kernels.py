@@ -78,7 +78,7 @@ def unavailable(contestant: str, case: KernelCase, run: BenchRun) -> str:
     return ""
 
 
-def _inputs(case: KernelCase, dtype: torch.dtype, device: torch.device, seed: int) -> list[torch.Tensor]:
+def make_inputs(case: KernelCase, dtype: torch.dtype, device: torch.device, seed: int) -> list[torch.Tensor]:
     """The op's tensor arguments: ``[qkv]``, or ``[x, weight, bias(, scale, shift)]`` (fp32 weight/bias)."""
     gen = torch.Generator().manual_seed(seed)
     shape = case.input_shape
@@ -102,7 +102,7 @@ def _call(kernel: str, fn, tensors: list, heads: int):
     return fn(x, NUM_GROUPS, weight, bias, *scale_shift)
 
 
-def _runner(kernel: str, fn, tensors: list, heads: int, pass_name: str, backend: str | None):
+def make_runner(kernel: str, fn, tensors: list, heads: int, pass_name: str, backend: str | None):
     """One iteration: the forward under no_grad, or forward then ``autograd.grad`` of all inputs."""
     grad_out = None
 
@@ -137,7 +137,7 @@ def measure_group(case: KernelCase, pass_name: str, dtype_name: str, run: BenchR
     """Build the inputs and contestants of one group, measure them, and add the record to the summary."""
     settings = run.settings
     kernel = case.call.kernel
-    tensors = _inputs(case, DTYPES[dtype_name], settings.device, seed=0)
+    tensors = make_inputs(case, DTYPES[dtype_name], settings.device, seed=0)
     if pass_name == "forward+backward":
         tensors = [t.detach().requires_grad_() for t in tensors]
     heads = case.call.heads
@@ -148,15 +148,15 @@ def measure_group(case: KernelCase, pass_name: str, dtype_name: str, run: BenchR
         if name.startswith("fastdiff-"):
             backend = name.removeprefix("fastdiff-")
             info = {"backend": _resolved_backend(case, backend, tensors)}
-            runner = _runner(kernel, FASTDIFF_FUNCTIONS[kernel], tensors, heads, pass_name, backend)
+            runner = make_runner(kernel, FASTDIFF_FUNCTIONS[kernel], tensors, heads, pass_name, backend)
         elif name == "eager":
-            info, runner = {}, _runner(kernel, EAGER_FUNCTIONS[kernel], tensors, heads, pass_name, None)
+            info, runner = {}, make_runner(kernel, EAGER_FUNCTIONS[kernel], tensors, heads, pass_name, None)
         else:
             torch._dynamo.reset()
             compiled = torch.compile(EAGER_FUNCTIONS[kernel], dynamic=False, fullgraph=True)
             info, runner = (
                 {"mode": "dynamic=False, fullgraph=True"},
-                _runner(kernel, compiled, tensors, heads, pass_name, None),
+                make_runner(kernel, compiled, tensors, heads, pass_name, None),
             )
         contestants.append(Contestant(name, runner, info))
     if settings.smoke:

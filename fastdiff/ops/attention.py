@@ -1,4 +1,4 @@
-"""QKV attention and flash attention: public functions and their custom ops.
+"""QKV attention and flash attention: public functions and their ops (``fastdiff::*``, see ``registry``).
 
 ``qkv_attention`` reads q, k, v as strided views of the UNet's ``[B, 3*H*D, T]`` tensor and writes the
 output and the qkv gradient in that layout, so no reshape or copy surrounds the kernel.
@@ -11,7 +11,7 @@ from types import ModuleType
 import torch
 
 from fastdiff.ops import backend as backends
-from fastdiff.ops import cpu_attention, reference
+from fastdiff.ops import cpu_attention, reference, registry
 from fastdiff.ops.reference import compute_dtype
 from fastdiff.ops.validate import check_float_tensor, check_positive_int
 
@@ -57,8 +57,7 @@ def _lse_like(q: Tensor) -> Tensor:
 # --- qkv layout ----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastdiff::qkv_attention_fwd", mutates_args=())
-def _qkv_attention_fwd(qkv: Tensor, num_heads: int, order: str, backend: str) -> tuple[Tensor, Tensor]:
+def _qkv_attention_fwd_kernel(qkv: Tensor, num_heads: int, order: str, backend: str) -> tuple[Tensor, Tensor]:
     b, width, t = qkv.shape
     out = qkv.new_empty((b, width // 3, t))
     q, k, v = qkv_views(qkv, num_heads, order)
@@ -70,14 +69,19 @@ def _qkv_attention_fwd(qkv: Tensor, num_heads: int, order: str, backend: str) ->
     return out, lse.to(compute_dtype(qkv.dtype)).contiguous()
 
 
-@_qkv_attention_fwd.register_fake
-def _(qkv, num_heads, order, backend):
+def _qkv_attention_fwd_fake(qkv, num_heads, order, backend):
     b, width, t = qkv.shape
     return qkv.new_empty((b, width // 3, t)), qkv.new_empty((b, num_heads, t), dtype=compute_dtype(qkv.dtype))
 
 
-@torch.library.custom_op("fastdiff::qkv_attention_bwd", mutates_args=())
-def _qkv_attention_bwd(
+_qkv_attention_fwd = registry.define(
+    "qkv_attention_fwd(Tensor qkv, int num_heads, str order, str backend) -> (Tensor, Tensor)",
+    _qkv_attention_fwd_kernel,
+    _qkv_attention_fwd_fake,
+)
+
+
+def _qkv_attention_bwd_kernel(
     dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, order: str, backend: str
 ) -> Tensor:
     dqkv = torch.empty_like(qkv)
@@ -100,25 +104,40 @@ def _qkv_attention_bwd(
     return dqkv
 
 
-@_qkv_attention_bwd.register_fake
-def _(dout, qkv, out, lse, num_heads, order, backend):
+def _qkv_attention_bwd_fake(dout, qkv, out, lse, num_heads, order, backend):
     return torch.empty_like(qkv)
 
 
-def _qkv_setup_context(ctx, inputs, output) -> None:
-    qkv, num_heads, order, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, out, lse)
-    ctx.num_heads, ctx.order, ctx.backend = num_heads, order, backend
+_qkv_attention_bwd = registry.define(
+    "qkv_attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, str order, "
+    "str backend) -> Tensor",
+    _qkv_attention_bwd_kernel,
+    _qkv_attention_bwd_fake,
+)
 
 
-def _qkv_backward(ctx, dout, _dlse):
-    qkv, out, lse = ctx.saved_tensors
-    dqkv = _qkv_attention_bwd(dout.contiguous(), qkv, out, lse, ctx.num_heads, ctx.order, ctx.backend)
-    return dqkv, None, None, None
+class _QKVAttentionFunction(torch.autograd.Function):
+    """Autograd of ``fastdiff::qkv_attention_fwd``: the backward is ``fastdiff::qkv_attention_bwd``."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads, order, backend):
+        out, lse = registry.call_below_autograd(_qkv_attention_fwd, qkv, num_heads, order, backend)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads, ctx.order, ctx.backend = num_heads, order, backend
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        qkv, out, lse = ctx.saved_tensors
+        if dout is None:
+            return None, None, None, None
+        dqkv = _qkv_attention_bwd(dout.contiguous(), qkv, out, lse, ctx.num_heads, ctx.order, ctx.backend)
+        return dqkv, None, None, None
 
 
-_qkv_attention_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+registry.register_autograd(_qkv_attention_fwd, _QKVAttentionFunction)
 
 
 def qkv_attention(qkv: Tensor, num_heads: int, order: str = "legacy") -> Tensor:
@@ -145,8 +164,9 @@ def qkv_attention(qkv: Tensor, num_heads: int, order: str = "legacy") -> Tensor:
 # --- separate q, k, v ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastdiff::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+def _attention_fwd_kernel(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out, _lse_like(q)
@@ -154,13 +174,18 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) 
     return out, lse.to(compute_dtype(q.dtype)).contiguous()
 
 
-@_attention_fwd.register_fake
-def _(q, k, v, scale, backend):
+def _attention_fwd_fake(q, k, v, scale, backend):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), _lse_like(q)
 
 
-@torch.library.custom_op("fastdiff::attention_bwd", mutates_args=())
-def _attention_bwd(
+_attention_fwd = registry.define(
+    "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, str backend) -> (Tensor, Tensor)",
+    _attention_fwd_kernel,
+    _attention_fwd_fake,
+)
+
+
+def _attention_bwd_kernel(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
@@ -170,25 +195,40 @@ def _attention_bwd(
     return dq, dk, dv
 
 
-@_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, scale, backend):
+def _attention_bwd_fake(dout, q, k, v, out, lse, scale, backend):
     return tuple(torch.empty_like(t) for t in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale, ctx.backend = scale, backend
+_attention_bwd = registry.define(
+    "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+    "str backend) -> (Tensor, Tensor, Tensor)",
+    _attention_bwd_kernel,
+    _attention_bwd_fake,
+)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None
+class _AttentionFunction(torch.autograd.Function):
+    """Autograd of ``fastdiff::attention_fwd``: the backward is ``fastdiff::attention_bwd``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, backend):
+        out, lse = registry.call_below_autograd(_attention_fwd, q, k, v, scale, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.backend = scale, backend
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            return None, None, None, None, None
+        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.backend)
+        return dq, dk, dv, None, None
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+registry.register_autograd(_attention_fwd, _AttentionFunction)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:

@@ -1,8 +1,8 @@
 """GroupNorm, GroupNorm+SiLU and scale-shift GroupNorm+SiLU: public functions and their custom ops.
 
-One pair of ``torch.library`` custom ops (``fastdiff::group_norm_fwd`` / ``fastdiff::group_norm_bwd``)
-serves all three; the backend name is resolved in Python before the call, so ``torch.compile`` sees it
-as a constant and the ops stay opaque to the tracer.
+One pair of ops in the ``fastdiff`` library (``fastdiff::group_norm_fwd`` / ``fastdiff::group_norm_bwd``,
+see ``registry``) serves all three; the backend name is resolved in Python before the call, so
+``torch.compile`` sees it as a constant and the ops stay opaque to the tracer.
 """
 
 import importlib
@@ -13,7 +13,7 @@ from types import ModuleType
 import torch
 
 from fastdiff.ops import backend as backends
-from fastdiff.ops import reference
+from fastdiff.ops import reference, registry
 from fastdiff.ops.reference import compute_dtype, memory_format
 from fastdiff.ops.validate import check_float_tensor, check_positive_int, check_same_device
 
@@ -41,8 +41,7 @@ def _stats_like(x: Tensor, num_groups: int) -> Tensor:
     return x.new_empty((x.shape[0], num_groups), dtype=compute_dtype(x.dtype))
 
 
-@torch.library.custom_op("fastdiff::group_norm_fwd", mutates_args=())
-def _group_norm_fwd(
+def _group_norm_fwd_kernel(
     x: Tensor,
     num_groups: int,
     weight: OptTensor,
@@ -62,17 +61,23 @@ def _group_norm_fwd(
     return _in_layout_of(x, y), mean.to(dtype), rstd.to(dtype)
 
 
-@_group_norm_fwd.register_fake
-def _(x, num_groups, weight, bias, scale, shift, eps, silu, backend):
+def _group_norm_fwd_fake(x, num_groups, weight, bias, scale, shift, eps, silu, backend):
     return torch.empty_like(x), _stats_like(x, num_groups), _stats_like(x, num_groups)
+
+
+_group_norm_fwd = registry.define(
+    "group_norm_fwd(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+    "float eps, bool silu, str backend) -> (Tensor, Tensor, Tensor)",
+    _group_norm_fwd_kernel,
+    _group_norm_fwd_fake,
+)
 
 
 def _empty_unless(needed: bool, like: OptTensor, fallback: Tensor) -> Tensor:
     return torch.empty_like(like) if needed and like is not None else fallback.new_empty(0)
 
 
-@torch.library.custom_op("fastdiff::group_norm_bwd", mutates_args=())
-def _group_norm_bwd(
+def _group_norm_bwd_kernel(
     dy: Tensor,
     x: Tensor,
     num_groups: int,
@@ -102,31 +107,53 @@ def _group_norm_bwd(
     )
 
 
-@_group_norm_bwd.register_fake
-def _(dy, x, num_groups, weight, bias, scale, shift, mean, rstd, silu, needs_input_grad, backend):
+def _group_norm_bwd_fake(
+    dy, x, num_groups, weight, bias, scale, shift, mean, rstd, silu, needs_input_grad, backend
+):
     inputs = (x, weight, bias, scale, shift)
     return tuple(_empty_unless(bool(n), t, x) for n, t in zip(needs_input_grad, inputs, strict=True))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, num_groups, weight, bias, scale, shift, _eps, silu, backend = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-    ctx.num_groups, ctx.silu, ctx.backend = num_groups, silu, backend
+_group_norm_bwd = registry.define(
+    "group_norm_bwd(Tensor dy, Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, "
+    "Tensor? shift, Tensor mean, Tensor rstd, bool silu, bool[] needs_input_grad, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _group_norm_bwd_kernel,
+    _group_norm_bwd_fake,
+)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5)]
-    dy = dy.contiguous(memory_format=memory_format(x))
-    grads = _group_norm_bwd(
-        dy, x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.silu, needs, ctx.backend
-    )
-    dx, dweight, dbias, dscale, dshift = (g if need else None for g, need in zip(grads, needs, strict=True))
-    return dx, None, dweight, dbias, dscale, dshift, None, None, None
+class _GroupNormFunction(torch.autograd.Function):
+    """Autograd of ``fastdiff::group_norm_fwd``: the backward is ``fastdiff::group_norm_bwd``."""
+
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, scale, shift, eps, silu, backend):
+        y, mean, rstd = registry.call_below_autograd(
+            _group_norm_fwd, x, num_groups, weight, bias, scale, shift, eps, silu, backend
+        )
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.num_groups, ctx.silu, ctx.backend = num_groups, silu, backend
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)
+        return y, mean, rstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5)]
+        if dy is None:
+            dy = torch.zeros_like(x)
+        dy = dy.contiguous(memory_format=memory_format(x))
+        grads = _group_norm_bwd(
+            dy, x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.silu, needs, ctx.backend
+        )
+        dx, dweight, dbias, dscale, dshift = (
+            g if need else None for g, need in zip(grads, needs, strict=True)
+        )
+        return dx, None, dweight, dbias, dscale, dshift, None, None, None
 
 
-_group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+registry.register_autograd(_group_norm_fwd, _GroupNormFunction)
 
 
 def _dense(x: Tensor) -> Tensor:
