@@ -1,9 +1,10 @@
 """Peak memory of a train step of improved-diffusion's 64x64 UNet with one attention implementation.
 
-Run in a fresh process per implementation (``python -m benchmarks.attention_memory_step MODE``), so that
-each peak is its own: ``fastdiff`` (``ops.qkv_attention``, the UNet as built), ``einsum``
-(improved-diffusion's attention math, which keeps the T x T weights for the backward) or ``none``
-(attention that keeps nothing: the baseline that isolates attention's own share). Prints one JSON line.
+Run in a fresh process per implementation and precision (``python -m benchmarks.attention_memory_step
+MODE [fp32|bf16]``), so that each peak is its own: ``fastdiff`` (``ops.qkv_attention``, the UNet as
+built), ``einsum`` (improved-diffusion's attention math, which keeps the T x T weights for the backward)
+or ``none`` (attention that keeps nothing: the baseline that isolates attention's own share). Prints one
+JSON line.
 """
 
 import json
@@ -20,6 +21,8 @@ from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion
 from fastdiff.unet import AttentionBlock
 
 MODES = ("fastdiff", "einsum", "none")
+PRECISIONS = ("fp32", "bf16")
+"""fp32, or bf16 autocast (weights, gradients and optimizer state stay fp32)."""
 CONFIG = dict(
     image_size=64,
     num_channels=128,
@@ -62,7 +65,7 @@ def process_peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(mode: str) -> dict:
+def measure(mode: str, precision: str = "fp32") -> dict:
     """Two AdamW steps; the second, with the optimizer state in place, is the measured one.
 
     ``step_peak_bytes``: the peak the second step allocates above what is live before it (weights and
@@ -71,6 +74,8 @@ def measure(mode: str) -> dict:
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     flags = {**model_and_diffusion_defaults(), **CONFIG}
@@ -86,7 +91,8 @@ def measure(mode: str) -> dict:
     t = torch.randint(0, flags["diffusion_steps"], (BATCH,), device=device)
 
     def step() -> None:
-        loss = diffusion.training_losses(model, x, t)["loss"].mean()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = diffusion.training_losses(model, x, t)["loss"].mean()
         loss.backward()
         optimizer.step()
         if device.type == "cuda":
@@ -100,6 +106,7 @@ def measure(mode: str) -> dict:
     parameters = sum(p.numel() for p in model.parameters())
     return {
         "mode": mode,
+        "precision": precision,
         "device": str(device),
         "parameters": parameters,
         "step_peak_bytes": step_peak,
@@ -110,4 +117,4 @@ def measure(mode: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1])))
+    print(json.dumps(measure(*sys.argv[1:])))

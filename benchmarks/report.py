@@ -271,6 +271,45 @@ def _group_norm_cpu_section(records: list[dict[str, Any]]) -> list[str]:
     return [*lines, *_table(head, summary), ""]
 
 
+MEMORY_RATIOS = (
+    ("step_peak_vs_einsum", "step: fastdiff / einsum"),
+    ("step_attention_share_vs_einsum", "step: attention's share"),
+    ("process_peak_vs_einsum", "process: fastdiff / einsum"),
+    ("process_attention_share_vs_einsum", "process: attention's share"),
+)
+
+
+def _attention_memory_section(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Issue 4's memory figure (``test_bench_attention_memory.py``), when it ran."""
+    from benchmarks.test_bench_attention_memory import ratios
+
+    if not runs:
+        return []
+    rows, summary = [], []
+    for precision, modes in runs.items():
+        for mode, r in modes.items():
+            step_s = f"{r['first_step_s']:.1f}"
+            rows.append([precision, mode, _mib(r["step_peak_bytes"]), _mib(r["peak_bytes"]), step_s])
+        if {"none", "einsum", "fastdiff"} <= modes.keys():
+            found = ratios(modes)
+            summary.append([precision, *(_ratio(found[key], 3) for key, _ in MEMORY_RATIOS)])
+    header = ["precision", "attention", "step peak MiB", "process peak MiB", "first step s"]
+    lines = [
+        "## Attention memory: 64x64 UNet train step (issue 4's figure)",
+        "",
+        "improved-diffusion's 64x64 UNet (128 channels, attention at 32/16/8, 4 heads, learn_sigma), "
+        "batch 8, AdamW, one process per run. Step peak: bytes the step allocates above the weights and "
+        "optimizer state; process peak: resident memory. `none`: attention that keeps nothing, the floor "
+        "for any attention. Target: fastdiff at most 0.6x of einsum.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+    if summary:
+        lines += [*_table(["precision", *(label for _, label in MEMORY_RATIOS)], summary), ""]
+    return lines
+
+
 def _profile_lines(record: dict[str, Any]) -> list[str]:
     lines = [
         "",
@@ -417,6 +456,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines += _end_to_end_section(data.get("end_to_end", []))
     lines += _diffusers_section(data.get("diffusers", []))
     lines += _group_norm_cpu_section(data.get("group_norm_cpu", []))
+    lines += _attention_memory_section(data.get("attention_memory", {}))
     lines += _traffic_section(data.get("traffic"))
     lines += _compile_section(data.get("compile"))
     lines += _skipped_section(data.get("skipped", []))

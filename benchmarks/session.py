@@ -104,6 +104,7 @@ class BenchRun:
             or d["compile"]
             or d.get("diffusers")
             or d.get("group_norm_cpu")
+            or d.get("attention_memory")
         )
 
 

@@ -67,25 +67,10 @@ def _sum_bytes(*tensors: torch.Tensor | None) -> int:
 
 
 def norm_path(shape: tuple[int, ...], backward: bool) -> str:
-    """'fits' or 'split': whether one program holds a whole group, from the kernels' published tuning.
+    """'fits' or 'split': whether one program holds a whole group (``kernels.group_norm.launch_path``)."""
+    from fastdiff.kernels.group_norm import launch_path
 
-    A padded group tile up to ``fused_always`` elements is always fused; one over ``fused_max_forward`` /
-    ``fused_max_backward`` is always split. Between the two the choice depends on the program count, and
-    the report's shapes avoid that band.
-    """
-    import triton
-    from fastdiff.kernels.group_norm import DEFAULT_TUNING
-
-    channels = shape[1]
-    tile = triton.next_power_of_2(channels // NUM_GROUPS) * triton.next_power_of_2(math.prod(shape[2:]))
-    fused_max = DEFAULT_TUNING.fused_max_backward if backward else DEFAULT_TUNING.fused_max_forward
-    if tile <= DEFAULT_TUNING.fused_always:
-        return "fits"
-    if tile > fused_max:
-        return "split"
-    raise ValueError(
-        f"shape {shape}: a group tile of {tile} elements may be fused or split; pick another shape"
-    )
+    return "fits" if launch_path(shape, NUM_GROUPS, backward=backward) == "fused" else "split"
 
 
 def _counted(run: Callable[[], Any]) -> tuple[Any, int, int]:

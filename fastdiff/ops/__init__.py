@@ -7,8 +7,8 @@
     flash_attention(q, k, v, scale=None)              # [B, H, T, D] each -> [B, H, T, D]
     use_backend(name)                                 # context manager; env FASTDIFF_BACKEND
 
-Each is a ``torch.library`` custom op (``fastdiff::...``) with a fake implementation and autograd, so
-``torch.compile(fullgraph=True)`` traces models that use them.
+Each is a ``torch.library`` op (``fastdiff::...``, defined in ``registry``) with a fake implementation
+and autograd, so ``torch.compile(fullgraph=True)`` traces models that use them.
 """
 
 from fastdiff.ops.attention import flash_attention, qkv_attention
