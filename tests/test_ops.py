@@ -313,6 +313,28 @@ def test_custom_ops_are_registered_with_fakes():
         assert torch._library.utils.has_fake_kernel(op), name
 
 
+def test_dispatch_modes_see_one_fastdiff_op_per_call(backend):
+    """Plain eager calls skip the dispatcher; under a dispatch mode each call is one opaque op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    qkv = torch.randn(1, 12, 5, requires_grad=True)
+    expected = ops.group_norm_silu(x, 4, None, None), ops.qkv_attention(qkv, 2)
+    with Recorder():
+        y, out = ops.group_norm_silu(x, 4, None, None), ops.qkv_attention(qkv, 2)
+        (y.sum() + out.sum()).backward()
+    for name in ("group_norm_fwd", "group_norm_bwd", "qkv_attention_fwd", "qkv_attention_bwd"):
+        assert seen.count(f"fastdiff.{name}.default") == 1, (name, seen)
+    torch.testing.assert_close((y, out), expected, rtol=0, atol=0)
+
+
 def _opcheck_cases(backend):
     x = torch.randn(2, 8, 5, 3, requires_grad=True)
     weight, bias = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)

@@ -121,7 +121,7 @@ class _QKVAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, num_heads, order, backend):
-        out, lse = registry.call_below_autograd(_qkv_attention_fwd, qkv, num_heads, order, backend)
+        out, lse = _qkv_attention_fwd.below_autograd(qkv, num_heads, order, backend)
         ctx.save_for_backward(qkv, out, lse)
         ctx.num_heads, ctx.order, ctx.backend = num_heads, order, backend
         ctx.mark_non_differentiable(lse)
@@ -137,7 +137,7 @@ class _QKVAttentionFunction(torch.autograd.Function):
         return dqkv, None, None, None
 
 
-registry.register_autograd(_qkv_attention_fwd, _QKVAttentionFunction)
+_qkv_attention_fwd.register_autograd(_QKVAttentionFunction)
 
 
 def qkv_attention(qkv: Tensor, num_heads: int, order: str = "legacy") -> Tensor:
@@ -212,7 +212,7 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, backend):
-        out, lse = registry.call_below_autograd(_attention_fwd, q, k, v, scale, backend)
+        out, lse = _attention_fwd.below_autograd(q, k, v, scale, backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.backend = scale, backend
         ctx.mark_non_differentiable(lse)
@@ -228,7 +228,7 @@ class _AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-registry.register_autograd(_attention_fwd, _AttentionFunction)
+_attention_fwd.register_autograd(_AttentionFunction)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:

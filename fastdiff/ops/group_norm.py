@@ -128,8 +128,8 @@ class _GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, scale, shift, eps, silu, backend):
-        y, mean, rstd = registry.call_below_autograd(
-            _group_norm_fwd, x, num_groups, weight, bias, scale, shift, eps, silu, backend
+        y, mean, rstd = _group_norm_fwd.below_autograd(
+            x, num_groups, weight, bias, scale, shift, eps, silu, backend
         )
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
         ctx.num_groups, ctx.silu, ctx.backend = num_groups, silu, backend
@@ -153,7 +153,7 @@ class _GroupNormFunction(torch.autograd.Function):
         return dx, None, dweight, dbias, dscale, dshift, None, None, None
 
 
-registry.register_autograd(_group_norm_fwd, _GroupNormFunction)
+_group_norm_fwd.register_autograd(_GroupNormFunction)
 
 
 def _dense(x: Tensor) -> Tensor:

@@ -7,42 +7,77 @@ whole GroupNorm+SiLU of a 16x16 UNet level. Each op here is defined from its sch
 * one kernel for every device (it runs the backend named by one of its arguments);
 * a fake kernel, so ``torch.compile`` traces the op without running it;
 * optionally an autograd kernel that applies a plain ``torch.autograd.Function``.
+
+Calling an ``Op`` in plain eager mode (real tensors, no compile, no dispatch mode) runs its Python kernel
+directly, skipping the dispatcher's round trips; anything else (tracing, fake tensors, dispatch modes
+such as the profiler's or a FLOP counter's) goes through the registered op, so tracers and modes see one
+opaque ``fastdiff::`` call.
 """
 
 from collections.abc import Callable
 
 import torch
 from torch._ops import OpOverload
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 NAMESPACE = "fastdiff"
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 
 
-def define(schema: str, kernel: Callable, fake: Callable) -> OpOverload:
+def _plain_eager(args: tuple) -> bool:
+    """True when ``args`` hold only plain tensors and nothing traces or intercepts the call."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor) and type(a) is not torch.Tensor:
+            return False
+    return True
+
+
+class Op:
+    """One ``fastdiff::`` op: its dispatcher overload, its Python kernel and, once registered, its
+    ``torch.autograd.Function``."""
+
+    def __init__(self, overload: OpOverload, kernel: Callable) -> None:
+        self.overload = overload
+        self.kernel = kernel
+        self.function: type[torch.autograd.Function] | None = None
+
+    def __call__(self, *args: object) -> object:
+        if not _plain_eager(args):
+            return self.overload(*args)
+        if self.function is not None and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return self.function.apply(*args)
+        return self.kernel(*args)
+
+    def below_autograd(self, *args: object) -> object:
+        """The outputs, with autograd skipped: what the autograd.Function's forward computes them with."""
+        if _plain_eager(args):
+            return self.kernel(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return self.overload(*args)
+
+    def register_autograd(self, function: type[torch.autograd.Function]) -> None:
+        """Makes the op differentiable: ``function.apply(*args)`` runs when an input requires grad.
+
+        ``function.forward(ctx, *args)`` takes the op's arguments and returns its outputs, computed with
+        ``self.below_autograd(*args)``.
+        """
+
+        def autograd_kernel(*args: object) -> object:
+            if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+                return function.apply(*args)
+            with torch._C._AutoDispatchBelowAutograd():
+                return self.overload(*args)
+
+        LIBRARY.impl(self.overload._schema.name.split("::", 1)[1], autograd_kernel, "Autograd")
+        self.function = function
+
+
+def define(schema: str, kernel: Callable, fake: Callable) -> Op:
     """Defines ``fastdiff::<schema>`` with ``kernel`` on every device and ``fake`` for tracing."""
     name = schema.split("(", 1)[0]
     LIBRARY.define(schema)
     LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIBRARY)
-    return getattr(getattr(torch.ops, NAMESPACE), name).default
-
-
-def call_below_autograd(op: OpOverload, *args: object) -> object:
-    """``op(*args)`` with autograd skipped: what an autograd.Function's forward runs."""
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
-def register_autograd(op: OpOverload, function: type[torch.autograd.Function]) -> None:
-    """Makes ``op`` differentiable: ``function.apply(*args)`` runs when an input requires grad.
-
-    ``function.forward(ctx, *args)`` takes the op's arguments and returns its outputs; it computes them
-    with ``call_below_autograd(op, *args)``.
-    """
-
-    def autograd_kernel(*args: object) -> object:
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return function.apply(*args)
-        return call_below_autograd(op, *args)
-
-    LIBRARY.impl(op._schema.name.split("::", 1)[1], autograd_kernel, "Autograd")
+    return Op(getattr(getattr(torch.ops, NAMESPACE), name).default, kernel)
