@@ -28,10 +28,7 @@ def _plain_eager(args: tuple) -> bool:
     """True when ``args`` hold only plain tensors and nothing traces or intercepts the call."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    for a in args:
-        if isinstance(a, torch.Tensor) and type(a) is not torch.Tensor:
-            return False
-    return True
+    return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
 
 
 class Op:
