@@ -3,9 +3,10 @@
     python -m fastdiff.kernels.report [--arch 80 90] [--json PATH] [--jobs K]
 
 Each ``CompileSpec`` from the kernel modules' ``compile_specs()`` is compiled with ``triton.compile`` for
-``GPUTarget("cuda", arch, 32)``; no GPU is needed. Per kernel and architecture the report gives
-registers, spill bytes and shared memory, read with the tools Triton's wheel ships in
-``triton/backends/nvidia/bin``: ``cuobjdump --dump-resource-usage`` on the cubin Triton built
+``GPUTarget("cuda", arch, 32)``, as given (no argument known to be aligned) and with every pointer and
+integer argument divisible by 16 (what most launches specialise); no GPU is needed. Per kernel and
+architecture the report gives registers, spill bytes and shared memory, read with the tools Triton's
+wheel ships in ``triton/backends/nvidia/bin``: ``cuobjdump --dump-resource-usage`` on the cubin Triton built
 (registers, stack, local memory) and ``ptxas-blackwell -v`` on its PTX (spill stores and loads; the
 plain ``ptxas`` there rejects the PTX version Triton 3.9 emits). Shared memory is Triton's dynamic
 allocation plus the cubin's static one.
@@ -39,7 +40,8 @@ def _interpreting() -> bool:
 
 
 def collect_specs(modules: Sequence[str] = KERNEL_MODULES) -> list:
-    """``compile_specs()`` of every importable module in ``modules`` (a missing kernel module is skipped)."""
+    """``compile_specs()`` of every importable module in ``modules`` (a missing kernel module is skipped),
+    each also in its aligned variant (every pointer and integer argument divisible by 16)."""
     specs = []
     for name in modules:
         try:
@@ -48,7 +50,8 @@ def collect_specs(modules: Sequence[str] = KERNEL_MODULES) -> list:
             if error.name != name:
                 raise
             continue
-        specs.extend(module.compile_specs())
+        for spec in module.compile_specs():
+            specs += [spec, spec.aligned_variant()]
     return specs
 
 
@@ -104,7 +107,7 @@ def compile_one(spec: Any, arch: int) -> dict[str, Any]:
         "error": None,
     }
     try:
-        source = triton.compiler.ASTSource(spec.fn, spec.signature, spec.constexprs)
+        source = triton.compiler.ASTSource(spec.fn, spec.signature, spec.constexprs, attrs=spec.attrs())
         options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
         kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
         with tempfile.TemporaryDirectory() as tmp:
@@ -182,14 +185,14 @@ def _shard_of(name: str, count: int) -> int:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A fixed-width text table of the report rows."""
-    header = f"{'kernel':<88} {'arch':<6} {'warps':>5} {'regs':>5} {'spills':>6} {'smem':>7} {'local':>5}"
+    header = f"{'kernel':<98} {'arch':<6} {'warps':>5} {'regs':>5} {'spills':>6} {'smem':>7} {'local':>5}"
     lines = [header, "-" * len(header)]
     for row in rows:
         if row["error"]:
-            lines.append(f"{row['kernel']:<88} {row['arch']:<6} {row['num_warps']:>5} FAILED: {row['error']}")
+            lines.append(f"{row['kernel']:<98} {row['arch']:<6} {row['num_warps']:>5} FAILED: {row['error']}")
             continue
         lines.append(
-            f"{row['kernel']:<88} {row['arch']:<6} {row['num_warps']:>5} {row['registers']:>5} "
+            f"{row['kernel']:<98} {row['arch']:<6} {row['num_warps']:>5} {row['registers']:>5} "
             f"{row['spills']:>6} {row['shared']:>7} {row['local']:>5}"
         )
     return "\n".join(lines)
