@@ -249,7 +249,7 @@ def _group_norm_cpu_section(records: list[dict[str, Any]]) -> list[str]:
         "## GroupNorm on CPU at the 64x64 UNet's shapes (issue 3's figure)",
         "",
         "Forward+backward, batch 8, every GroupNorm+SiLU and scale-shift shape of improved-diffusion's 64x64 "
-        "UNet. fastdiff: `fastdiff.ops` on the `cpp` backend, autograd included; kernels: the C++ forward "
+        "UNet. fastdiff: `fastdiff.ops` (default backend: cpp), autograd included; kernels: the C++ forward "
         "and backward called directly; eager: improved-diffusion's code. Target: 1.5x faster than eager.",
         "",
         *_table(header, rows),

@@ -3,8 +3,8 @@ backend against eager PyTorch, at every GroupNorm shape of improved-diffusion's 
 
 Contestants, paired per (op, shape, dtype) in one process (``benchmarks.timing``):
 
-* ``fastdiff``: ``fastdiff.ops`` on the ``cpp`` backend, forward then ``autograd.grad``: what a model pays,
-  dispatch and autograd included;
+* ``fastdiff``: ``fastdiff.ops`` with its default backend (``auto``, which is ``cpp`` here), forward then
+  ``autograd.grad``: what a model pays, validation and autograd included;
 * ``kernels``: ``fastdiff._C``'s forward and backward called directly: the C++ kernels alone;
 * ``eager``: improved-diffusion's code (``benchmarks.eager``), the baseline of every ratio.
 
@@ -62,9 +62,12 @@ def _kernels_runner(kernel: str, tensors: list[torch.Tensor]):
 def measure(call: KernelCall, dtype_name: str, run: BenchRun) -> dict:
     case = KernelCase(IMAGENET_64, call, BATCH)
     tensors = [t.requires_grad_() for t in make_inputs(case, DTYPES[dtype_name], run.settings.device, seed=0)]
+    resolved = backends.resolve_group_norm(tensors[0])
+    if resolved != "cpp":
+        raise RuntimeError(f"fastdiff's default backend resolved to {resolved!r} here, not the C++ kernels")
     fastdiff_fn, eager_fn = OPS[call.kernel]
     contestants = [
-        Contestant("fastdiff", make_runner(call.kernel, fastdiff_fn, tensors, 0, "forward+backward", "cpp")),
+        Contestant("fastdiff", make_runner(call.kernel, fastdiff_fn, tensors, 0, "forward+backward", None)),
         Contestant("kernels", _kernels_runner(call.kernel, [t.detach() for t in tensors])),
         Contestant("eager", make_runner(call.kernel, eager_fn, tensors, 0, "forward+backward", None)),
     ]

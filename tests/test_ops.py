@@ -335,6 +335,15 @@ def test_dispatch_modes_see_one_fastdiff_op_per_call(backend):
     torch.testing.assert_close((y, out), expected, rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_jit_trace_records_the_fastdiff_op(backend):
+    """torch.jit.trace (deprecated, still used for exports) must see the op, not the kernel behind it."""
+    traced = torch.jit.trace(lambda x: ops.group_norm_silu(x, 4, None, None), torch.randn(2, 8, 3, 3))
+    assert "fastdiff::group_norm_fwd" in str(traced.graph)
+    x = torch.randn(3, 8, 5, 2)
+    torch.testing.assert_close(traced(x), ops.group_norm_silu(x, 4, None, None), rtol=0, atol=0)
+
+
 def _opcheck_cases(backend):
     x = torch.randn(2, 8, 5, 3, requires_grad=True)
     weight, bias = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)

@@ -9,9 +9,9 @@ whole GroupNorm+SiLU of a 16x16 UNet level. Each op here is defined from its sch
 * optionally an autograd kernel that applies a plain ``torch.autograd.Function``.
 
 Calling an ``Op`` in plain eager mode (real tensors, no compile, no dispatch mode) runs its Python kernel
-directly, skipping the dispatcher's round trips; anything else (tracing, fake tensors, dispatch modes
-such as the profiler's or a FLOP counter's) goes through the registered op, so tracers and modes see one
-opaque ``fastdiff::`` call.
+directly, skipping the dispatcher's round trips; anything else (``torch.compile``, ``torch.jit.trace``,
+fake or other subclass tensors, dispatch modes such as a FLOP counter's) goes through the registered op,
+so tracers and modes see one opaque ``fastdiff::`` call.
 """
 
 from collections.abc import Callable
@@ -26,7 +26,7 @@ LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 
 def _plain_eager(args: tuple) -> bool:
     """True when ``args`` hold only plain tensors and nothing traces or intercepts the call."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
     return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
 
