@@ -21,8 +21,8 @@ from benchmarks import eager
 from benchmarks.configs import IMAGENET_64, KernelCall, KernelCase, unet_kernel_calls
 from benchmarks.machine import load_average
 from benchmarks.session import DTYPES, BenchRun
-from benchmarks.test_bench_kernels import NUM_GROUPS, make_inputs, make_runner
-from benchmarks.timing import Contestant, feed_benchmark, measure_paired, smoke_run
+from benchmarks.test_bench_kernels import NUM_GROUPS, make_inputs, make_runner, measure_kernel_contestants
+from benchmarks.timing import Contestant, feed_benchmark
 from fastdiff import ops
 from fastdiff.ops import backend as backends
 
@@ -71,17 +71,7 @@ def measure(call: KernelCall, dtype_name: str, run: BenchRun) -> dict:
         Contestant("kernels", _kernels_runner(call.kernel, [t.detach() for t in tensors])),
         Contestant("eager", make_runner(call.kernel, eager_fn, tensors, 0, "forward+backward", None)),
     ]
-    settings = run.settings
-    if settings.smoke:
-        result = smoke_run(contestants, settings.device)
-    else:
-        result = measure_paired(
-            contestants,
-            settings.device,
-            settings.kernel_rounds,
-            warmup=2,
-            min_round_s=settings.kernel_min_round_s,
-        )
+    result = measure_kernel_contestants(contestants, run.settings)
     record = {
         "kernel": call.kernel,
         "label": f"{call.label} N{BATCH}",

@@ -18,7 +18,7 @@ import torch
 from benchmarks import eager
 from benchmarks.configs import KernelCase, kernel_cases
 from benchmarks.machine import load_average
-from benchmarks.session import DTYPES, BenchRun
+from benchmarks.session import DTYPES, BenchRun, BenchSettings
 from benchmarks.timing import Contestant, PairedResult, feed_benchmark, measure_paired, smoke_run
 from fastdiff import ops
 from fastdiff.ops import backend as backends
@@ -133,6 +133,19 @@ def _resolved_backend(case: KernelCase, backend: str, tensors: list) -> str:
         return backends.resolve_group_norm(tensors[0])
 
 
+def measure_kernel_contestants(contestants: list[Contestant], settings: BenchSettings) -> PairedResult:
+    """Paired rounds of one kernel group with the run's settings (once each in a smoke run)."""
+    if settings.smoke:
+        return smoke_run(contestants, settings.device)
+    return measure_paired(
+        contestants,
+        settings.device,
+        settings.kernel_rounds,
+        warmup=2,
+        min_round_s=settings.kernel_min_round_s,
+    )
+
+
 def measure_group(case: KernelCase, pass_name: str, dtype_name: str, run: BenchRun) -> dict:
     """Build the inputs and contestants of one group, measure them, and add the record to the summary."""
     settings = run.settings
@@ -159,16 +172,7 @@ def measure_group(case: KernelCase, pass_name: str, dtype_name: str, run: BenchR
                 make_runner(kernel, compiled, tensors, heads, pass_name, None),
             )
         contestants.append(Contestant(name, runner, info))
-    if settings.smoke:
-        result = smoke_run(contestants, settings.device)
-    else:
-        result = measure_paired(
-            contestants,
-            settings.device,
-            settings.kernel_rounds,
-            warmup=2,
-            min_round_s=settings.kernel_min_round_s,
-        )
+    result = measure_kernel_contestants(contestants, settings)
     record = _record(case, pass_name, dtype_name, run, result)
     run.data["kernels"].append(record)
     return record
