@@ -19,6 +19,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Gradients (dx, dweight, dbias, dscale, dshift) of group_norm_forward w.r.t. (x, weight, bias, "
         "scale, shift), each in its input's dtype and shape, None where needs_input_grad is False or the "
         "input is None. The activation is recomputed from x and the saved mean/rstd.");
+  m.def("group_norm_autograd", &fastdiff::gn::group_norm_autograd, py::arg("x"), py::arg("num_groups"),
+        py::arg("weight"), py::arg("bias"), py::arg("scale"), py::arg("shift"), py::arg("eps"), py::arg("silu"),
+        py::call_guard<py::gil_scoped_release>(),
+        "y of group_norm_forward, differentiable: one autograd node whose backward runs group_norm_backward "
+        "in C++ (the activation recomputed from x and the saved statistics).");
   m.def("_group_norm_isa", &fastdiff::gn::group_norm_isa, "GroupNorm kernel set in use.");
   m.def("_group_norm_isas", &fastdiff::gn::group_norm_isas, "GroupNorm kernel sets this CPU can run.");
   m.def("_set_group_norm_isa", &fastdiff::gn::set_group_norm_isa, py::arg("isa"),

@@ -115,11 +115,9 @@ Tensor in_layout(const Tensor& t, bool channels_last) {
   return channels_last ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
 }
 
-Tensor empty_in_layout(const Tensor& like, bool channels_last) {
-  if (!channels_last) {
-    return at::empty(like.sizes(), like.options());
-  }
-  return at::empty(like.movedim(1, -1).sizes(), like.options()).movedim(-1, 1);
+// An uninitialised tensor with exactly the strides of the dense tensor `like` (also in its size-1 dims).
+Tensor empty_like_dense(const Tensor& like) {
+  return at::empty_strided(like.sizes(), like.strides(), like.options());
 }
 
 Shape shape_of(const Tensor& x, int64_t num_groups, bool channels_last) {
@@ -180,7 +178,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_forward(const Tensor& x_in, int64_
   const Tensor s = parameter(scale, "scale", acc, shape.N * shape.C);
   const Tensor sh = parameter(shift, "shift", acc, shape.N * shape.C);
 
-  Tensor y = empty_in_layout(x, channels_last);
+  Tensor y = empty_like_dense(x);
   Tensor mean = at::empty({shape.N, shape.G}, x.options().dtype(acc));
   Tensor rstd = at::empty({shape.N, shape.G}, x.options().dtype(acc));
   if (x.numel() == 0) {
@@ -288,7 +286,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> group_norm_bac
   const auto acc_options = x.options().dtype(acc);
   Tensor sum_a = at::empty({shape.N, shape.C}, acc_options);
   Tensor sum_b = at::empty({shape.N, shape.C}, acc_options);
-  Tensor dx = need_dx ? empty_in_layout(x, channels_last) : Tensor();
+  Tensor dx = need_dx ? empty_like_dense(x) : Tensor();
   if (x.numel() == 0) {
     sum_a.zero_();
     sum_b.zero_();

@@ -25,6 +25,11 @@ group_norm_backward(const at::Tensor& dy, const at::Tensor& x, int64_t num_group
                     const at::Tensor& mean, const at::Tensor& rstd, bool silu,
                     const std::vector<bool>& needs_input_grad);
 
+// y of group_norm_forward as one autograd node whose backward is group_norm_backward (C++ only).
+at::Tensor group_norm_autograd(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                               const std::optional<at::Tensor>& shift, double eps, bool silu);
+
 // The kernel set in use ("avx512", "avx2" or "default"), those this CPU can run, and a switch for tests
 // ("auto" restores the automatic choice).
 std::string group_norm_isa();

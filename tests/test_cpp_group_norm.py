@@ -2,7 +2,8 @@
 
 Covers float32 / bfloat16 / float16 / float64, contiguous and channels-last (2-D and 3-D spatial, and the
 channels-innermost layout of 1-D inputs), 0 to 3 spatial dims, odd sizes, affine-free, scale-shift, SiLU,
-large means, empty batches, every kernel set this CPU can run, thread-count independence and gradcheck.
+large means, empty batches, every kernel set this CPU can run, thread-count independence, and the C++
+autograd node (``group_norm_autograd``) with gradcheck.
 """
 
 import math
@@ -393,31 +394,50 @@ def test_bad_input_raises():
         _C.group_norm_forward(x, 3, torch.randn(5), None, None, None, EPS, False)
 
 
-class GroupNormFunction(torch.autograd.Function):
-    """fastdiff._C forward/backward as an autograd function (for gradcheck)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, num_groups, silu):
-        y, mean, rstd = _C.group_norm_forward(x, num_groups, weight, bias, scale, shift, EPS, silu)
-        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-        ctx.num_groups, ctx.silu = num_groups, silu
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:5])
-        grads = _C.group_norm_backward(
-            dy, x, ctx.num_groups, weight, bias, scale, shift, mean, rstd, ctx.silu, needs
-        )
-        return (*grads, None, None)
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("variant", ["gn", "gn_silu", "scale_shift_silu", "plain_silu"])
 def test_gradcheck_float64(layout, variant, gen):
     x, params = make_inputs((2, 6, 3, 4), torch.float64, layout, variant, gen)
     inputs = [t.requires_grad_() if t is not None else None for t in [x, *params]]
     assert torch.autograd.gradcheck(
-        lambda *a: GroupNormFunction.apply(*a, 3, VARIANTS[variant][2]), inputs, eps=1e-6, atol=1e-7
+        lambda x, *p: _C.group_norm_autograd(x, 3, *p, EPS, VARIANTS[variant][2]), inputs, eps=1e-6, atol=1e-7
     )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_autograd_node_matches_float64_reference(variant, dtype, layout, gen):
+    """_C.group_norm_autograd: one C++ autograd node, output and every gradient against float64."""
+    silu = VARIANTS[variant][2]
+    x, params = make_inputs((3, 12, 5, 7), dtype, layout, variant, gen)
+    leaves = [t.requires_grad_() if t is not None else None for t in [x, *params]]
+    y = _C.group_norm_autograd(leaves[0], 4, *leaves[1:], EPS, silu)
+    y_ref, _, rstd_ref = reference(x, 4, *params, silu)
+    assert y.dtype == x.dtype and y.stride() == x.stride()
+    assert_close(y, y_ref, TOL[dtype], "y")
+    dy = torch.randn(x.shape, generator=gen).to(dtype)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, present, dy)
+    expected = [r for r in reference_grads(dy, x, 4, params, silu) if r is not None]
+    for index, (grad, ref, leaf) in enumerate(zip(grads, expected, present, strict=True)):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+        factor = max(1.0, rstd_ref.max().item()) if index == 0 else 4.0
+        assert_close(grad, ref, TOL[dtype] * factor, f"gradient {index}")
+    assert grads[0].stride() == x.stride()
+
+
+def test_autograd_node_computes_the_gradients_asked_for(gen):
+    """Only some inputs require grad (weight and shift here): those gradients, matching float64."""
+    x, params = make_inputs((2, 8, 3, 3), torch.float32, "contiguous", "scale_shift_silu", gen)
+    weight, bias, scale, shift = params
+    weight.requires_grad_()
+    shift.requires_grad_()
+    y = _C.group_norm_autograd(x, 4, weight, bias, scale, shift, EPS, True)
+    dy = torch.randn(x.shape, generator=gen)
+    dweight, dshift = torch.autograd.grad(y, (weight, shift), dy)
+    _, want_weight, _, _, want_shift = reference_grads(dy, x, 4, params, True)
+    assert_close(dweight, want_weight, TOL[torch.float32] * 4, "dweight")
+    assert_close(dshift, want_shift, TOL[torch.float32] * 4, "dshift")
+    with torch.no_grad():
+        assert _C.group_norm_autograd(x, 4, weight, bias, scale, shift, EPS, True).grad_fn is None

@@ -281,7 +281,8 @@ def test_use_backend_restores_and_env_is_validated(monkeypatch):
 
 
 def test_channels_last_is_read_in_place_by_fast_backends():
-    """The op hands a channels_last tensor to its backend without a copy."""
+    """The op hands a channels_last tensor to its backend's kernel without a copy (the C++ autograd
+    path reads it in place too: test_cpp_group_norm)."""
     seen = {}
 
     class Spy:
@@ -294,7 +295,8 @@ def test_channels_last_is_read_in_place_by_fast_backends():
     original = ops.group_norm.__globals__["_implementation"]
     try:
         ops.group_norm.__globals__["_implementation"] = lambda name: Spy
-        ops.group_norm(x, 4, None, None)
+        with ops.use_backend("torch"):
+            ops.group_norm(x, 4, None, None)
     finally:
         ops.group_norm.__globals__["_implementation"] = original
     assert seen["x"].data_ptr() == x.data_ptr()
@@ -333,6 +335,17 @@ def test_dispatch_modes_see_one_fastdiff_op_per_call(backend):
     for name in ("group_norm_fwd", "group_norm_bwd", "qkv_attention_fwd", "qkv_attention_bwd"):
         assert seen.count(f"fastdiff.{name}.default") == 1, (name, seen)
     torch.testing.assert_close((y, out), expected, rtol=0, atol=0)
+
+
+def test_cpp_eager_calls_are_one_cpp_autograd_node():
+    """Plain eager calls on the cpp backend skip Python autograd; other backends use the op's Function."""
+    require_backend("cpp")
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    with ops.use_backend("cpp"):
+        y = ops.group_norm_silu(x, 4, None, None)
+    assert "fastdiff::gn" in y.grad_fn.name()
+    with ops.use_backend("torch"):
+        assert "_GroupNormFunction" in ops.group_norm_silu(x, 4, None, None).grad_fn.name()
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")

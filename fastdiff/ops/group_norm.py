@@ -2,7 +2,9 @@
 
 One pair of ops in the ``fastdiff`` library (``fastdiff::group_norm_fwd`` / ``fastdiff::group_norm_bwd``,
 see ``registry``) serves all three; the backend name is resolved in Python before the call, so
-``torch.compile`` sees it as a constant and the ops stay opaque to the tracer.
+``torch.compile`` sees it as a constant and the ops stay opaque to the tracer. In plain eager mode on the
+``cpp`` backend a call is instead one C++ autograd node (``fastdiff._C.group_norm_autograd``) running
+the same kernels.
 """
 
 import importlib
@@ -211,7 +213,11 @@ def _group_norm(
         shift = _check_scale_shift("shift", shift, x)
     check_same_device("x", x, weight=weight, bias=bias, scale=scale, shift=shift)
     backend = backends.resolve_group_norm(x)
-    y, _, _ = _group_norm_fwd(_dense(x), num_groups, weight, bias, scale, shift, float(eps), silu, backend)
+    args = (_dense(x), num_groups, weight, bias, scale, shift, float(eps), silu)
+    if backend == "cpp" and registry.plain_eager(args):
+        # one C++ autograd node: no Python in the backward, ~70 us less per call than the op's Function
+        return backends.cpp_extension.group_norm_autograd(*args)
+    y, _, _ = _group_norm_fwd(*args, backend)
     return y
 
 

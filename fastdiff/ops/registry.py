@@ -24,7 +24,7 @@ NAMESPACE = "fastdiff"
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 
 
-def _plain_eager(args: tuple) -> bool:
+def plain_eager(args: tuple) -> bool:
     """True when ``args`` hold only plain tensors and nothing traces or intercepts the call."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
@@ -41,7 +41,7 @@ class Op:
         self.function: type[torch.autograd.Function] | None = None
 
     def __call__(self, *args: object) -> object:
-        if not _plain_eager(args):
+        if not plain_eager(args):
             return self.overload(*args)
         if self.function is not None and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return self.function.apply(*args)
@@ -49,7 +49,7 @@ class Op:
 
     def below_autograd(self, *args: object) -> object:
         """The outputs, with autograd skipped: what the autograd.Function's forward computes them with."""
-        if _plain_eager(args):
+        if plain_eager(args):
             return self.kernel(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return self.overload(*args)
