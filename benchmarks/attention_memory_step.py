@@ -59,6 +59,20 @@ class KeepNothingAttention(nn.Module):
         return qkv[:, : qkv.shape[1] // 3]
 
 
+PEAKS = (("step_peak_bytes", "step"), ("peak_bytes", "process"))
+"""The two peaks each run reports, and the label of each in ``ratios``."""
+
+
+def ratios(runs: dict[str, dict]) -> dict[str, float]:
+    """fastdiff's peaks against einsum's, whole and attention's own share (above the keep-nothing run)."""
+    fastdiff, einsum, base = runs["fastdiff"], runs["einsum"], runs["none"]
+    out = {}
+    for key, label in PEAKS:
+        out[f"{label}_peak_vs_einsum"] = fastdiff[key] / einsum[key]
+        out[f"{label}_attention_share_vs_einsum"] = (fastdiff[key] - base[key]) / (einsum[key] - base[key])
+    return out
+
+
 def process_peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)

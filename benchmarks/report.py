@@ -281,7 +281,7 @@ MEMORY_RATIOS = (
 
 def _attention_memory_section(runs: dict[str, dict[str, Any]]) -> list[str]:
     """Issue 4's memory figure (``test_bench_attention_memory.py``), when it ran."""
-    from benchmarks.test_bench_attention_memory import ratios
+    from benchmarks.attention_memory_step import ratios
 
     if not runs:
         return []

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.attention_memory_step import MODES, PRECISIONS
+from benchmarks.attention_memory_step import MODES, PRECISIONS, ratios
 from benchmarks.session import BenchRun
 
 ROOT = Path(__file__).resolve().parents[1]
-PEAKS = (("step_peak_bytes", "step"), ("peak_bytes", "process"))
 
 
 def _run(mode: str, precision: str) -> dict:
@@ -32,16 +31,6 @@ def _run(mode: str, precision: str) -> dict:
     if done.returncode:
         pytest.fail(f"{mode} {precision} step failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def ratios(runs: dict[str, dict]) -> dict[str, float]:
-    """fastdiff's peaks against einsum's, whole and attention's own share (above the keep-nothing run)."""
-    fastdiff, einsum, base = runs["fastdiff"], runs["einsum"], runs["none"]
-    out = {}
-    for key, label in PEAKS:
-        out[f"{label}_peak_vs_einsum"] = fastdiff[key] / einsum[key]
-        out[f"{label}_attention_share_vs_einsum"] = (fastdiff[key] - base[key]) / (einsum[key] - base[key])
-    return out
 
 
 @pytest.mark.parametrize("mode", ["none", "einsum", "fastdiff"])

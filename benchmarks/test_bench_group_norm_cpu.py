@@ -42,7 +42,7 @@ def figure_calls() -> list[KernelCall]:
     return sorted(calls, key=lambda c: (c.kernel, c.elements))
 
 
-def _kernels_runner(kernel: str, tensors: list[torch.Tensor]):
+def _kernels_runner(tensors: list[torch.Tensor]):
     """One iteration of the C++ forward then backward, called directly (all five gradients)."""
     cpp = backends.cpp_extension
     x, weight, bias, *scale_shift = tensors
@@ -68,7 +68,7 @@ def measure(call: KernelCall, dtype_name: str, run: BenchRun) -> dict:
     fastdiff_fn, eager_fn = OPS[call.kernel]
     contestants = [
         Contestant("fastdiff", make_runner(call.kernel, fastdiff_fn, tensors, 0, "forward+backward", None)),
-        Contestant("kernels", _kernels_runner(call.kernel, [t.detach() for t in tensors])),
+        Contestant("kernels", _kernels_runner([t.detach() for t in tensors])),
         Contestant("eager", make_runner(call.kernel, eager_fn, tensors, 0, "forward+backward", None)),
     ]
     result = measure_kernel_contestants(contestants, run.settings)

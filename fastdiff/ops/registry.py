@@ -43,9 +43,13 @@ class Op:
     def __call__(self, *args: object) -> object:
         if not plain_eager(args):
             return self.overload(*args)
+        return self._with_autograd(*args)
+
+    def _with_autograd(self, *args: object) -> object:
+        """``function.apply(*args)`` when an input requires grad, else the outputs below autograd."""
         if self.function is not None and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return self.function.apply(*args)
-        return self.kernel(*args)
+        return self.below_autograd(*args)
 
     def below_autograd(self, *args: object) -> object:
         """The outputs, with autograd skipped: what the autograd.Function's forward computes them with."""
@@ -60,15 +64,8 @@ class Op:
         ``function.forward(ctx, *args)`` takes the op's arguments and returns its outputs, computed with
         ``self.below_autograd(*args)``.
         """
-
-        def autograd_kernel(*args: object) -> object:
-            if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-                return function.apply(*args)
-            with torch._C._AutoDispatchBelowAutograd():
-                return self.overload(*args)
-
-        LIBRARY.impl(self.overload._schema.name.split("::", 1)[1], autograd_kernel, "Autograd")
         self.function = function
+        LIBRARY.impl(self.overload._schema.name.split("::", 1)[1], self._with_autograd, "Autograd")
 
 
 def define(schema: str, kernel: Callable, fake: Callable) -> Op:
