@@ -10,6 +10,7 @@ available, else the CPU.
 import io
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -59,6 +60,32 @@ def pick_device(local_rank: int, device: str = "auto") -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def _restart_attempt() -> int | None:
+    """torchrun's restart count of this worker group (0 on the first attempt), None outside torchrun."""
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    return None if value in (None, "") else _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
+def _elastic_store(rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store of this torchrun attempt: torchrun's TCP store under a per-attempt prefix.
+
+    After a restart (``--max-restarts``), the workers of the new attempt meet in the same store as the
+    failed one, where gloo's connection keys of the previous attempt still sit: plain ``env://`` workers then
+    dial the dead workers' addresses and hang in ``init_process_group``. Keying every name by
+    ``TORCHELASTIC_RESTART_COUNT`` gives each attempt a fresh namespace.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        _env_int("MASTER_PORT", 0),
+        world_size,
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timedelta(minutes=30),
+        multi_tenant=True,
+    )
+    return dist.PrefixStore(f"fastdiff/attempt{_restart_attempt()}", store)
+
+
 def setup_dist(device: str = "auto") -> DistContext:
     """Join (or create) the default process group and return this process's :class:`DistContext`."""
     rank = _env_int("RANK", 0)
@@ -69,7 +96,10 @@ def setup_dist(device: str = "auto") -> DistContext:
         torch.cuda.set_device(chosen)
     backend = "nccl" if chosen.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        if "RANK" in os.environ and "MASTER_ADDR" in os.environ and _restart_attempt() is not None:
+            store = _elastic_store(rank, world_size)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+        elif "RANK" in os.environ and "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
         elif world_size == 1:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -31,6 +31,7 @@ from fastdiff.training.config import LoopSettings
 from fastdiff.training.ema import ParameterEMA
 from fastdiff.training.metrics import IntervalMetrics, max_over_ranks, peak_memory_gib
 from fastdiff.training.model_flags import write_model_flags
+from fastdiff.training.nonfinite import NonFiniteSteps, inject_test_nan, is_bad, poison_nonfinite, step_unless
 from fastdiff.training.optim import annealed_lr, build_optimizer, set_lr
 from fastdiff.training.precision import Precision
 from fastdiff.training.preview import SamplePreview
@@ -98,14 +99,21 @@ class TrainLoop:
         self.metrics = IntervalMetrics(diffusion.num_timesteps, ctx.device)
         self.reporter = Reporter(settings.log_dir, ctx.is_main)
         self.step = 0
-        self.skipped_steps = 0
+        self.nonfinite = NonFiniteSteps(settings.max_bad_steps)
         self.last_saved_step: int | None = None
         self.last_preview_step: int | None = None
 
     # ------------------------------------------------------------------ one step
 
-    def run_step(self, images: torch.Tensor, cond: dict[str, torch.Tensor]) -> bool:
-        """One optimizer step on this rank's ``images`` ``[B, 3, S, S]``; returns whether it was applied."""
+    @property
+    def skipped_steps(self) -> int:
+        """Steps not applied because their loss or gradient norm was not finite (as of the last settle)."""
+        return self.nonfinite.skipped_steps
+
+    def run_step(self, images: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step on this rank's ``images`` ``[B, 3, S, S]``; returns whether it was applied
+        (a 0-dim bool tensor on the device: reading it syncs). A step whose loss or gradient norm is not
+        finite changes nothing: weights, optimizer, EMA and the timestep sampler stay as they were."""
         batch = images.shape[0]
         first = self.ctx.rank * batch
         t_all, weights_all = self.randomness.timesteps(
@@ -122,9 +130,13 @@ class TrainLoop:
             )
             seen_t.append(t)
             seen_losses.append(losses["loss"].detach().float())
-        if isinstance(self.schedule_sampler, LossAwareSampler):
+        bad = self._optimizer_step()
+        # The loss-aware sampler reads the losses on the host (a sync it makes anyway); reading `bad` first
+        # keeps a skipped step's losses out of its history at no extra wait.
+        if isinstance(self.schedule_sampler, LossAwareSampler) and not bool(bad):
             self.schedule_sampler.update_with_local_losses(torch.cat(seen_t), torch.cat(seen_losses))
-        return self._optimizer_step()
+        self.nonfinite.record(self.step, bad)
+        return ~bad
 
     def _forward_backward(self, images, cond, t_all, weights_all, start: int, end: int, first: int):
         """Losses of microbatch ``[start, end)`` and their backward, scaled by its share of the batch."""
@@ -143,10 +155,13 @@ class TrainLoop:
                     self.train_model, micro, t, model_kwargs=micro_cond, noise=noise
                 )
             loss = (losses["loss"].float() * weights).mean() * ((end - start) / images.shape[0])
+            loss = poison_nonfinite(inject_test_nan(loss, self.step))
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return losses, t, weights
 
-    def _optimizer_step(self) -> bool:
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, step and update the EMA unless the gradient norm is not finite; returns that flag (0-dim
+        bool on the device). See fastdiff/training/nonfinite.py for how every rank agrees without a sync."""
         set_lr(self.optimizer, annealed_lr(self.settings.lr, self.step, self.settings.lr_anneal_steps))
         params = [param for param in self.model.parameters() if param.grad is not None]
         if self.scaler is not None:
@@ -154,20 +169,16 @@ class TrainLoop:
         grad_norm = torch.nn.utils.get_total_norm([param.grad for param in params])
         if self.settings.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.settings.grad_clip, grad_norm)
-        if self.scaler is not None:
-            scale_before = self.scaler.get_scale()
+        bad = is_bad(grad_norm)
+        if self.scaler is not None:  # GradScaler finds the same non-finite gradients and skips likewise
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            applied = self.scaler.get_scale() >= scale_before
         else:
-            self.optimizer.step()
-            applied = True
-        if applied:
-            self.ema.update(self.model)
-            self.metrics.add_scalar("grad_norm", grad_norm)
-        else:
-            self.skipped_steps += 1
-        return applied
+            step_unless(self.optimizer, bad)
+        self.ema.update(self.model, skip=bad)
+        self.metrics.add_scalar("grad_norm", torch.where(bad, 0.0, grad_norm.double()))
+        self.metrics.add_scalar("grad_norm_count", (~bad).double())
+        return bad
 
     # ------------------------------------------------------------------ the loop
 
@@ -210,6 +221,8 @@ class TrainLoop:
                 raise error if error is not None else RuntimeError("another rank failed to load its data")
             self.run_step(*batch)
             self.step += 1
+            if self.nonfinite.due:
+                self.settle_nonfinite()
             interval_steps += 1
             self.reporter.advance()
             if self.step % settings.log_interval == 0:
@@ -239,8 +252,19 @@ class TrainLoop:
         stop_any, failed_any = flags.tolist()
         return stop_any > 0, failed_any > 0
 
+    def settle_nonfinite(self) -> None:
+        """Read the pending non-finite flags (a host sync; the loop calls it where it syncs anyway), report
+        the skipped steps, raise NonFiniteStepsError after --max_bad_steps in a row."""
+        skipped = self.nonfinite.settle()
+        if skipped:
+            self.reporter.message(
+                f"skipped step(s) {', '.join(map(str, skipped))}: loss or gradient norm not finite "
+                f"({self.nonfinite.skipped_steps} skipped so far)"
+            )
+
     def log(self, steps: int, seconds: float) -> dict[str, float]:
         """Reduce the interval's metrics over ranks and report them (every rank must call this)."""
+        self.settle_nonfinite()
         values = {
             "step": self.step,
             "samples": self.step * self.global_batch,
@@ -249,8 +273,12 @@ class TrainLoop:
             "images_per_s": steps * self.global_batch / max(seconds, 1e-9),
             "peak_mem_gib": max_over_ranks(peak_memory_gib(self.ctx.device), self.ctx.device),
         }
+        applied_share = values.pop("grad_norm_count", 0.0)  # grad_norm averages the applied steps only
+        if "grad_norm" in values:
+            values["grad_norm"] = values["grad_norm"] / applied_share if applied_share else float("nan")
+        values["skipped_steps"] = self.skipped_steps
         if self.scaler is not None:
-            values.update(loss_scale=self.scaler.get_scale(), skipped_steps=self.skipped_steps)
+            values.update(loss_scale=self.scaler.get_scale())
         self.reporter.metrics(values)
         return values
 
@@ -265,6 +293,7 @@ class TrainLoop:
 
     def save(self) -> None:
         """Write model, EMA, optimizer and full-state files for this step (rank 0; every rank must call)."""
+        self.settle_nonfinite()
         rng_states = dist_util.all_gather_object(capture_rng_state(self.ctx.device))
         if self.ctx.is_main:
             directory = self.settings.log_dir
@@ -332,7 +361,7 @@ class TrainLoop:
         self.schedule_sampler.load_state_dict(state["schedule_sampler"])
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nonfinite.skipped_steps = int(state.get("skipped_steps", 0))
         if state["world_size"] == self.ctx.world_size:
             restore_rng_state(state["rng"][self.ctx.rank], self.ctx.device)
         else:
