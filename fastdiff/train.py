@@ -249,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             channels_last=args.channels_last,
             compile=args.compile,
             max_bad_steps=args.max_bad_steps,
+            trust_checkpoint=args.trust_checkpoint,
             run_config={
                 "model_and_diffusion": flags,
                 "class_names": list(dataset.class_names) if args.class_cond else [],

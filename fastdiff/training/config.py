@@ -74,6 +74,7 @@ class LoopSettings:
     channels_last: bool = False
     compile: bool = False
     max_bad_steps: int = 20
+    trust_checkpoint: bool = False
     run_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

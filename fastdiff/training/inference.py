@@ -1,6 +1,5 @@
 """Building a model from flags and loading a plain state_dict into it, for sampling and evaluation."""
 
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -18,16 +17,18 @@ def load_plain_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not path:
         raise ValueError("--model_path is required: a model*.pt or ema_*.pt file")
     try:
-        state = dist_util.load_state_dict(path, map_location="cpu")
+        state = dist_util.load_state_dict(path)
     except FileNotFoundError as error:
         raise ValueError(f"--model_path {path!r} does not exist or cannot be read") from error
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except ValueError as error:  # refused (needs arbitrary unpickling), truncated or corrupt
         raise ValueError(
-            f"--model_path {path!r} is not a plain state_dict (pass a model*.pt or ema_*.pt file, not a "
-            f"state*.pt training state): {str(error).splitlines()[0]}"
+            f"--model_path {path!r} is not a plain state_dict (pass a model*.pt or ema_*.pt file): {error}"
         ) from error
-    if not isinstance(state, dict):
-        raise ValueError(f"--model_path {path!r} holds a {type(state).__name__}, not a state_dict")
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(
+            f"--model_path {path!r} is not a plain state_dict of tensors (pass a model*.pt or ema_*.pt file, "
+            "not a state*.pt training state)"
+        )
     return state
 
 

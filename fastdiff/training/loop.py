@@ -18,10 +18,8 @@ from fastdiff.diffusion import LossAwareSampler
 from fastdiff.dist_util import DistContext
 from fastdiff.training.checkpoint import (
     atomic_save,
-    config_differences,
     ema_filename,
     load_model_state,
-    mismatched_keys,
     model_filename,
     opt_filename,
     prune_states,
@@ -36,12 +34,15 @@ from fastdiff.training.optim import annealed_lr, build_optimizer, set_lr
 from fastdiff.training.precision import Precision
 from fastdiff.training.preview import SamplePreview
 from fastdiff.training.reporters import Reporter
-from fastdiff.training.resume import ResumeSource, find_resume_source
+from fastdiff.training.resume import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    ResumeSource,
+    check_training_state,
+    find_resume_source,
+)
 from fastdiff.training.rng import StepRandomness, capture_rng_state, restore_rng_state, seed_everything
 from fastdiff.training.stop import StopRequest
-
-STATE_FORMAT = "fastdiff-training-state"
-STATE_VERSION = 1
 
 
 def _cpu_copy(state: dict) -> dict:
@@ -339,16 +340,17 @@ class TrainLoop:
         self.reporter.message(f"resumed from {source.path} at step {self.step}")
 
     def _load_state(self, path: str) -> None:
-        state = dist_util.load_file(path, map_location="cpu")
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not a fastdiff training state (pass a state*.pt or model*.pt file)")
-        saved_flags = state.get("run_config", {}).get("model_and_diffusion", {})
-        current_flags = self.settings.run_config.get("model_and_diffusion", {})
-        differences = config_differences(saved_flags, current_flags)
-        problems = mismatched_keys(self.model.state_dict(), state["model"])
-        if problems:
-            flags = f" Flags that differ: {'; '.join(differences)}." if differences else ""
-            raise ValueError(f"{path} comes from another model configuration: {'; '.join(problems)}.{flags}")
+        state = dist_util.load_file(path, trust=self.settings.trust_checkpoint)
+        differences = check_training_state(
+            path,
+            state,
+            model=self.model,
+            optimizer=self.optimizer,
+            ema_rates=self.ema.rates,
+            schedule_sampler=self.schedule_sampler,
+            dataset_len=len(self.data.dataset),
+            model_flags=self.settings.run_config.get("model_and_diffusion", {}),
+        )
         if differences:
             self.reporter.message(
                 f"warning: resuming with flags that differ from {path}: {'; '.join(differences)}"
@@ -373,13 +375,14 @@ class TrainLoop:
             )
 
     def _load_model_files(self, source: ResumeSource) -> None:
-        load_model_state(self.model, dist_util.load_state_dict(source.path), source.path)
+        trust = self.settings.trust_checkpoint
+        load_model_state(self.model, dist_util.load_file(source.path, trust=trust), source.path)
         if source.opt_path:
-            self.optimizer.load_state_dict(dist_util.load_file(source.opt_path, map_location="cpu"))
+            self.optimizer.load_state_dict(dist_util.load_file(source.opt_path, trust=trust))
         self.ema = ParameterEMA(self.model, self.settings.ema_rates)
         for index, ema_path in enumerate(source.ema_paths):
             if ema_path:
-                self.ema.load_rate_from_model_state(index, dist_util.load_state_dict(ema_path))
+                self.ema.load_rate_from_model_state(index, dist_util.load_file(ema_path, trust=trust))
         self.step = source.step
         steps_per_epoch = len(self.data.dataset) // self.global_batch
         self.data.load_state_dict(

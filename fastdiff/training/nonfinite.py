@@ -109,7 +109,7 @@ class NonFiniteSteps:
             self.bad_in_a_row += 1
             if self.bad_in_a_row >= self.max_bad_steps:
                 raise NonFiniteStepsError(
-                    f"training step {step} is the {self.bad_in_a_row}th in a row whose loss or "
+                    f"training step {step} makes {self.bad_in_a_row} steps in a row whose loss or "
                     f"gradient norm is not finite (--max_bad_steps {self.max_bad_steps}): stopping; none "
                     "of these steps was applied and no checkpoint was written after them (lower the "
                     "learning rate, check the data, or resume from the last checkpoint)"

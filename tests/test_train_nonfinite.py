@@ -1,0 +1,120 @@
+"""Non-finite steps in fp32, bf16 and fp16: skipped bit for bit, logged with their step, fatal N in a row."""
+
+import csv
+
+import pytest
+import torch
+from tiny_run import TINY_MODEL_FLAGS, TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: autouse)
+
+from fastdiff import dist_util, train
+from fastdiff.data import BatchStream, ShapesDataset
+from fastdiff.diffusion import create_named_schedule_sampler
+from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from fastdiff.training import nonfinite, precision
+from fastdiff.training.config import LoopSettings
+from fastdiff.training.loop import TrainLoop
+from fastdiff.training.nonfinite import NonFiniteStepsError
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    context = dist_util.setup_dist("cpu")
+    yield context
+    dist_util.cleanup_dist()
+
+
+def make_loop(ctx, tmp_path, precision_name):
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY_MODEL_FLAGS})
+    settings = LoopSettings(batch_size=4, microbatch=2, lr=1e-3, ema_rates=[0.9], log_dir=str(tmp_path))
+    return TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=BatchStream(ShapesDataset(8, length=64), 4, seed=0),
+        schedule_sampler=create_named_schedule_sampler("loss-second-moment", diffusion),
+        settings=settings,
+        ctx=ctx,
+        precision=precision.resolve_precision(precision_name, ctx.device),
+    )
+
+
+def snapshot(loop) -> dict[str, torch.Tensor]:
+    """Everything a step may change, as flat named tensors."""
+    values = {f"model/{name}": value.clone() for name, value in loop.model.state_dict().items()}
+    values.update({f"ema/{index}": value.clone() for index, value in enumerate(loop.ema.shadows[0])})
+    for index, state in enumerate(loop.optimizer.state_dict()["state"].values()):
+        values.update({f"opt/{index}/{key}": value.clone() for key, value in state.items()})
+    values.update({f"sampler/{key}": value for key, value in loop.schedule_sampler.state_dict().items()})
+    return values
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"differ: {different[:5]}"
+
+
+@pytest.mark.parametrize("precision_name", ["fp32", "bf16", "fp16"])
+def test_nan_steps_change_nothing_and_training_goes_on_as_if_they_never_ran(
+    ctx, tmp_path, monkeypatch, precision_name
+):
+    """Steps 1 and 2 see a NaN loss: the run ends bit-identical to one that ran steps 0 and 3 only."""
+    monkeypatch.setattr(nonfinite, "INJECT_NAN_AT_STEPS", frozenset({1, 2}))
+    poisoned = make_loop(ctx, tmp_path / "poisoned", precision_name)
+    after_first = None
+    for step in range(4):
+        poisoned.step = step
+        applied = poisoned.run_step(*next(poisoned.data))
+        assert bool(applied) == (step not in (1, 2))
+        if step == 0:
+            after_first = snapshot(poisoned)
+        if step in (1, 2):
+            assert_bit_identical(snapshot(poisoned), after_first)
+    poisoned.settle_nonfinite()
+    assert poisoned.skipped_steps == 2
+
+    monkeypatch.setattr(nonfinite, "INJECT_NAN_AT_STEPS", frozenset())
+    clean = make_loop(ctx, tmp_path / "clean", precision_name)
+    for step in range(4):
+        batch = next(clean.data)  # the data moves on over skipped steps, as in the poisoned run
+        if step in (1, 2):
+            continue
+        if step == 3 and clean.scaler is not None:  # fp16: the skipped steps lowered the loss scale
+            clean.scaler.update(poisoned.scaler.get_scale())
+        clean.step = step
+        assert bool(clean.run_step(*batch))
+    assert_bit_identical(snapshot(poisoned), snapshot(clean))
+    assert not torch.equal(snapshot(clean)["ema/0"], after_first["ema/0"]), "step 3 was applied"
+
+
+def _train(log_dir, *extra) -> int:
+    argv = [*TINY_RUN_ARGV, "--batch_size", "2", "--sample_interval", "0", "--num_workers", "0"]
+    return train.main([*argv, "--log_interval", "1", "--log_dir", str(log_dir), *extra])
+
+
+def test_skipped_steps_are_logged_with_their_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(nonfinite, "INJECT_NAN_AT_STEPS", frozenset({2, 4}))
+    assert _train(tmp_path, "--max_steps", "6", "--max_bad_steps", "2") == 0
+    assert "skipped step(s) 2: loss or gradient norm not finite" in (tmp_path / "log.txt").read_text()
+    with open(tmp_path / "progress.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(float(row["skipped_steps"])) for row in rows] == [0, 0, 1, 1, 2, 2]
+    assert all(float(row["grad_norm"]) > 0 for row in rows if row["grad_norm"] != "nan")
+    assert torch.load(tmp_path / "state000006.pt", weights_only=True)["skipped_steps"] == 2
+
+
+def test_max_bad_steps_in_a_row_stop_the_run_before_anything_is_saved(tmp_path, monkeypatch):
+    monkeypatch.setattr(nonfinite, "INJECT_NAN_AT_STEPS", frozenset({1, 2, 3}))
+    expected = r"training step 3 makes 3 steps in a row .*--max_bad_steps 3"
+    with pytest.raises(NonFiniteStepsError, match=expected):
+        _train(tmp_path, "--max_steps", "8", "--save_interval", "2", "--max_bad_steps", "3")
+    states = sorted(path.name for path in tmp_path.glob("state*.pt"))
+    assert states == ["state000002.pt"], "the last good checkpoint stays the newest"
+    assert torch.load(tmp_path / "state000002.pt", weights_only=True)["step"] == 2
+    assert not list(tmp_path.glob("*.tmp.*"))
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_max_bad_steps_must_be_positive(tmp_path, value):
+    with pytest.raises(ValueError, match="max_bad_steps must be a positive integer"):
+        _train(tmp_path, "--max_steps", "1", "--max_bad_steps", value)
