@@ -296,36 +296,46 @@ class TrainLoop:
         """Write model, EMA, optimizer and full-state files for this step (rank 0; every rank must call)."""
         self.settle_nonfinite()
         rng_states = dist_util.all_gather_object(capture_rng_state(self.ctx.device))
+        error = None
         if self.ctx.is_main:
-            directory = self.settings.log_dir
-            model_state = _cpu_copy(self.model.state_dict())
-            atomic_save(model_state, f"{directory}/{model_filename(self.step)}")
-            for index, rate in enumerate(self.ema.rates):
-                ema_state = _cpu_copy(self.ema.model_state_dict(self.model, index))
-                atomic_save(ema_state, f"{directory}/{ema_filename(rate, self.step)}")
-            optimizer_state = self.optimizer.state_dict()
-            atomic_save(optimizer_state, f"{directory}/{opt_filename(self.step)}")
-            state = {
-                "format": STATE_FORMAT,
-                "version": STATE_VERSION,
-                "step": self.step,
-                "skipped_steps": self.skipped_steps,
-                "world_size": self.ctx.world_size,
-                "global_batch": self.global_batch,
-                "run_config": self.settings.run_config,
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "ema": self.ema.state_dict(),
-                "schedule_sampler": self.schedule_sampler.state_dict(),
-                "data": self.data.state_dict(),
-                "rng": rng_states,
-            }
-            atomic_save(state, f"{directory}/{state_filename(self.step)}")
-            prune_states(directory, self.settings.keep_states)
-            self.reporter.message(f"saved checkpoint for step {self.step} in {directory}")
-        dist_util.barrier()
+            try:
+                self._write_checkpoint(rng_states)
+            except OSError as problem:  # every rank stops with rank 0's error instead of waiting
+                error = problem
+        error = dist_util.broadcast_object(error)
+        if error is not None:
+            raise error
         self.last_saved_step = self.step
+
+    def _write_checkpoint(self, rng_states: list) -> None:
+        """Rank 0 writes this step's files (see checkpoint.py for the order)."""
+        directory = self.settings.log_dir
+        model_state = _cpu_copy(self.model.state_dict())
+        atomic_save(model_state, f"{directory}/{model_filename(self.step)}")
+        for index, rate in enumerate(self.ema.rates):
+            ema_state = _cpu_copy(self.ema.model_state_dict(self.model, index))
+            atomic_save(ema_state, f"{directory}/{ema_filename(rate, self.step)}")
+        optimizer_state = self.optimizer.state_dict()
+        atomic_save(optimizer_state, f"{directory}/{opt_filename(self.step)}")
+        state = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.ctx.world_size,
+            "global_batch": self.global_batch,
+            "run_config": self.settings.run_config,
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict(),
+            "schedule_sampler": self.schedule_sampler.state_dict(),
+            "data": self.data.state_dict(),
+            "rng": rng_states,
+        }
+        atomic_save(state, f"{directory}/{state_filename(self.step)}")
+        prune_states(directory, self.settings.keep_states)
+        self.reporter.message(f"saved checkpoint for step {self.step} in {directory}")
 
     def resume(self) -> None:
         """Load the resume source, if any (an explicit path, else the newest full state in the log dir)."""
