@@ -1,6 +1,7 @@
 """Non-finite steps in fp32, bf16 and fp16: skipped bit for bit, logged with their step, fatal N in a row."""
 
 import csv
+import os
 
 import pytest
 import torch
@@ -118,3 +119,36 @@ def test_max_bad_steps_in_a_row_stop_the_run_before_anything_is_saved(tmp_path, 
 def test_max_bad_steps_must_be_positive(tmp_path, value):
     with pytest.raises(ValueError, match="max_bad_steps must be a positive integer"):
         _train(tmp_path, "--max_steps", "1", "--max_bad_steps", value)
+
+
+def _two_ranks_one_poisoned(rank: int, store: str, out_dir: str) -> None:
+    """Rank 1 alone sees a NaN loss at step 1; both ranks must skip it."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        if rank == 1:
+            nonfinite.INJECT_NAN_AT_STEPS = frozenset({1})
+        loop = make_loop(dist_util.setup_dist("cpu"), os.path.join(out_dir, f"rank{rank}"), "fp32")
+        applied, params = [], []
+        for step in range(3):
+            loop.step = step
+            applied.append(bool(loop.run_step(*next(loop.data))))
+            params.append(torch.cat([param.detach().reshape(-1) for param in loop.model.parameters()]))
+        loop.settle_nonfinite()
+        result = {"applied": applied, "params": params, "skipped": loop.skipped_steps}
+        torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_skips_a_step_that_is_non_finite_on_one_rank(tmp_path):
+    torch.multiprocessing.spawn(
+        _two_ranks_one_poisoned, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2
+    )
+    results = [torch.load(tmp_path / f"result{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for result in results:
+        assert result["applied"] == [True, False, True] and result["skipped"] == 1
+        assert torch.equal(result["params"][1], result["params"][0]), "step 1 is not applied"
+        assert not torch.equal(result["params"][2], result["params"][1])
+    for step in range(3):
+        assert torch.equal(results[0]["params"][step], results[1]["params"][step]), "ranks stay identical"
