@@ -96,7 +96,9 @@ def _train(log_dir, *extra) -> int:
 def test_skipped_steps_are_logged_with_their_step(tmp_path, monkeypatch):
     monkeypatch.setattr(nonfinite, "INJECT_NAN_AT_STEPS", frozenset({2, 4}))
     assert _train(tmp_path, "--max_steps", "6", "--max_bad_steps", "2") == 0
-    assert "skipped step(s) 2: loss or gradient norm not finite" in (tmp_path / "log.txt").read_text()
+    log = (tmp_path / "log.txt").read_text()  # steps numbered as the log numbers them: index + 1
+    assert "skipped step(s) 3: loss or gradient norm not finite" in log
+    assert "skipped step(s) 5: loss or gradient norm not finite (2 skipped so far)" in log
     with open(tmp_path / "progress.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(float(row["skipped_steps"])) for row in rows] == [0, 0, 1, 1, 2, 2]
@@ -106,7 +108,7 @@ def test_skipped_steps_are_logged_with_their_step(tmp_path, monkeypatch):
 
 def test_max_bad_steps_in_a_row_stop_the_run_before_anything_is_saved(tmp_path, monkeypatch):
     monkeypatch.setattr(nonfinite, "INJECT_NAN_AT_STEPS", frozenset({1, 2, 3}))
-    expected = r"training step 3 makes 3 steps in a row .*--max_bad_steps 3"
+    expected = r"training step 4 makes 3 steps in a row .*--max_bad_steps 3"
     with pytest.raises(NonFiniteStepsError, match=expected):
         _train(tmp_path, "--max_steps", "8", "--save_interval", "2", "--max_bad_steps", "3")
     states = sorted(path.name for path in tmp_path.glob("state*.pt"))

@@ -136,7 +136,7 @@ class TrainLoop:
         # keeps a skipped step's losses out of its history at no extra wait.
         if isinstance(self.schedule_sampler, LossAwareSampler) and not bool(bad):
             self.schedule_sampler.update_with_local_losses(torch.cat(seen_t), torch.cat(seen_losses))
-        self.nonfinite.record(self.step, bad)
+        self.nonfinite.record(self.step + 1, bad)  # numbered as the log numbers it
         return ~bad
 
     def _forward_backward(self, images, cond, t_all, weights_all, start: int, end: int, first: int):

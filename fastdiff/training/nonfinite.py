@@ -21,7 +21,8 @@ import torch
 INJECT_NAN_AT_STEPS: frozenset[int] = frozenset(
     int(part) for part in os.environ.get("FASTDIFF_TEST_INJECT_NAN_STEPS", "").split(",") if part.strip()
 )
-"""Test hook (not a user flag): 0-based steps whose loss is replaced by NaN. Tests set this attribute, or,
+"""Test hook (not a user flag): steps whose loss is replaced by NaN, by 0-based index (the loop's ``step``
+while it runs; the log calls it step index + 1). Tests set this attribute, or,
 for subprocesses, the environment variable ``FASTDIFF_TEST_INJECT_NAN_STEPS`` (comma-separated steps)."""
 
 
@@ -80,7 +81,7 @@ class NonFiniteSteps:
         self._pending: list[tuple[int, torch.Tensor]] = []
 
     def record(self, step: int, bad: torch.Tensor) -> None:
-        """Keep step ``step``'s flag (no sync)."""
+        """Keep the flag of the step the log numbers ``step`` (no sync)."""
         self._pending.append((step, bad.detach().reshape(())))
 
     @property
@@ -110,8 +111,8 @@ class NonFiniteSteps:
             if self.bad_in_a_row >= self.max_bad_steps:
                 raise NonFiniteStepsError(
                     f"training step {step} makes {self.bad_in_a_row} steps in a row whose loss or "
-                    f"gradient norm is not finite (--max_bad_steps {self.max_bad_steps}): stopping; none "
-                    "of these steps was applied and no checkpoint was written after them (lower the "
-                    "learning rate, check the data, or resume from the last checkpoint)"
+                    f"gradient norm is not finite (--max_bad_steps {self.max_bad_steps}): stopping. None "
+                    "of them was applied and the checkpoints written are left as they are (lower the "
+                    "learning rate or check the data, then resume from the last checkpoint)"
                 )
         return skipped
