@@ -154,3 +154,22 @@ def test_every_rank_skips_a_step_that_is_non_finite_on_one_rank(tmp_path):
         assert not torch.equal(result["params"][2], result["params"][1])
     for step in range(3):
         assert torch.equal(results[0]["params"][step], results[1]["params"][step]), "ranks stay identical"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_step_unless_leaves_weights_and_moments_alone_on_a_bad_step(fused):
+    """Fused AdamW skips on the device; other optimizers (e.g. a state from before fused) after a read."""
+    param = torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(1)))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=fused)
+    assert nonfinite.supports_found_inf(optimizer) == fused
+    param.grad = torch.ones(6)
+    nonfinite.step_unless(optimizer, torch.tensor(False))
+    before = [param.detach().clone(), *(value.clone() for value in optimizer.state[param].values())]
+    param.grad = torch.full((6,), float("nan"))
+    nonfinite.step_unless(optimizer, torch.tensor(True))
+    after = [param.detach(), *optimizer.state[param].values()]
+    assert all(torch.equal(old, new) for old, new in zip(before, after, strict=True))
+    assert not hasattr(optimizer, "found_inf")
+    param.grad = torch.ones(6)
+    nonfinite.step_unless(optimizer, torch.tensor(False))
+    assert float(optimizer.state[param]["step"]) == 2 and not torch.equal(param.detach(), before[0])
