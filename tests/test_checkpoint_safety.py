@@ -65,6 +65,21 @@ def test_a_state_that_would_run_code_is_refused_and_runs_nothing(trained, tmp_pa
     assert not marker.exists()
 
 
+def test_sample_and_nll_refuse_a_model_file_that_would_run_code(trained, tmp_path):
+    from fastdiff import nll, sample
+
+    run = copy_run(trained, tmp_path)
+    marker = tmp_path / "marker"
+    weights = torch.load(run / "model000002.pt", weights_only=True)
+    torch.save({**weights, "payload": CreatesAFile(str(marker))}, run / "model000002.pt")
+    arguments = ["--model_path", str(run / "model000002.pt"), "--num_samples", "1", "--batch_size", "1"]
+    refused = r"--model_path: .*model000002.pt .*--trust_checkpoint"
+    for entry_point in (sample, nll):
+        with pytest.raises(dist_util.UnsafeCheckpointError, match=refused):
+            entry_point.main([*arguments, "--out_dir", str(tmp_path)])
+    assert not marker.exists()
+
+
 def test_an_old_state_with_numpy_arrays_loads_only_when_trusted(trained, tmp_path):
     run = copy_run(trained, tmp_path)
     state = torch.load(run / "state000002.pt", weights_only=True)
