@@ -24,7 +24,9 @@ from fastdiff.training.rng import seed_everything
 NLL_DEFAULTS = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
 """improved-diffusion's image_nll.py flags, with its defaults."""
 
-EXTRA_DEFAULTS = dict(out_dir="", seed=0, precision="fp32", kernels="auto", device="auto", num_workers=0)
+EXTRA_DEFAULTS = dict(
+    out_dir="", seed=0, precision="fp32", kernels="auto", device="auto", num_workers=0, trust_checkpoint=False
+)
 
 TERMS = ("vb", "mse", "xstart_mse")
 

@@ -45,6 +45,7 @@ EXTRA_DEFAULTS = dict(
     precision="fp32",
     kernels="auto",
     device="auto",
+    trust_checkpoint=False,
 )
 
 FLAG_HELP = dict(

@@ -70,6 +70,8 @@ EXTRA_DEFAULTS = dict(
     preview_ddim=True,
     keep_states=1,
     device="auto",
+    max_bad_steps=20,
+    trust_checkpoint=False,
 )
 """fastdiff's additions (0 turns global_batch_size, grad_clip, max_steps and sample_interval off)."""
 
@@ -97,6 +99,9 @@ FLAG_HELP = dict(
     preview_ddim="grids with DDIM (eta 0; True) or ancestral DDPM sampling (False)",
     keep_states="full training states (state*.pt) to keep; model/ema/opt files are all kept (0: keep all)",
     device="auto (cuda:LOCAL_RANK when CUDA is available) | cpu | cuda",
+    max_bad_steps="stop after this many steps in a row whose loss or gradient norm is not finite (each is "
+    "skipped: weights, optimizer, EMA unchanged)",
+    trust_checkpoint="load checkpoints that need arbitrary unpickling (can run code: only files you trust)",
     resume_checkpoint="a state*.pt (exact resume) or improved-diffusion model*.pt to resume from",
 )
 
@@ -243,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep_states=args.keep_states,
             channels_last=args.channels_last,
             compile=args.compile,
+            max_bad_steps=args.max_bad_steps,
+            trust_checkpoint=args.trust_checkpoint,
             run_config={
                 "model_and_diffusion": flags,
                 "class_names": list(dataset.class_names) if args.class_cond else [],

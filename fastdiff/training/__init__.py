@@ -5,9 +5,10 @@ loop         TrainLoop: the step (microbatches, autocast, DDP), logging, saving,
 precision    bf16 / fp16 / fp32 with torch.amp, and whether the device can run them
 optim        AdamW or apex FusedAdam, improved-diffusion's linear LR anneal
 ema          fp32 parameter EMAs for improved-diffusion's comma-separated rates
+nonfinite    non-finite steps: skipped on the device, counted, fatal after --max_bad_steps in a row
 rng          seeding, saving and restoring generators, per-step timesteps and noise
 checkpoint   improved-diffusion's file names, atomic writes, finding states, key checks
-resume       where a run resumes from (a full state or improved-diffusion's files)
+resume       where a run resumes from, and checking a full state before any of it loads
 metrics      loss terms by timestep quartile and per-step scalars, reduced over ranks
 reporters    status lines, progress.csv, TensorBoard, the tqdm bar
 preview      PNG grids of EMA samples during training

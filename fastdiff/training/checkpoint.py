@@ -14,6 +14,7 @@ so a ``state`` file only exists once everything of its step is complete, and a c
 import glob
 import os
 import re
+import shutil
 from typing import Any
 
 import torch
@@ -42,17 +43,47 @@ def state_filename(step: int) -> str:
     return f"state{step:06d}.pt"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space, read-only, quota): earlier files are intact."""
+
+
+def payload_bytes(obj: Any) -> int:
+    """The bytes of every tensor in ``obj`` (nested dicts, lists, tuples): about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(payload_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(value) for value in obj)
+    return 0
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed onto ``path``."""
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed onto ``path``.
+
+    A failed write removes its temporary file, leaves ``path`` and every other file as they were, and raises
+    :class:`CheckpointWriteError` naming the directory, the bytes needed and the bytes free.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     temporary = f"{path}.tmp.{os.getpid()}"
     try:
+        os.makedirs(directory, exist_ok=True)
         with open(temporary, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        try:
+            free = f"{shutil.disk_usage(directory).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointWriteError(
+            error.errno,
+            f"cannot write checkpoint {os.path.basename(path)} in {directory}: it needs about "
+            f"{payload_bytes(obj):,} bytes ({free}): {error.strerror or error}. Earlier checkpoints are "
+            "intact; make room (or point --log_dir elsewhere) and run again to resume",
+        ) from error
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fastdiff import dist_util, ops
+from fastdiff.training.checkpoint import CheckpointWriteError
+from fastdiff.training.nonfinite import NonFiniteStepsError
 
 _UNSET = object()
 
@@ -49,10 +51,11 @@ def check_kernels(name: str, device: torch.device) -> str:
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], program: str) -> None:
-    """Run ``main`` and exit; a ValueError (bad input) prints one line instead of a traceback."""
+    """Run ``main`` and exit; bad input (ValueError), too many non-finite steps or a failed checkpoint write
+    print one line instead of a traceback."""
     try:
         code = main(None)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, NonFiniteStepsError, CheckpointWriteError) as error:
         ranks = int(os.environ.get("WORLD_SIZE", "1") or 1)
         where = f" (rank {os.environ.get('RANK', '0')})" if ranks > 1 else ""
         print(f"{program}: error{where}: {error}", file=sys.stderr, flush=True)

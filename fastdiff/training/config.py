@@ -73,6 +73,8 @@ class LoopSettings:
     keep_states: int = 1
     channels_last: bool = False
     compile: bool = False
+    max_bad_steps: int = 20
+    trust_checkpoint: bool = False
     run_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,6 +92,11 @@ class LoopSettings:
             raise ValueError(f"grad_clip must be >= 0 (0 turns it off), got {self.grad_clip}")
         if self.num_preview_samples <= 0:
             raise ValueError(f"num_preview_samples must be positive, got {self.num_preview_samples}")
+        if self.max_bad_steps <= 0:
+            raise ValueError(
+                f"max_bad_steps must be a positive integer (non-finite steps in a row before stopping), "
+                f"got {self.max_bad_steps}"
+            )
         if not self.log_dir:
             raise ValueError("log_dir must name a directory")
 

@@ -35,12 +35,19 @@ class ParameterEMA:
         ]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """One EMA step towards ``model``'s current parameters."""
+    def update(self, model: torch.nn.Module, skip: torch.Tensor | None = None) -> None:
+        """One EMA step towards ``model``'s current parameters; none (bit for bit) where the 0-dim bool
+        ``skip`` is true, decided on the device (a skipped step left the parameters finite and unchanged)."""
         params = [param.detach().float() for _, param in model.named_parameters()]
         for rate, shadow in zip(self.rates, self.shadows, strict=True):
-            torch._foreach_mul_(shadow, rate)
-            torch._foreach_add_(shadow, params, alpha=1.0 - rate)
+            if skip is None:
+                torch._foreach_mul_(shadow, rate)
+                torch._foreach_add_(shadow, params, alpha=1.0 - rate)
+            else:
+                keep = torch.where(skip, 1.0, rate).to(shadow[0].device)
+                take = torch.where(skip, 0.0, 1.0 - rate).to(shadow[0].device)
+                torch._foreach_mul_(shadow, keep)
+                torch._foreach_add_(shadow, torch._foreach_mul(params, take))
 
     def model_state_dict(self, model: torch.nn.Module, index: int) -> dict[str, torch.Tensor]:
         """``model.state_dict()`` with rate ``index``'s averages in place of the parameters (loadable)."""

@@ -18,10 +18,8 @@ from fastdiff.diffusion import LossAwareSampler
 from fastdiff.dist_util import DistContext
 from fastdiff.training.checkpoint import (
     atomic_save,
-    config_differences,
     ema_filename,
     load_model_state,
-    mismatched_keys,
     model_filename,
     opt_filename,
     prune_states,
@@ -31,16 +29,20 @@ from fastdiff.training.config import LoopSettings
 from fastdiff.training.ema import ParameterEMA
 from fastdiff.training.metrics import IntervalMetrics, max_over_ranks, peak_memory_gib
 from fastdiff.training.model_flags import write_model_flags
+from fastdiff.training.nonfinite import NonFiniteSteps, inject_test_nan, is_bad, poison_nonfinite, step_unless
 from fastdiff.training.optim import annealed_lr, build_optimizer, set_lr
 from fastdiff.training.precision import Precision
 from fastdiff.training.preview import SamplePreview
 from fastdiff.training.reporters import Reporter
-from fastdiff.training.resume import ResumeSource, find_resume_source
+from fastdiff.training.resume import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    ResumeSource,
+    check_training_state,
+    find_resume_source,
+)
 from fastdiff.training.rng import StepRandomness, capture_rng_state, restore_rng_state, seed_everything
 from fastdiff.training.stop import StopRequest
-
-STATE_FORMAT = "fastdiff-training-state"
-STATE_VERSION = 1
 
 
 def _cpu_copy(state: dict) -> dict:
@@ -98,14 +100,21 @@ class TrainLoop:
         self.metrics = IntervalMetrics(diffusion.num_timesteps, ctx.device)
         self.reporter = Reporter(settings.log_dir, ctx.is_main)
         self.step = 0
-        self.skipped_steps = 0
+        self.nonfinite = NonFiniteSteps(settings.max_bad_steps)
         self.last_saved_step: int | None = None
         self.last_preview_step: int | None = None
 
     # ------------------------------------------------------------------ one step
 
-    def run_step(self, images: torch.Tensor, cond: dict[str, torch.Tensor]) -> bool:
-        """One optimizer step on this rank's ``images`` ``[B, 3, S, S]``; returns whether it was applied."""
+    @property
+    def skipped_steps(self) -> int:
+        """Steps not applied because their loss or gradient norm was not finite (as of the last settle)."""
+        return self.nonfinite.skipped_steps
+
+    def run_step(self, images: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step on this rank's ``images`` ``[B, 3, S, S]``; returns whether it was applied
+        (a 0-dim bool tensor on the device: reading it syncs). A step whose loss or gradient norm is not
+        finite changes nothing: weights, optimizer, EMA and the timestep sampler stay as they were."""
         batch = images.shape[0]
         first = self.ctx.rank * batch
         t_all, weights_all = self.randomness.timesteps(
@@ -122,9 +131,13 @@ class TrainLoop:
             )
             seen_t.append(t)
             seen_losses.append(losses["loss"].detach().float())
-        if isinstance(self.schedule_sampler, LossAwareSampler):
+        bad = self._optimizer_step()
+        # The loss-aware sampler reads the losses on the host (a sync it makes anyway); reading `bad` first
+        # keeps a skipped step's losses out of its history at no extra wait.
+        if isinstance(self.schedule_sampler, LossAwareSampler) and not bool(bad):
             self.schedule_sampler.update_with_local_losses(torch.cat(seen_t), torch.cat(seen_losses))
-        return self._optimizer_step()
+        self.nonfinite.record(self.step + 1, bad)  # numbered as the log numbers it
+        return ~bad
 
     def _forward_backward(self, images, cond, t_all, weights_all, start: int, end: int, first: int):
         """Losses of microbatch ``[start, end)`` and their backward, scaled by its share of the batch."""
@@ -143,10 +156,13 @@ class TrainLoop:
                     self.train_model, micro, t, model_kwargs=micro_cond, noise=noise
                 )
             loss = (losses["loss"].float() * weights).mean() * ((end - start) / images.shape[0])
+            loss = poison_nonfinite(inject_test_nan(loss, self.step))
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return losses, t, weights
 
-    def _optimizer_step(self) -> bool:
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, step and update the EMA unless the gradient norm is not finite; returns that flag (0-dim
+        bool on the device). See fastdiff/training/nonfinite.py for how every rank agrees without a sync."""
         set_lr(self.optimizer, annealed_lr(self.settings.lr, self.step, self.settings.lr_anneal_steps))
         params = [param for param in self.model.parameters() if param.grad is not None]
         if self.scaler is not None:
@@ -154,20 +170,16 @@ class TrainLoop:
         grad_norm = torch.nn.utils.get_total_norm([param.grad for param in params])
         if self.settings.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.settings.grad_clip, grad_norm)
-        if self.scaler is not None:
-            scale_before = self.scaler.get_scale()
+        bad = is_bad(grad_norm)
+        if self.scaler is not None:  # GradScaler finds the same non-finite gradients and skips likewise
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            applied = self.scaler.get_scale() >= scale_before
         else:
-            self.optimizer.step()
-            applied = True
-        if applied:
-            self.ema.update(self.model)
-            self.metrics.add_scalar("grad_norm", grad_norm)
-        else:
-            self.skipped_steps += 1
-        return applied
+            step_unless(self.optimizer, bad)
+        self.ema.update(self.model, skip=bad)
+        self.metrics.add_scalar("grad_norm", torch.where(bad, 0.0, grad_norm.double()))
+        self.metrics.add_scalar("grad_norm_count", (~bad).double())
+        return bad
 
     # ------------------------------------------------------------------ the loop
 
@@ -210,6 +222,8 @@ class TrainLoop:
                 raise error if error is not None else RuntimeError("another rank failed to load its data")
             self.run_step(*batch)
             self.step += 1
+            if self.nonfinite.due:
+                self.settle_nonfinite()
             interval_steps += 1
             self.reporter.advance()
             if self.step % settings.log_interval == 0:
@@ -239,8 +253,19 @@ class TrainLoop:
         stop_any, failed_any = flags.tolist()
         return stop_any > 0, failed_any > 0
 
+    def settle_nonfinite(self) -> None:
+        """Read the pending non-finite flags (a host sync; the loop calls it where it syncs anyway), report
+        the skipped steps, raise NonFiniteStepsError after --max_bad_steps in a row."""
+        skipped = self.nonfinite.settle()
+        if skipped:
+            self.reporter.message(
+                f"skipped step(s) {', '.join(map(str, skipped))}: loss or gradient norm not finite "
+                f"({self.nonfinite.skipped_steps} skipped so far)"
+            )
+
     def log(self, steps: int, seconds: float) -> dict[str, float]:
         """Reduce the interval's metrics over ranks and report them (every rank must call this)."""
+        self.settle_nonfinite()
         values = {
             "step": self.step,
             "samples": self.step * self.global_batch,
@@ -249,8 +274,12 @@ class TrainLoop:
             "images_per_s": steps * self.global_batch / max(seconds, 1e-9),
             "peak_mem_gib": max_over_ranks(peak_memory_gib(self.ctx.device), self.ctx.device),
         }
+        applied_share = values.pop("grad_norm_count", 0.0)  # grad_norm averages the applied steps only
+        if "grad_norm" in values:
+            values["grad_norm"] = values["grad_norm"] / applied_share if applied_share else float("nan")
+        values["skipped_steps"] = self.skipped_steps
         if self.scaler is not None:
-            values.update(loss_scale=self.scaler.get_scale(), skipped_steps=self.skipped_steps)
+            values.update(loss_scale=self.scaler.get_scale())
         self.reporter.metrics(values)
         return values
 
@@ -265,37 +294,48 @@ class TrainLoop:
 
     def save(self) -> None:
         """Write model, EMA, optimizer and full-state files for this step (rank 0; every rank must call)."""
+        self.settle_nonfinite()
         rng_states = dist_util.all_gather_object(capture_rng_state(self.ctx.device))
+        error = None
         if self.ctx.is_main:
-            directory = self.settings.log_dir
-            model_state = _cpu_copy(self.model.state_dict())
-            atomic_save(model_state, f"{directory}/{model_filename(self.step)}")
-            for index, rate in enumerate(self.ema.rates):
-                ema_state = _cpu_copy(self.ema.model_state_dict(self.model, index))
-                atomic_save(ema_state, f"{directory}/{ema_filename(rate, self.step)}")
-            optimizer_state = self.optimizer.state_dict()
-            atomic_save(optimizer_state, f"{directory}/{opt_filename(self.step)}")
-            state = {
-                "format": STATE_FORMAT,
-                "version": STATE_VERSION,
-                "step": self.step,
-                "skipped_steps": self.skipped_steps,
-                "world_size": self.ctx.world_size,
-                "global_batch": self.global_batch,
-                "run_config": self.settings.run_config,
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "ema": self.ema.state_dict(),
-                "schedule_sampler": self.schedule_sampler.state_dict(),
-                "data": self.data.state_dict(),
-                "rng": rng_states,
-            }
-            atomic_save(state, f"{directory}/{state_filename(self.step)}")
-            prune_states(directory, self.settings.keep_states)
-            self.reporter.message(f"saved checkpoint for step {self.step} in {directory}")
-        dist_util.barrier()
+            try:
+                self._write_checkpoint(rng_states)
+            except OSError as problem:  # every rank stops with rank 0's error instead of waiting
+                error = problem
+        error = dist_util.broadcast_object(error)
+        if error is not None:
+            raise error
         self.last_saved_step = self.step
+
+    def _write_checkpoint(self, rng_states: list) -> None:
+        """Rank 0 writes this step's files (see checkpoint.py for the order)."""
+        directory = self.settings.log_dir
+        model_state = _cpu_copy(self.model.state_dict())
+        atomic_save(model_state, f"{directory}/{model_filename(self.step)}")
+        for index, rate in enumerate(self.ema.rates):
+            ema_state = _cpu_copy(self.ema.model_state_dict(self.model, index))
+            atomic_save(ema_state, f"{directory}/{ema_filename(rate, self.step)}")
+        optimizer_state = self.optimizer.state_dict()
+        atomic_save(optimizer_state, f"{directory}/{opt_filename(self.step)}")
+        state = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.ctx.world_size,
+            "global_batch": self.global_batch,
+            "run_config": self.settings.run_config,
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict(),
+            "schedule_sampler": self.schedule_sampler.state_dict(),
+            "data": self.data.state_dict(),
+            "rng": rng_states,
+        }
+        atomic_save(state, f"{directory}/{state_filename(self.step)}")
+        prune_states(directory, self.settings.keep_states)
+        self.reporter.message(f"saved checkpoint for step {self.step} in {directory}")
 
     def resume(self) -> None:
         """Load the resume source, if any (an explicit path, else the newest full state in the log dir)."""
@@ -310,16 +350,17 @@ class TrainLoop:
         self.reporter.message(f"resumed from {source.path} at step {self.step}")
 
     def _load_state(self, path: str) -> None:
-        state = dist_util.load_file(path, map_location="cpu")
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not a fastdiff training state (pass a state*.pt or model*.pt file)")
-        saved_flags = state.get("run_config", {}).get("model_and_diffusion", {})
-        current_flags = self.settings.run_config.get("model_and_diffusion", {})
-        differences = config_differences(saved_flags, current_flags)
-        problems = mismatched_keys(self.model.state_dict(), state["model"])
-        if problems:
-            flags = f" Flags that differ: {'; '.join(differences)}." if differences else ""
-            raise ValueError(f"{path} comes from another model configuration: {'; '.join(problems)}.{flags}")
+        state = dist_util.load_file(path, trust=self.settings.trust_checkpoint)
+        differences = check_training_state(
+            path,
+            state,
+            model=self.model,
+            optimizer=self.optimizer,
+            ema_rates=self.ema.rates,
+            schedule_sampler=self.schedule_sampler,
+            dataset_len=len(self.data.dataset),
+            model_flags=self.settings.run_config.get("model_and_diffusion", {}),
+        )
         if differences:
             self.reporter.message(
                 f"warning: resuming with flags that differ from {path}: {'; '.join(differences)}"
@@ -332,7 +373,7 @@ class TrainLoop:
         self.schedule_sampler.load_state_dict(state["schedule_sampler"])
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nonfinite.skipped_steps = int(state.get("skipped_steps", 0))
         if state["world_size"] == self.ctx.world_size:
             restore_rng_state(state["rng"][self.ctx.rank], self.ctx.device)
         else:
@@ -344,13 +385,14 @@ class TrainLoop:
             )
 
     def _load_model_files(self, source: ResumeSource) -> None:
-        load_model_state(self.model, dist_util.load_state_dict(source.path), source.path)
+        trust = self.settings.trust_checkpoint
+        load_model_state(self.model, dist_util.load_file(source.path, trust=trust), source.path)
         if source.opt_path:
-            self.optimizer.load_state_dict(dist_util.load_file(source.opt_path, map_location="cpu"))
+            self.optimizer.load_state_dict(dist_util.load_file(source.opt_path, trust=trust))
         self.ema = ParameterEMA(self.model, self.settings.ema_rates)
         for index, ema_path in enumerate(source.ema_paths):
             if ema_path:
-                self.ema.load_rate_from_model_state(index, dist_util.load_state_dict(ema_path))
+                self.ema.load_rate_from_model_state(index, dist_util.load_file(ema_path, trust=trust))
         self.step = source.step
         steps_per_epoch = len(self.data.dataset) // self.global_batch
         self.data.load_state_dict(

@@ -17,7 +17,7 @@ def apex_fused_adam():
 def build_optimizer(
     name: str, params, lr: float, weight_decay: float, device: torch.device
 ) -> torch.optim.Optimizer:
-    """``adamw``: torch.optim.AdamW; ``fused_adam``: apex.optimizers.FusedAdam (AdamW mode, CUDA only)."""
+    """``adamw``: torch.optim.AdamW (fused); ``fused_adam``: apex's FusedAdam (AdamW mode, CUDA only)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if lr <= 0:
@@ -25,7 +25,8 @@ def build_optimizer(
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        # fused: one kernel per step, and it can skip a non-finite step on the device (found_inf)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     fused_adam = apex_fused_adam()
     if fused_adam is None:
         raise ValueError(

@@ -33,6 +33,8 @@ def format_status(metrics: dict[str, float]) -> str:
         parts.append(
             f"loss scale {metrics['loss_scale']:.0f}, skipped {int(metrics.get('skipped_steps', 0))}"
         )
+    elif metrics.get("skipped_steps"):
+        parts.append(f"skipped {int(metrics['skipped_steps'])}")
     return " | ".join(parts)
 
 

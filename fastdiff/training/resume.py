@@ -5,17 +5,30 @@ weights and, when found beside it, ``opt{step}.pt`` and ``ema_{rate}_{step}.pt``
 when ``state{step}.pt`` sits beside it, that is used instead.
 """
 
+import copy
 import os
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from fastdiff import dist_util
 from fastdiff.training.checkpoint import (
+    config_differences,
     ema_filename,
     find_latest_state,
+    mismatched_keys,
     opt_filename,
     state_filename,
     step_of,
 )
+
+STATE_FORMAT = "fastdiff-training-state"
+STATE_VERSION = 2
+"""Version 2 keeps only tensors and plain Python values (loads with ``weights_only=True``); version 1
+held numpy's generator state as an array (loads with ``--trust_checkpoint`` only)."""
+
+STATE_KEYS = ("step", "world_size", "model", "optimizer", "ema", "schedule_sampler", "data", "rng")
 
 
 @dataclass(frozen=True)
@@ -66,3 +79,72 @@ def find_resume_source(resume_checkpoint: str, log_dir: str, ema_rates: list[flo
     if isinstance(located, str):
         raise ValueError(located)
     return located
+
+
+def check_training_state(
+    path: str,
+    state: Any,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema_rates: list[float],
+    schedule_sampler: Any,
+    dataset_len: int,
+    model_flags: dict,
+) -> list[str]:
+    """Raise a ValueError naming ``path`` unless every part of ``state`` fits this run, before anything is
+    loaded (so a refused state leaves the run untouched); returns the model flags that differ (a warning)."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a fastdiff training state (pass a state*.pt or model*.pt file)")
+    version = state.get("version")
+    if not isinstance(version, int) or version > STATE_VERSION:
+        raise ValueError(
+            f"{path} has state format version {version!r}; this fastdiff reads versions up to "
+            f"{STATE_VERSION}: resume it with the fastdiff that wrote it (or a newer one)"
+        )
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{path} is incomplete: it lacks {', '.join(missing)}")
+    differences = config_differences(state.get("run_config", {}).get("model_and_diffusion", {}), model_flags)
+    problems = mismatched_keys(model.state_dict(), state["model"])
+    if problems:
+        flags = f" Flags that differ: {'; '.join(differences)}." if differences else ""
+        raise ValueError(f"{path} comes from another model configuration: {'; '.join(problems)}.{flags}")
+    params = dict(model.named_parameters())
+    ema = state["ema"]
+    if [float(rate) for rate in ema.get("rates", [])] != [float(rate) for rate in ema_rates]:
+        raise ValueError(f"{path}: its EMA rates {ema.get('rates')} differ from --ema_rate {ema_rates}")
+    for shadow in ema.get("shadows", []):
+        problems = mismatched_keys(params, shadow)
+        if problems:
+            raise ValueError(f"{path}: its EMA does not fit this model: {'; '.join(problems)}")
+    _check_optimizer(path, state["optimizer"], optimizer)
+    if int(state["data"].get("dataset_len", -1)) != dataset_len:
+        raise ValueError(
+            f"{path}: its data position is for a dataset of {state['data'].get('dataset_len')} items, "
+            f"this one has {dataset_len}"
+        )
+    try:
+        copy.deepcopy(schedule_sampler).load_state_dict(state["schedule_sampler"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path}: its timestep sampler state does not fit --schedule_sampler: {error}"
+        ) from error
+    return differences
+
+
+def _check_optimizer(path: str, saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Same parameter groups, same parameter count in each, moments shaped like the parameters."""
+    groups = saved.get("param_groups", []) if isinstance(saved, dict) else []
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if [len(group.get("params", [])) for group in groups] != sizes:
+        raise ValueError(f"{path}: its optimizer state does not fit this model's parameters")
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    ids = [index for group in groups for index in group["params"]]
+    for index, param in zip(ids, params, strict=True):
+        for name, value in saved.get("state", {}).get(index, {}).items():
+            if name != "step" and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise ValueError(
+                    f"{path}: optimizer {name} of parameter {index} has shape {list(value.shape)}, "
+                    f"expected {list(param.shape)}"
+                )

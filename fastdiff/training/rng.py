@@ -29,13 +29,31 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def capture_rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's generators: torch CPU, ``device``'s CUDA generator (if CUDA), numpy, ``random``."""
+    """This process's generators: torch CPU, ``device``'s CUDA generator (if CUDA), numpy, ``random``.
+
+    Tensors and plain Python values only, so a state file loads with ``torch.load(weights_only=True)``.
+    """
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
         "torch_cpu": torch.get_rng_state(),
         "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "python": random.getstate(),
     }
+
+
+def _numpy_state(saved: Any) -> tuple:
+    """``np.random.set_state``'s tuple from :func:`capture_rng_state`'s dict (or an older file's tuple)."""
+    if not isinstance(saved, dict):
+        return saved
+    keys = saved["keys"].cpu().numpy().astype(np.uint32)
+    return (saved["kind"], keys, saved["position"], saved["has_gauss"], saved["cached_gaussian"])
 
 
 def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
@@ -43,8 +61,9 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch_cpu"].cpu())
     if state.get("torch_cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["torch_cuda"].cpu(), device)
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state(_numpy_state(state["numpy"]))
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
 
 
 class StepRandomness:
