@@ -11,7 +11,7 @@ from .resample import (
     create_named_schedule_sampler,
 )
 from .respace import SpacedDiffusion, space_timesteps
-from .schedules import betas_for_alpha_bar, get_named_beta_schedule
+from .schedules import betas_for_alpha_bar, get_named_beta_schedule, rescale_zero_terminal_snr
 
 __all__ = [
     "GaussianDiffusion",
@@ -31,5 +31,6 @@ __all__ = [
     "get_named_beta_schedule",
     "mean_flat",
     "normal_kl",
+    "rescale_zero_terminal_snr",
     "space_timesteps",
 ]

@@ -73,6 +73,8 @@ class LoopSettings:
     keep_states: int = 1
     channels_last: bool = False
     compile: bool = False
+    class_dropout_prob: float = 0.0
+    ema_warmup: bool = False
     run_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,6 +92,8 @@ class LoopSettings:
             raise ValueError(f"grad_clip must be >= 0 (0 turns it off), got {self.grad_clip}")
         if self.num_preview_samples <= 0:
             raise ValueError(f"num_preview_samples must be positive, got {self.num_preview_samples}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if not self.log_dir:
             raise ValueError("log_dir must name a directory")
 
