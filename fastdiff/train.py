@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             preview_diffusion = sampling_diffusion(flags, args.preview_steps, args.preview_ddim)
             preview_sampling = sampling_options(args, "preview_", use_ddim=args.preview_ddim)
             preview_sampling["steps"] = 0  # preview_diffusion has preview_steps steps: use all of them
-            check_sampling_options(preview_diffusion, model=model, **preview_sampling)
+            check_sampling_options(preview_diffusion, model=model, flag_prefix="preview_", **preview_sampling)
             preview = SamplePreview(
                 model,
                 preview_diffusion,

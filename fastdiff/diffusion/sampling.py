@@ -191,15 +191,15 @@ def _unwrapped(model: Any) -> Any:
     return model
 
 
-def null_label_of(model: Any) -> int:
-    """The null class label of a model trained with class dropout; ValueError if it has none."""
+def null_label_of(model: Any, flag: str = "--guidance_scale") -> int:
+    """The null class label of a model trained with class dropout; ValueError (naming ``flag``) if none."""
     inner = _unwrapped(model)
     if getattr(inner, "num_classes", None) is None:
-        raise ValueError("--guidance_scale other than 1 needs a class-conditional model (class_cond True)")
+        raise ValueError(f"{flag} other than 1 needs a class-conditional model (class_cond True)")
     null_label = getattr(inner, "null_label", None)
     if null_label is None:
         raise ValueError(
-            "--guidance_scale other than 1 needs a model trained with --class_dropout_prob > 0 (it has no "
+            f"{flag} other than 1 needs a model trained with --class_dropout_prob > 0 (it has no "
             "null class to give the unconditional prediction)"
         )
     return int(null_label)
@@ -243,35 +243,38 @@ def check_sampling_options(
     guidance_scale: float,
     model: Any = None,
     eta: float = 0.0,
+    flag_prefix: str = "",
 ) -> int:
     """Check the options against the diffusion (and the model, when given, for guidance) before sampling.
 
     Returns the number of grid points (``steps``, or all the diffusion's steps for 0). ValueError names
-    the flag and what was expected.
+    the flag (``--{flag_prefix}sampler``, ...) and what was expected.
     """
+    sampler_flag, steps_flag = f"--{flag_prefix}sampler", f"--{flag_prefix}steps"
+    spacing_flag, guidance_flag = f"--{flag_prefix}timestep_spacing", f"--{flag_prefix}guidance_scale"
     if sampler not in SAMPLERS:
-        raise ValueError(f"--sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+        raise ValueError(f"{sampler_flag} must be one of {list(SAMPLERS)}, got {sampler!r}")
     if timestep_spacing not in SPACINGS:
-        raise ValueError(f"--timestep_spacing must be one of {list(SPACINGS)}, got {timestep_spacing!r}")
+        raise ValueError(f"{spacing_flag} must be one of {list(SPACINGS)}, got {timestep_spacing!r}")
     if timestep_spacing == "karras" and sampler in ("ddpm", "ddim"):
         raise ValueError(
-            f"--timestep_spacing karras places noise levels between trained steps, which --sampler {sampler} "
-            "cannot step to: use uniform or quadratic, or a dpmpp_2m, heun or euler sampler"
+            f"{spacing_flag} karras places noise levels between trained steps, which {sampler_flag} "
+            f"{sampler} cannot step to: use uniform or quadratic, or a dpmpp_2m, heun or euler sampler"
         )
     trained = diffusion.num_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"--steps must be an integer >= 0 (0: all {trained} steps), got {steps!r}")
+        raise ValueError(f"{steps_flag} must be an integer >= 0 (0: all {trained} steps), got {steps!r}")
     count = steps or trained
     if count > trained:
-        raise ValueError(f"--steps {steps} exceeds the {trained} trained timesteps of this diffusion")
+        raise ValueError(f"{steps_flag} {steps} exceeds the {trained} trained timesteps of this diffusion")
     if count < MIN_STEPS[sampler]:
-        raise ValueError(f"--sampler {sampler} needs --steps >= {MIN_STEPS[sampler]}, got {steps}")
+        raise ValueError(f"{sampler_flag} {sampler} needs {steps_flag} >= {MIN_STEPS[sampler]}, got {steps}")
     if eta != 0.0 and sampler != "ddim":
-        raise ValueError(f"--eta applies to --sampler ddim only, got eta {eta} with {sampler}")
+        raise ValueError(f"--eta applies to {sampler_flag} ddim only, got eta {eta} with {sampler}")
     mean_type = diffusion.model_mean_type
     if sampler not in ("ddpm", "ddim") and mean_type == ModelMeanType.PREVIOUS_X:
         raise ValueError(
-            f"--sampler {sampler} needs a model predicting epsilon, x_0 or v, not the posterior mean "
+            f"{sampler_flag} {sampler} needs a model predicting epsilon, x_0 or v, not the posterior mean "
             "(PREVIOUS_X): use ddpm or ddim"
         )
     if diffusion.alphas_cumprod[-1] == 0.0 and mean_type in (ModelMeanType.EPSILON, ModelMeanType.PREVIOUS_X):
@@ -284,9 +287,9 @@ def check_sampling_options(
         or not math.isfinite(guidance_scale)
         or guidance_scale < 0
     ):
-        raise ValueError(f"--guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        raise ValueError(f"{guidance_flag} must be a finite number >= 0, got {guidance_scale!r}")
     if guidance_scale != 1.0 and model is not None:
-        null_label_of(model)
+        null_label_of(model, guidance_flag)
     return count
 
 
