@@ -247,3 +247,19 @@ def test_bad_sampling_flags(tmp_path):
         with pytest.raises(ValueError, match=match):
             sample.main([*argv, *extra])
     assert not list(tmp_path.glob("samples_*"))
+
+
+def test_preview_grids_take_the_sampling_flags(tmp_path):
+    run = tmp_path / "run"
+    preview = ["--sample_interval", "2", "--num_preview_samples", "4", "--preview_steps", "5"]
+    preview += [
+        "--preview_sampler",
+        "heun",
+        "--preview_timestep_spacing",
+        "karras",
+        "--preview_guidance_scale",
+        "3",
+    ]
+    flags = ["--class_cond", "True", "--class_dropout_prob", "0.2", "--max_steps", "2", *preview]
+    assert train.main([*TINY, *flags, "--log_dir", str(run)]) == 0
+    assert (run / "samples_000002.png").exists()
