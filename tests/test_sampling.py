@@ -398,3 +398,16 @@ def test_samplers_reject_parameterisations_they_cannot_use():
     )  # fmt: skip
     with pytest.raises(ValueError, match="zero terminal SNR"):
         check_sampling_options(zero_snr_eps, "ddim", 0, "uniform", 1.0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_drawn_noise_is_drawn_as_the_loops_draw_it(sampler):
+    """Without noise (fastdiff.sample's case), sample_batch is the loop itself, bit for bit."""
+    from data.make_sampler_fixtures import SHAPE, analytic_model
+
+    diffusion = create_gaussian_diffusion(steps=40, noise_schedule="cosine", timestep_respacing="8")
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    torch.manual_seed(4)
+    expected = loop(analytic_model(False), SHAPE)
+    torch.manual_seed(4)
+    assert torch.equal(sample_batch(analytic_model(False), diffusion, SHAPE, sampler=sampler), expected)

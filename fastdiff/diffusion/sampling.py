@@ -54,7 +54,6 @@ from .gaussian_diffusion import GaussianDiffusion, Model, ModelMeanType, ModelVa
 from .respace import SpacedDiffusion, space_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun", "euler")
-ODE_SAMPLERS = ("ddim", "dpmpp_2m", "heun", "euler")
 SPACINGS = ("uniform", "quadratic", "karras")
 MIN_STEPS = {"ddpm": 1, "ddim": 1, "euler": 1, "dpmpp_2m": 2, "heun": 2}
 """Fewest grid points per sampler: the second-order ones need two to be second order."""
@@ -323,9 +322,11 @@ def sample_batch(
     :return: [N, C, ...] samples, computed without autograd.
     """
     count = check_sampling_options(diffusion, sampler, steps, timestep_spacing, guidance_scale, model, eta)
+    # The starting noise, on the model's device unless told otherwise (drawn as p_sample_loop draws it).
+    x, device = GaussianDiffusion._initial_noise(model, shape, noise, device)
     if guidance_scale != 1.0:
         model = GuidedModel(model, guidance_scale, null_label_of(model))
-    common = dict(noise=noise, clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=device)
+    common = dict(noise=x, clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=device)
     if sampler in ("ddpm", "ddim"):
         if count != diffusion.num_timesteps or timestep_spacing != "uniform":
             diffusion = respaced(diffusion, step_indices(diffusion.num_timesteps, count, timestep_spacing))
@@ -334,7 +335,6 @@ def sample_batch(
         return diffusion.p_sample_loop(model, shape, progress=progress, **common)
     schedule = NoiseSchedule.from_diffusion(diffusion)
     grid = sampling_grid(schedule, count, timestep_spacing)
-    x, device = diffusion._initial_noise(model, shape, noise, device)
     denoiser = Denoiser(model, diffusion, schedule, clip_denoised, model_kwargs or {})
     solver = {"euler": solve_euler, "heun": solve_heun, "dpmpp_2m": solve_dpmpp_2m}[sampler]
     with torch.no_grad():
