@@ -4,6 +4,8 @@ improved-diffusion's ``image_sample.py`` flags and output: ``samples_{N}x{H}x{W}
 (uint8 ``[N, H, W, 3]``) and, for class-conditional models, ``arr_1`` (int64 labels ``[N]``), plus a PNG
 grid of the first ``--grid_samples`` images. DDPM by default, DDIM with ``--use_ddim True``; fewer steps
 with ``--timestep_respacing`` (e.g. ``250`` or ``ddim50``). Under torchrun every rank samples its share.
+``--sampler``, ``--steps``, ``--timestep_spacing`` and ``--guidance_scale`` choose among DDPM, DDIM,
+DPM-Solver++(2M), Heun and Euler and turn on classifier-free guidance (README, "Guidance and samplers").
 
 Model and diffusion flags not given are read from ``model_flags.json`` beside ``--model_path`` when
 fastdiff.train wrote one (improved-diffusion's files need the flags on the command line, as in its script).
@@ -17,6 +19,13 @@ import numpy as np
 import torch
 
 from fastdiff import dist_util, ops
+from fastdiff.diffusion.sampling import (
+    SAMPLING_HELP,
+    check_sampling_options,
+    sample_batch,
+    sampling_defaults,
+    sampling_options,
+)
 from fastdiff.script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
@@ -65,10 +74,13 @@ def create_argparser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_dict_to_argparser(parser, {**SAMPLE_DEFAULTS, **EXTRA_DEFAULTS, **model_and_diffusion_defaults()})
+    add_dict_to_argparser(
+        parser,
+        {**SAMPLE_DEFAULTS, **EXTRA_DEFAULTS, **sampling_defaults(), **model_and_diffusion_defaults()},
+    )
     for action in parser._actions:
-        if action.dest in FLAG_HELP:
-            action.help = FLAG_HELP[action.dest]
+        if action.dest in FLAG_HELP or action.dest in SAMPLING_HELP:
+            action.help = FLAG_HELP.get(action.dest) or SAMPLING_HELP[action.dest]
     return parser
 
 
@@ -83,8 +95,7 @@ def generate(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``num_samples`` images (uint8 NHWC) and labels, gathered from every rank in rank order per batch."""
     shape = (args.batch_size, 3, args.image_size, args.image_size)
-    sample_fn = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
-    extra = {"eta": args.eta} if args.use_ddim else {}
+    options = sampler_options(args)
     images, labels = [], []
     produced = 0
     while produced < args.num_samples:
@@ -92,13 +103,14 @@ def generate(
         if args.class_cond:
             kwargs["y"] = torch.randint(0, label_count, (args.batch_size,), device=ctx.device)
         with precision.autocast():
-            sample = sample_fn(
+            sample = sample_batch(
                 model,
+                diffusion,
                 shape,
                 clip_denoised=args.clip_denoised,
                 model_kwargs=kwargs,
                 device=ctx.device,
-                **extra,
+                **options,
             )
         gathered = dist_util.all_gather_object(to_uint8_nhwc(sample).cpu().numpy())
         images.extend(gathered)
@@ -112,6 +124,16 @@ def generate(
     return array, label_array
 
 
+def sampler_options(args: argparse.Namespace) -> dict:
+    """sample_batch's options from the flags: --sampler, --steps, --timestep_spacing, --guidance_scale, and
+    improved-diffusion's --use_ddim (ddim when no --sampler is given) and --eta."""
+    if args.use_ddim and args.sampler not in ("", "ddim"):
+        raise ValueError(
+            f"--use_ddim True asks for DDIM, but --sampler is {args.sampler!r}: give one of them"
+        )
+    return {**sampling_options(args, use_ddim=args.use_ddim), "eta": args.eta}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Sample with the flags in ``argv`` (``sys.argv`` when None); returns the exit status."""
     args = create_argparser().parse_args(argv)
@@ -122,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     ctx = dist_util.setup_dist(args.device)
     try:
+        options = sampler_options(args)
         setup = prepare_inference(args, given, ctx)
+        check_sampling_options(setup.diffusion, model=setup.model, **options)
         label_count = _label_count(args, setup.class_names)
         seed_everything(args.seed, ctx.rank)
         with ops.use_backend(setup.kernels):

@@ -43,6 +43,7 @@ _MODEL_DEFAULTS = dict(
     channel_mult="",
     resblock_updown=False,
     use_new_attention_order=False,
+    class_dropout_prob=0.0,
 )
 _DIFFUSION_DEFAULTS = dict(
     sigma_small=False,
@@ -53,13 +54,21 @@ _DIFFUSION_DEFAULTS = dict(
     predict_xstart=False,
     rescale_timesteps=True,
     rescale_learned_sigmas=True,
+    predict_v=False,
+    snr_gamma=0.0,
+    rescale_zero_terminal_snr=False,
 )
+FASTDIFF_OPTIONS = ("class_dropout_prob", "predict_v", "snr_gamma", "rescale_zero_terminal_snr")
+"""fastdiff's additions (issue 13), whose defaults keep improved-diffusion's model and diffusion:
+``class_dropout_prob`` (> 0: a null class for classifier-free guidance; the trainer drops labels with this
+probability), ``predict_v``, ``snr_gamma`` (0: off) and ``rescale_zero_terminal_snr``."""
 
 
 def model_and_diffusion_defaults() -> dict:
     """Flag defaults for image training: improved-diffusion's, plus guided-diffusion's
     ``num_head_channels=-1``, ``channel_mult=""``, ``resblock_updown=False``,
-    ``use_new_attention_order=False`` (which leave improved-diffusion's model unchanged)."""
+    ``use_new_attention_order=False`` and fastdiff's :data:`FASTDIFF_OPTIONS` (which leave
+    improved-diffusion's model and diffusion unchanged)."""
     return {**_MODEL_DEFAULTS, **_DIFFUSION_DEFAULTS}
 
 
@@ -134,9 +143,12 @@ def create_model(
     channel_mult: str | Sequence[float] = _MODEL_DEFAULTS["channel_mult"],
     resblock_updown: bool = _MODEL_DEFAULTS["resblock_updown"],
     use_new_attention_order: bool = _MODEL_DEFAULTS["use_new_attention_order"],
+    class_dropout_prob: float = _MODEL_DEFAULTS["class_dropout_prob"],
 ) -> UNetModel:
     """The RGB ``UNetModel`` the flags describe (6 output channels with ``learn_sigma``, 1000 classes
-    with ``class_cond``). Positional order is improved-diffusion's; guided-diffusion's options follow."""
+    with ``class_cond``, one more null class with ``class_dropout_prob > 0``). Positional order is
+    improved-diffusion's; guided-diffusion's options follow."""
+    null_class = check_class_dropout(class_dropout_prob, class_cond)
     return UNetModel(
         image_size=image_size,
         in_channels=3,
@@ -154,7 +166,20 @@ def create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
+        null_class=null_class,
     )
+
+
+def check_class_dropout(class_dropout_prob: float, class_cond: bool) -> bool:
+    """Whether the model needs a null class; ValueError unless ``class_dropout_prob`` is in [0, 1) and,
+    when positive, the model is class-conditional."""
+    if isinstance(class_dropout_prob, bool) or not isinstance(class_dropout_prob, (int, float)):
+        raise ValueError(f"class_dropout_prob must be a number in [0, 1), got {class_dropout_prob!r}")
+    if not 0.0 <= class_dropout_prob < 1.0:
+        raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+    if class_dropout_prob > 0 and not class_cond:
+        raise ValueError("class_dropout_prob > 0 drops class labels and needs class_cond True")
+    return class_dropout_prob > 0
 
 
 def _create_diffusion(
@@ -167,6 +192,9 @@ def _create_diffusion(
     rescale_timesteps: bool,
     rescale_learned_sigmas: bool,
     timestep_respacing: str,
+    predict_v: bool = False,
+    snr_gamma: float = 0.0,
+    rescale_zero_terminal_snr: bool = False,
 ):
     from fastdiff.diffusion import create_gaussian_diffusion
 
@@ -180,6 +208,9 @@ def _create_diffusion(
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
         timestep_respacing=timestep_respacing,
+        predict_v=predict_v,
+        snr_gamma=snr_gamma,
+        rescale_zero_terminal_snr=rescale_zero_terminal_snr,
     )
 
 
@@ -207,6 +238,10 @@ def create_model_and_diffusion(
     channel_mult: str | Sequence[float] = _MODEL_DEFAULTS["channel_mult"],
     resblock_updown: bool = _MODEL_DEFAULTS["resblock_updown"],
     use_new_attention_order: bool = _MODEL_DEFAULTS["use_new_attention_order"],
+    class_dropout_prob: float = _MODEL_DEFAULTS["class_dropout_prob"],
+    predict_v: bool = _DIFFUSION_DEFAULTS["predict_v"],
+    snr_gamma: float = _DIFFUSION_DEFAULTS["snr_gamma"],
+    rescale_zero_terminal_snr: bool = _DIFFUSION_DEFAULTS["rescale_zero_terminal_snr"],
 ):
     """``(UNetModel, SpacedDiffusion)`` from the flags of :func:`model_and_diffusion_defaults`."""
     model = create_model(
@@ -225,10 +260,11 @@ def create_model_and_diffusion(
         channel_mult=channel_mult,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
+        class_dropout_prob=class_dropout_prob,
     )
     diffusion = _create_diffusion(
         diffusion_steps, learn_sigma, sigma_small, noise_schedule, use_kl, predict_xstart, rescale_timesteps,
-        rescale_learned_sigmas, timestep_respacing,
+        rescale_learned_sigmas, timestep_respacing, predict_v, snr_gamma, rescale_zero_terminal_snr,
     )  # fmt: skip
     return model, diffusion
 
@@ -258,9 +294,11 @@ def sr_create_model(
     channel_mult: str | Sequence[float] = _MODEL_DEFAULTS["channel_mult"],
     resblock_updown: bool = _MODEL_DEFAULTS["resblock_updown"],
     use_new_attention_order: bool = _MODEL_DEFAULTS["use_new_attention_order"],
+    class_dropout_prob: float = _MODEL_DEFAULTS["class_dropout_prob"],
 ) -> SuperResModel:
     """The ``SuperResModel`` producing ``large_size`` images from ``small_size`` ones."""
     _check_sizes(large_size, small_size)
+    null_class = check_class_dropout(class_dropout_prob, class_cond)
     return SuperResModel(
         image_size=large_size,
         in_channels=3,
@@ -278,6 +316,7 @@ def sr_create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
+        null_class=null_class,
     )
 
 
@@ -310,6 +349,10 @@ def sr_create_model_and_diffusion(
     channel_mult: str | Sequence[float] = _MODEL_DEFAULTS["channel_mult"],
     resblock_updown: bool = _MODEL_DEFAULTS["resblock_updown"],
     use_new_attention_order: bool = _MODEL_DEFAULTS["use_new_attention_order"],
+    class_dropout_prob: float = _MODEL_DEFAULTS["class_dropout_prob"],
+    predict_v: bool = _DIFFUSION_DEFAULTS["predict_v"],
+    snr_gamma: float = _DIFFUSION_DEFAULTS["snr_gamma"],
+    rescale_zero_terminal_snr: bool = _DIFFUSION_DEFAULTS["rescale_zero_terminal_snr"],
 ):
     """``(SuperResModel, SpacedDiffusion)`` from the flags of :func:`sr_model_and_diffusion_defaults`
     (the diffusion's variance is never ``sigma_small``, as in the reference)."""
@@ -330,10 +373,11 @@ def sr_create_model_and_diffusion(
         channel_mult=channel_mult,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
+        class_dropout_prob=class_dropout_prob,
     )
     diffusion = _create_diffusion(
         diffusion_steps, learn_sigma, False, noise_schedule, use_kl, predict_xstart, rescale_timesteps,
-        rescale_learned_sigmas, timestep_respacing,
+        rescale_learned_sigmas, timestep_respacing, predict_v, snr_gamma, rescale_zero_terminal_snr,
     )  # fmt: skip
     return model, diffusion
 

@@ -4,10 +4,11 @@ improved-diffusion's ``image_train.py`` flags and defaults, plus precision, memo
 resume options (``--help`` lists them). ``--batch_size`` is per rank; ``--global_batch_size`` is the sum
 over ranks: give one and the other is derived, give both and they must agree.
 
-With no ``--data_dir`` it trains on the embedded shapes dataset; when, in addition, no model or diffusion
-flag is given, the small CPU profile ``EMBEDDED_PROFILE`` (listed at the end of ``--help``) fills every flag
-not given on the command line: a 16x16 class-conditional model that draws recognisable shapes after a few
-minutes on two CPU cores.
+With no ``--data_dir`` it trains on the embedded shapes dataset; when, in addition, no model or diffusion flag
+is given (the objective flags ``--class_dropout_prob``, ``--predict_v``, ``--snr_gamma`` and
+``--rescale_zero_terminal_snr`` do not count), the small CPU profile ``EMBEDDED_PROFILE`` (listed at the end
+of ``--help``) fills every flag not given on the command line: a 16x16 class-conditional model that draws
+recognisable shapes after a few minutes on two CPU cores.
 """
 
 import argparse
@@ -18,7 +19,14 @@ import torch
 from fastdiff import dist_util, ops
 from fastdiff.data import BatchStream, build_dataset
 from fastdiff.diffusion import create_gaussian_diffusion, create_named_schedule_sampler, space_timesteps
+from fastdiff.diffusion.sampling import (
+    SAMPLING_HELP,
+    check_sampling_options,
+    sampling_defaults,
+    sampling_options,
+)
 from fastdiff.script_util import (
+    FASTDIFF_OPTIONS,
     add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
@@ -75,6 +83,11 @@ EXTRA_DEFAULTS = dict(
 )
 """fastdiff's additions (0 turns global_batch_size, grad_clip, max_steps and sample_interval off)."""
 
+PREVIEW_SAMPLING_DEFAULTS = {f"preview_{name}": value for name, value in sampling_defaults().items()}
+"""The sampling flags for the grids, prefixed (``--preview_steps`` is EXTRA_DEFAULTS' own, default 25)."""
+del PREVIEW_SAMPLING_DEFAULTS["preview_steps"]
+TRAINING_OBJECTIVE_DEFAULTS = dict(ema_warmup=False)
+
 FLAG_HELP = dict(
     batch_size="images per rank per step (improved-diffusion's meaning)",
     global_batch_size="images per step summed over ranks; give this or --batch_size (0: batch_size x ranks)",
@@ -103,6 +116,12 @@ FLAG_HELP = dict(
     "skipped: weights, optimizer, EMA unchanged)",
     trust_checkpoint="load checkpoints that need arbitrary unpickling (can run code: only files you trust)",
     resume_checkpoint="a state*.pt (exact resume) or improved-diffusion model*.pt to resume from",
+    ema_warmup="EMA decay min(rate, 1 - (1 + n)^(-2/3)) after n updates (power-function warm-up)",
+    class_dropout_prob="replace class labels by the null class with this probability (guidance; [0, 1))",
+    predict_v="the model predicts v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0",
+    snr_gamma="min-SNR-gamma loss weighting with this gamma > 0 (0: off)",
+    rescale_zero_terminal_snr="rescale betas so alpha_bar_T = 0 (needs --predict_v or --predict_xstart)",
+    **{f"preview_{name}": text for name, text in SAMPLING_HELP.items() if name != "steps"},
 )
 
 EMBEDDED_PROFILE = dict(
@@ -138,7 +157,16 @@ def create_argparser() -> argparse.ArgumentParser:
         epilog="embedded profile (no --data_dir, no model or diffusion flag): "
         + " ".join(f"--{name} {value}" for name, value in EMBEDDED_PROFILE.items()),
     )
-    add_dict_to_argparser(parser, {**TRAIN_DEFAULTS, **EXTRA_DEFAULTS, **model_and_diffusion_defaults()})
+    add_dict_to_argparser(
+        parser,
+        {
+            **TRAIN_DEFAULTS,
+            **EXTRA_DEFAULTS,
+            **PREVIEW_SAMPLING_DEFAULTS,
+            **TRAINING_OBJECTIVE_DEFAULTS,
+            **model_and_diffusion_defaults(),
+        },
+    )
     for action in parser._actions:
         if action.dest in FLAG_HELP:
             action.help = FLAG_HELP[action.dest]
@@ -149,7 +177,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
     """Parsed flags (with the embedded profile applied where it applies) and the names given explicitly."""
     args = create_argparser().parse_args(argv)
     given = explicit_flags(create_argparser, argv)
-    if not args.data_dir and not given & set(model_and_diffusion_defaults()):
+    if not args.data_dir and not given & (set(model_and_diffusion_defaults()) - set(FASTDIFF_OPTIONS)):
         for name, value in EMBEDDED_PROFILE.items():
             if name not in given:
                 setattr(args, name, value)
@@ -157,6 +185,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, s
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {args.optimizer!r}")
     if args.grad_checkpoint:
         args.use_checkpoint = True
+    if "snr_gamma" in given and args.snr_gamma <= 0:
+        raise ValueError(
+            f"--snr_gamma must be > 0 (leave it out for no min-SNR weighting), got {args.snr_gamma}"
+        )
     return args, given
 
 
@@ -250,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             compile=args.compile,
             max_bad_steps=args.max_bad_steps,
             trust_checkpoint=args.trust_checkpoint,
+            class_dropout_prob=args.class_dropout_prob,
+            ema_warmup=args.ema_warmup,
             run_config={
                 "model_and_diffusion": flags,
                 "class_names": list(dataset.class_names) if args.class_cond else [],
@@ -259,15 +293,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         preview = None
         if ctx.is_main and args.sample_interval:
             num_classes = len(dataset.class_names) if args.class_cond else None
+            preview_diffusion = sampling_diffusion(flags, args.preview_steps, args.preview_ddim)
+            preview_sampling = sampling_options(args, "preview_", use_ddim=args.preview_ddim)
+            preview_sampling["steps"] = 0  # preview_diffusion has preview_steps steps: use all of them
+            check_sampling_options(preview_diffusion, model=model, flag_prefix="preview_", **preview_sampling)
             preview = SamplePreview(
                 model,
-                sampling_diffusion(flags, args.preview_steps, args.preview_ddim),
+                preview_diffusion,
                 args.image_size,
                 args.num_preview_samples,
                 num_classes,
                 args.seed,
                 precision,
                 use_ddim=args.preview_ddim,
+                sampling=preview_sampling,
             )
         _print_main(
             ctx,

@@ -291,6 +291,8 @@ class UNetModel(nn.Module):
     :param use_scale_shift_norm: FiLM-like ``gn(h) * (1 + scale) + shift`` conditioning in ResBlocks.
     :param resblock_updown: ResBlocks with ``up``/``down`` resample instead of Upsample/Downsample.
     :param use_new_attention_order: split q, k, v before heads (guided-diffusion's ``QKVAttention``).
+    :param null_class: one more label-embedding row, the label ``num_classes`` (``null_label``): "no
+        class", for classifier-free guidance. False keeps improved-diffusion's state dict.
 
     The argument order is guided-diffusion's (``image_size`` first). improved-diffusion's constructor
     has no ``image_size``; its keyword calls work unchanged once ``image_size`` (or None) is added.
@@ -321,8 +323,11 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
+        null_class: bool = False,
     ) -> None:
         super().__init__()
+        if null_class and num_classes is None:
+            raise ValueError("null_class=True needs a class-conditional model (num_classes set)")
         if not isinstance(attention_resolutions, str):
             attention_resolutions = tuple(attention_resolutions)
         self._check_arguments(
@@ -342,6 +347,7 @@ class UNetModel(nn.Module):
         self.conv_resample = conv_resample
         self.dims = dims
         self.num_classes = num_classes
+        self.null_label = num_classes if null_class else None
         self.use_checkpoint = use_checkpoint
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
@@ -355,7 +361,7 @@ class UNetModel(nn.Module):
             nn.Linear(time_embed_dim, time_embed_dim),
         )
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+            self.label_emb = nn.Embedding(num_classes + (1 if null_class else 0), time_embed_dim)
 
         def res_block(
             channels: int, out: int | None = None, up: bool = False, down: bool = False

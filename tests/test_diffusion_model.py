@@ -170,6 +170,7 @@ def test_mse_loss_targets(mean_type):
             ModelMeanType.EPSILON: noise[i],
             ModelMeanType.START_X: x0[i],
             ModelMeanType.PREVIOUS_X: _posterior_mean(diffusion.betas, step, x0[i], xt),
+            ModelMeanType.VELOCITY: math.sqrt(ab) * noise[i] - math.sqrt(1 - ab) * x0[i],
         }[mean_type]
         assert terms["mse"][i].item() == pytest.approx(((target - output[i]) ** 2).mean().item(), rel=1e-10)
 
@@ -295,6 +296,11 @@ def test_mean_is_the_posterior_mean_of_the_x0_prediction(mean_type):
         torch.testing.assert_close(out["pred_xstart"], output)
     if mean_type == ModelMeanType.PREVIOUS_X:
         torch.testing.assert_close(out["mean"], output)
+    if mean_type == ModelMeanType.VELOCITY:  # x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
+        for i, step in enumerate(t.tolist()):
+            ab = _closed_forms(diffusion.betas, step)[0]
+            expected = math.sqrt(ab) * x[i] - math.sqrt(1 - ab) * output[i]
+            torch.testing.assert_close(out["pred_xstart"][i], expected, rtol=1e-9, atol=1e-9)
 
 
 def test_denoised_fn_runs_before_clipping():

@@ -47,10 +47,14 @@ IMPROVED_DEFAULTS = dict(
 GUIDED_OPTIONS = dict(
     num_head_channels=-1, channel_mult="", resblock_updown=False, use_new_attention_order=False
 )
+FASTDIFF_OPTIONS = dict(
+    class_dropout_prob=0.0, predict_v=False, snr_gamma=0.0, rescale_zero_terminal_snr=False
+)
 
 
 def test_defaults_are_improved_diffusion_plus_guided_options():
-    assert model_and_diffusion_defaults() == {**IMPROVED_DEFAULTS, **GUIDED_OPTIONS}
+    assert model_and_diffusion_defaults() == {**IMPROVED_DEFAULTS, **GUIDED_OPTIONS, **FASTDIFF_OPTIONS}
+    assert set(script_util.FASTDIFF_OPTIONS) == set(FASTDIFF_OPTIONS)
     defaults = model_and_diffusion_defaults()
     defaults["image_size"] = 1
     assert model_and_diffusion_defaults()["image_size"] == 64  # a fresh dict each call

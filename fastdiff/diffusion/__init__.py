@@ -11,9 +11,11 @@ from .resample import (
     create_named_schedule_sampler,
 )
 from .respace import SpacedDiffusion, space_timesteps
-from .schedules import betas_for_alpha_bar, get_named_beta_schedule
+from .sampling import SAMPLERS, sample_batch, sampling_defaults
+from .schedules import betas_for_alpha_bar, get_named_beta_schedule, rescale_zero_terminal_snr
 
 __all__ = [
+    "SAMPLERS",
     "GaussianDiffusion",
     "LossAwareSampler",
     "LossSecondMomentResampler",
@@ -31,5 +33,8 @@ __all__ = [
     "get_named_beta_schedule",
     "mean_flat",
     "normal_kl",
+    "rescale_zero_terminal_snr",
+    "sample_batch",
+    "sampling_defaults",
     "space_timesteps",
 ]

@@ -28,6 +28,7 @@ class ModelMeanType(enum.Enum):
     PREVIOUS_X = enum.auto()  # the posterior mean of x_{t-1}
     START_X = enum.auto()  # x_0
     EPSILON = enum.auto()  # the noise added to x_0
+    VELOCITY = enum.auto()  # v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022)
 
 
 class ModelVarType(enum.Enum):
@@ -91,6 +92,10 @@ class GaussianDiffusion:
     :param loss_type: the training objective (LossType).
     :param rescale_timesteps: hand the model float timesteps t * 1000 / T, so it always sees the
         range [0, 1000) of the original paper, instead of integer step indices.
+    :param snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023) of the MSE term, or None for
+        improved-diffusion's unweighted MSE. With SNR_t = alpha_bar_t / (1 - alpha_bar_t), the weight is
+        min(SNR_t, gamma) for x_0 targets, min(SNR_t, gamma) / SNR_t for epsilon and
+        min(SNR_t, gamma) / (SNR_t + 1) for v: each the x_0 error weighted by min(SNR_t, gamma).
 
     Schedule arrays are float64 numpy arrays of shape [T] (as in improved-diffusion). Per-step values
     are gathered from cached torch copies on the data's device, in float64 for float64 data and float32
@@ -105,6 +110,7 @@ class GaussianDiffusion:
         model_var_type: ModelVarType,
         loss_type: LossType,
         rescale_timesteps: bool = False,
+        snr_gamma: float | None = None,
     ) -> None:
         _check_enum("model_mean_type", model_mean_type, ModelMeanType)
         _check_enum("model_var_type", model_var_type, ModelVarType)
@@ -113,6 +119,11 @@ class GaussianDiffusion:
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.rescale_timesteps = bool(rescale_timesteps)
+        if snr_gamma is not None and not (isinstance(snr_gamma, (int, float)) and snr_gamma > 0):
+            raise ValueError(f"snr_gamma must be a number > 0 (or None for no weighting), got {snr_gamma!r}")
+        if snr_gamma is not None and model_mean_type == ModelMeanType.PREVIOUS_X:
+            raise ValueError("snr_gamma weights epsilon, x_0 or v targets, not PREVIOUS_X")
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
 
         betas = validated_betas(betas)
         self.betas = betas
@@ -128,8 +139,9 @@ class GaussianDiffusion:
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        with np.errstate(divide="ignore"):  # inf where alpha_bar = 0 (zero terminal SNR)
+            self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+            self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
 
         # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, posterior_variance I)
         one_minus = 1.0 - self.alphas_cumprod
@@ -150,6 +162,10 @@ class GaussianDiffusion:
         self.one_minus_alphas_cumprod_prev = 1.0 - self.alphas_cumprod_prev
         self.sqrt_alphas_cumprod_next = np.sqrt(self.alphas_cumprod_next)
         self.sqrt_one_minus_alphas_cumprod_next = np.sqrt(1.0 - self.alphas_cumprod_next)
+
+        # alpha_bar = 0 at the last step (zero terminal SNR): x_t is pure noise there.
+        self.zero_terminal_snr = bool(self.alphas_cumprod[-1] == 0.0)
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
         self._device_tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -308,6 +324,8 @@ class GaussianDiffusion:
         else:
             if self.model_mean_type == ModelMeanType.START_X:
                 pred_xstart = process_xstart(mean_output)
+            elif self.model_mean_type == ModelMeanType.VELOCITY:
+                pred_xstart = process_xstart(self._predict_xstart_from_v(x_t=x, t=t, v=mean_output))
             else:
                 pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=mean_output))
             mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
@@ -318,6 +336,13 @@ class GaussianDiffusion:
         return (
             self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t
             - self._at("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        )
+
+    def _predict_xstart_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v: [N, ...]."""
+        return (
+            self._at("sqrt_alphas_cumprod", t, x_t) * x_t
+            - self._at("sqrt_one_minus_alphas_cumprod", t, x_t) * v
         )
 
     def _predict_xstart_from_xprev(
@@ -332,10 +357,16 @@ class GaussianDiffusion:
     def _predict_eps_from_xstart(
         self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
     ) -> torch.Tensor:
-        """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1): [N, ...]."""
-        return (self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._at(
+        """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1): [N, ...].
+
+        Where alpha_bar_t = 0 (zero terminal SNR) x_t is the noise itself, and eps = x_t.
+        """
+        eps = (self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._at(
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
+        if self.zero_terminal_snr:
+            eps = torch.where(self._at("alphas_cumprod", t, x_t) == 0.0, x_t, eps)
+        return eps
 
     # ------------------------------------------------------------------ ancestral sampling
 
@@ -651,11 +682,38 @@ class GaussianDiffusion:
             target = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
         elif self.model_mean_type == ModelMeanType.START_X:
             target = x_start
+        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            target = self.v_target(x_start, noise, t)
         else:
             target = noise
         terms["mse"] = mean_flat((target - mean_output) ** 2)
+        if self.snr_gamma is not None:
+            terms["mse"] = terms["mse"] * self.min_snr_weight(t, terms["mse"])
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
+
+    def v_target(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0: [N, ...]."""
+        return (
+            self._at("sqrt_alphas_cumprod", t, x_start) * noise
+            - self._at("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start
+        )
+
+    def min_snr_weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The min-SNR-gamma weight of the MSE term at steps t for this model's target: [N].
+
+        x_0: min(SNR, gamma); epsilon: min(SNR, gamma) / SNR, written min(1, gamma / SNR) so that it is
+        1 where SNR = 0; v: min(SNR, gamma) / (SNR + 1).
+        """
+        if self.snr_gamma is None:
+            raise ValueError("min_snr_weight needs snr_gamma")
+        snr = self._at("snr", t, like).view(-1)
+        gamma = torch.full_like(snr, self.snr_gamma)
+        if self.model_mean_type == ModelMeanType.START_X:
+            return torch.minimum(snr, gamma)
+        if self.model_mean_type == ModelMeanType.VELOCITY:
+            return torch.minimum(snr, gamma) / (snr + 1.0)
+        return torch.minimum(torch.ones_like(snr), gamma / snr)
 
     def _prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
         """KL(q(x_T | x_0) || N(0, I)) in bits per dimension: [N]. It does not depend on the model."""

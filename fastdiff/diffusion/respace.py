@@ -98,6 +98,7 @@ class SpacedDiffusion(GaussianDiffusion):
         if "betas" not in kwargs:
             raise TypeError("SpacedDiffusion needs the base process's betas as the keyword argument betas")
         base_betas = validated_betas(kwargs["betas"])
+        self.base_betas = base_betas
         self.original_num_steps = int(base_betas.shape[0])
         kept = sorted({int(step) for step in use_timesteps})
         if not kept:

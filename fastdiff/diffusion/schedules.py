@@ -67,3 +67,24 @@ def betas_for_alpha_bar(
     steps = num_diffusion_timesteps
     betas = [min(1.0 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), max_beta) for i in range(steps)]
     return np.array(betas, dtype=np.float64)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Rescale betas so that the last step has zero SNR (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", Algorithm 1): [T] -> [T].
+
+    sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first value is unchanged; the
+    betas follow from the ratios of consecutive alpha_bar. The last beta is exactly 1, so alpha_bar_T = 0
+    exactly: x_T is pure noise, as the sampler's starting point assumes. An epsilon-predicting model is
+    undefined there (x_0 cannot be recovered from x_T = noise), so use it with v or x_0 prediction.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.size < 2:
+        raise ValueError(f"rescale_zero_terminal_snr needs a 1-D schedule of >= 2 steps, got {betas.shape}")
+    sqrt_alpha_bar = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_alpha_bar[0], sqrt_alpha_bar[-1]
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = np.append(alpha_bar[0], alpha_bar[1:] / alpha_bar[:-1])
+    alphas[-1] = 0.0  # (0 - 0) * scale is 0 already; stated so the last beta is exactly 1
+    return 1.0 - alphas

@@ -75,6 +75,8 @@ class LoopSettings:
     compile: bool = False
     max_bad_steps: int = 20
     trust_checkpoint: bool = False
+    class_dropout_prob: float = 0.0
+    ema_warmup: bool = False
     run_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -97,6 +99,8 @@ class LoopSettings:
                 f"max_bad_steps must be a positive integer (non-finite steps in a row before stopping), "
                 f"got {self.max_bad_steps}"
             )
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if not self.log_dir:
             raise ValueError("log_dir must name a directory")
 

@@ -25,6 +25,7 @@ from fastdiff.training.checkpoint import (
     prune_states,
     state_filename,
 )
+from fastdiff.training.class_dropout import drop_class_labels
 from fastdiff.training.config import LoopSettings
 from fastdiff.training.ema import ParameterEMA
 from fastdiff.training.metrics import IntervalMetrics, max_over_ranks, peak_memory_gib
@@ -95,7 +96,7 @@ class TrainLoop:
             settings.optimizer, self.model.parameters(), settings.lr, settings.weight_decay, ctx.device
         )
         self.scaler = torch.amp.GradScaler(ctx.device.type) if precision.uses_grad_scaler else None
-        self.ema = ParameterEMA(self.model, settings.ema_rates)
+        self.ema = ParameterEMA(self.model, settings.ema_rates, warmup=settings.ema_warmup)
         self.randomness = StepRandomness(settings.seed, ctx.device)
         self.metrics = IntervalMetrics(diffusion.num_timesteps, ctx.device)
         self.reporter = Reporter(settings.log_dir, ctx.is_main)
@@ -145,6 +146,11 @@ class TrainLoop:
         memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         micro = images[start:end].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         micro_cond = {name: value[start:end].to(device, non_blocking=True) for name, value in cond.items()}
+        if self.settings.class_dropout_prob > 0:
+            micro_cond["y"] = drop_class_labels(
+                micro_cond["y"], self.settings.class_dropout_prob, self.model.null_label,
+                self.settings.seed, self.step, first + start,
+            )  # fmt: skip
         t, weights = t_all[start:end], weights_all[start:end]
         noise = self.randomness.noise(self.step, first + start, tuple(micro.shape), micro.dtype)
         noise = noise.contiguous(memory_format=memory_format)
@@ -389,7 +395,8 @@ class TrainLoop:
         load_model_state(self.model, dist_util.load_file(source.path, trust=trust), source.path)
         if source.opt_path:
             self.optimizer.load_state_dict(dist_util.load_file(source.opt_path, trust=trust))
-        self.ema = ParameterEMA(self.model, self.settings.ema_rates)
+        self.ema = ParameterEMA(self.model, self.settings.ema_rates, warmup=self.settings.ema_warmup)
+        self.ema.num_updates = source.step
         for index, ema_path in enumerate(source.ema_paths):
             if ema_path:
                 self.ema.load_rate_from_model_state(index, dist_util.load_file(ema_path, trust=trust))

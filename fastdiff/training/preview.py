@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from fastdiff.diffusion.sampling import sample_batch
 from fastdiff.training.ema import ParameterEMA
 from fastdiff.training.image_grid import save_image_grid, to_uint8_nhwc
 from fastdiff.training.precision import Precision
@@ -18,7 +19,8 @@ def preview_filename(step: int) -> str:
 
 class SamplePreview:
     """Writes a PNG grid of ``num_samples`` EMA samples (rate index 0) with a respaced diffusion, by DDIM
-    (deterministic, eta 0) or by ancestral DDPM sampling (its noise drawn from a generator of its own).
+    (deterministic, eta 0) or by ancestral DDPM sampling (its noise drawn from a generator of its own), or
+    with ``sampling``: sample_batch's options (sampler, steps, timestep_spacing, guidance_scale).
 
     The starting noise and the class labels (0, 1, ..., cycling over ``num_classes``) are fixed for the
     run, so successive grids show the same samples improving. The global RNGs are left as they were.
@@ -35,11 +37,13 @@ class SamplePreview:
         precision: Precision,
         use_ddim: bool = True,
         batch_size: int = 64,
+        sampling: dict | None = None,
     ) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.diffusion = sampling_diffusion
         self.precision = precision
         self.use_ddim = use_ddim
+        self.sampling = sampling or {"sampler": "ddim" if use_ddim else "ddpm"}
         self.seed = seed
         self.batch_size = batch_size
         device = next(self.model.parameters()).device
@@ -53,14 +57,19 @@ class SamplePreview:
         ema.copy_to(self.model, 0)
         chunks = []
         devices = [self.noise.device] if self.noise.device.type == "cuda" else []
-        sample_loop = self.diffusion.ddim_sample_loop if self.use_ddim else self.diffusion.p_sample_loop
         with torch.random.fork_rng(devices=devices), self.precision.autocast():
             torch.manual_seed(derive_seed(self.seed, 0x5A4))
             for start in range(0, self.noise.shape[0], self.batch_size):
                 noise = self.noise[start : start + self.batch_size]
                 kwargs = {} if self.labels is None else {"y": self.labels[start : start + self.batch_size]}
-                sample = sample_loop(
-                    self.model, tuple(noise.shape), noise=noise, clip_denoised=True, model_kwargs=kwargs
+                sample = sample_batch(
+                    self.model,
+                    self.diffusion,
+                    tuple(noise.shape),
+                    noise=noise,
+                    clip_denoised=True,
+                    model_kwargs=kwargs,
+                    **self.sampling,
                 )
                 chunks.append(to_uint8_nhwc(sample).cpu())
         path = os.path.join(log_dir, preview_filename(step))

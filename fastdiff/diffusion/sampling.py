@@ -1,0 +1,453 @@
+"""One place to sample a batch: DDPM, DDIM, DPM-Solver++(2M), EDM's Heun and Euler, with optional
+classifier-free guidance, over any model of a (respaced) GaussianDiffusion.
+
+Every sampler takes the same three things: a model function (the network, possibly guided), the noise
+schedule it was trained with (the diffusion's alpha_bar at its discrete steps) and a grid of steps.
+
+- ``ddpm`` and ``ddim`` are GaussianDiffusion's own ``p_sample_loop`` and ``ddim_sample_loop`` (the one
+  implementation, improved-diffusion's results bit for bit), run on the diffusion respaced to the chosen
+  trained steps. One model call per step.
+- ``euler``, ``heun`` and ``dpmpp_2m`` integrate the probability-flow ODE in the variance-preserving
+  variables x_t = alpha_t x_0 + sigma_t noise (alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t);
+  EDM's noise level is s = sigma_t / alpha_t and its state x_t / alpha_t). They see the model only through
+  its x_0 prediction D(x_t, t), converted from epsilon, x_0 or v (the mean channels of a learned-sigma model).
+  Each ends with the step to s = 0, whose result is D at the last grid point, as DDIM's last step is.
+
+  * ``euler``: x' = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) D. This is Euler's step of EDM's ODE
+    dx/ds = (x - D)/s written in these variables (Karras et al. 2022, Algorithm 1 without the correction),
+    which is also DDIM's deterministic update and DPM-Solver++'s first-order one. One call per step.
+  * ``heun``: EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1): an Euler step to s',
+    then the trapezoidal correction with the slope at s'; no correction on the last step (to s = 0). For N
+    grid points: 2N - 1 model calls. From an infinite s (zero terminal SNR) the first step is the Euler step,
+    the only one defined there.
+  * ``dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), multistep, data prediction, in
+    lambda = log(alpha/sigma): x' = (sigma'/sigma) x - alpha' (e^-h - 1) D_c with h = lambda' - lambda,
+    D_c = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1}/h; the first step and the last (to s = 0) are
+    first order. One call per step.
+
+Grids (``timestep_spacing``) over the diffusion's K trained steps, N points from the noisiest step to step 0:
+``uniform`` (improved-diffusion's even spacing, ``space_timesteps(K, [N])``), ``quadratic`` (step indices
+(K-1) (i/(N-1))^2, rounded and kept distinct) and ``karras`` (EDM's
+s_i = (s_max^(1/7) + i/(N-1) (s_min^(1/7) - s_max^(1/7)))^7 between the schedule's extreme noise levels;
+ODE samplers only). uniform and quadratic land
+on trained steps. Karras noise levels between trained steps are mapped to a fractional timestep by linear
+interpolation of log s over the trained steps (the model is called with that fractional timestep, which the
+UNet's sinusoidal embedding takes as it is), and the schedule's alpha, sigma at that point come from s itself.
+
+Classifier-free guidance (Ho & Salimans 2022) with scale w: eps = eps_uncond + w (eps_cond - eps_uncond),
+applied to the model's mean output (epsilon, x_0 or v alike), both halves in one forward on a doubled batch;
+a learned variance is taken from the conditional half. w = 1 is the conditional model and w = 0 the
+unconditional one: both call the model once on the plain batch (bit for bit what an unguided call gives).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .gaussian_diffusion import GaussianDiffusion, Model, ModelMeanType, ModelVarType
+from .respace import SpacedDiffusion, space_timesteps
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun", "euler")
+SPACINGS = ("uniform", "quadratic", "karras")
+MIN_STEPS = {"ddpm": 1, "ddim": 1, "euler": 1, "dpmpp_2m": 2, "heun": 2}
+"""Fewest grid points per sampler: the second-order ones need two to be second order."""
+KARRAS_RHO = 7.0
+
+
+def sampling_defaults() -> dict[str, Any]:
+    """The sampling flags shared by fastdiff.sample, the training previews and fastdiff.evaluate.
+
+    sampler: one of SAMPLERS, or "" for improved-diffusion's choice (ddim with --use_ddim, else ddpm).
+    steps: grid points over the diffusion's steps (0: all of them; model calls per sampler in the module
+    docstring). timestep_spacing: one of SPACINGS. guidance_scale: classifier-free guidance w (1: off).
+    """
+    return dict(sampler="", steps=0, timestep_spacing="uniform", guidance_scale=1.0)
+
+
+SAMPLING_HELP = dict(
+    sampler="ddpm | ddim | dpmpp_2m | heun | euler ('' : ddim with --use_ddim, else ddpm)",
+    steps="sampling grid points over the trained steps (0: all); heun makes 2N-1 model calls, others N",
+    timestep_spacing="uniform | quadratic | karras (karras: dpmpp_2m, heun, euler only)",
+    guidance_scale="classifier-free guidance w: eps_u + w (eps_c - eps_u); 1: conditional, 0: unconditional",
+)
+
+
+def sampling_options(args: Any, prefix: str = "", use_ddim: bool = False) -> dict[str, Any]:
+    """The keyword arguments of :func:`sample_batch` from parsed flags (``prefix`` + each default's name),
+    with an empty sampler resolved by ``use_ddim``."""
+    options = {name: getattr(args, prefix + name) for name in sampling_defaults()}
+    if not options["sampler"]:
+        options["sampler"] = "ddim" if use_ddim else "ddpm"
+    return options
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A diffusion's trained discrete schedule: alpha_bar [K] at its steps and the model timestep of each.
+
+    ``model_timesteps[k]`` is what the model is called with at step k (the base-process step index,
+    times 1000 / original steps when the diffusion rescales timesteps).
+    """
+
+    alphas_cumprod: np.ndarray
+    model_timesteps: np.ndarray
+    integer_timesteps: bool
+
+    @classmethod
+    def from_diffusion(cls, diffusion: GaussianDiffusion) -> NoiseSchedule:
+        steps = np.asarray(
+            getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)), dtype=np.float64
+        )
+        original = getattr(diffusion, "original_num_steps", diffusion.num_timesteps)
+        if diffusion.rescale_timesteps:
+            return cls(diffusion.alphas_cumprod, steps * (1000.0 / original), False)
+        return cls(diffusion.alphas_cumprod, steps, True)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def point(self, index: int) -> GridPoint:
+        """The trained step ``index`` as a grid point (exact table values)."""
+        alpha_bar = float(self.alphas_cumprod[index])
+        return GridPoint(float(self.model_timesteps[index]), math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar))
+
+    def edm_sigmas(self) -> np.ndarray:
+        """EDM noise levels s_k = sqrt((1 - alpha_bar_k) / alpha_bar_k): [K], inf where alpha_bar = 0."""
+        with np.errstate(divide="ignore"):
+            return np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+
+    def point_at_sigma(self, sigma: float) -> GridPoint:
+        """A grid point at EDM noise level ``sigma`` (finite, within the trained range): its timestep by
+        linear interpolation of log s over the trained steps, alpha and sigma from s itself."""
+        sigmas = self.edm_sigmas()
+        finite = np.isfinite(sigmas)
+        t = float(np.interp(math.log(sigma), np.log(sigmas[finite]), self.model_timesteps[finite]))
+        scale = math.sqrt(1.0 + sigma * sigma)
+        return GridPoint(t, 1.0 / scale, sigma / scale)
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One noise level: the model timestep, alpha_t and sigma_t (x_t = alpha_t x_0 + sigma_t noise)."""
+
+    t: float
+    alpha: float
+    sigma: float
+
+
+def step_indices(num_steps: int, steps: int, spacing: str) -> list[int]:
+    """``steps`` distinct trained step indices in [0, num_steps), increasing, with 0 and num_steps - 1."""
+    if spacing == "uniform":
+        return sorted(space_timesteps(num_steps, [steps]))
+    if spacing != "quadratic":
+        raise ValueError(f"step_indices takes uniform or quadratic spacing, got {spacing!r}")
+    if steps == 1:
+        return [num_steps - 1]
+    raw = [round((num_steps - 1) * (i / (steps - 1)) ** 2) for i in range(steps)]
+    for i in range(1, steps):  # keep them distinct (dense near 0) ...
+        raw[i] = max(raw[i], raw[i - 1] + 1)
+    raw[-1] = num_steps - 1
+    for i in range(steps - 2, -1, -1):  # ... and below the last
+        raw[i] = min(raw[i], raw[i + 1] - 1)
+    return raw
+
+
+def sampling_grid(schedule: NoiseSchedule, steps: int, spacing: str) -> list[GridPoint]:
+    """``steps`` grid points from the noisiest trained step down to step 0."""
+    if spacing != "karras":
+        return [schedule.point(i) for i in reversed(step_indices(schedule.num_steps, steps, spacing))]
+    sigmas = schedule.edm_sigmas()
+    head: list[GridPoint] = []
+    if not math.isfinite(sigmas[-1]):  # zero terminal SNR: start at the pure-noise step, then Karras
+        head, steps = [schedule.point(schedule.num_steps - 1)], steps - 1
+    finite = np.flatnonzero(np.isfinite(sigmas))
+    top, bottom = int(finite[-1]), 0
+    if steps == 1:
+        return [*head, schedule.point(top)]
+    s_max, s_min = sigmas[top] ** (1.0 / KARRAS_RHO), sigmas[bottom] ** (1.0 / KARRAS_RHO)
+    inner = [(s_max + i / (steps - 1) * (s_min - s_max)) ** KARRAS_RHO for i in range(1, steps - 1)]
+    return [*head, schedule.point(top), *(schedule.point_at_sigma(s) for s in inner), schedule.point(bottom)]
+
+
+# ---------------------------------------------------------------------------------------------- guidance
+
+
+def _unwrapped(model: Any) -> Any:
+    """The nn.Module under DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
+    for name in ("module", "_orig_mod"):
+        while hasattr(model, name):
+            model = getattr(model, name)
+    return model
+
+
+def null_label_of(model: Any, flag: str = "--guidance_scale") -> int:
+    """The null class label of a model trained with class dropout; ValueError (naming ``flag``) if none."""
+    inner = _unwrapped(model)
+    if getattr(inner, "num_classes", None) is None:
+        raise ValueError(f"{flag} other than 1 needs a class-conditional model (class_cond True)")
+    null_label = getattr(inner, "null_label", None)
+    if null_label is None:
+        raise ValueError(
+            f"{flag} other than 1 needs a model trained with --class_dropout_prob > 0 (it has no "
+            "null class to give the unconditional prediction)"
+        )
+    return int(null_label)
+
+
+class GuidedModel:
+    """Classifier-free guidance around a class-conditional model: called as model(x, t, y=labels).
+
+    Output channels [: C] (the mean prediction) are eps_u + w (eps_c - eps_u); channels [C:] (a learned
+    variance) are the conditional model's. w = 1 and w = 0 make a single call on the plain batch.
+    """
+
+    def __init__(self, model: Model, scale: float, null_label: int) -> None:
+        self.model = model
+        self.scale = float(scale)
+        self.null_label = null_label
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any):
+        if y is None:
+            raise ValueError("classifier-free guidance needs class labels y")
+        null = torch.full_like(y, self.null_label)
+        if self.scale == 1.0:
+            return self.model(x, t, y=y, **kwargs)
+        if self.scale == 0.0:
+            return self.model(x, t, y=null, **kwargs)
+        both = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]), **kwargs)
+        cond, uncond = both.chunk(2)
+        channels = x.shape[1]
+        mean = uncond[:, :channels] + self.scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([mean, cond[:, channels:]], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_sampling_options(
+    diffusion: GaussianDiffusion,
+    sampler: str,
+    steps: int,
+    timestep_spacing: str,
+    guidance_scale: float,
+    model: Any = None,
+    eta: float = 0.0,
+    flag_prefix: str = "",
+) -> int:
+    """Check the options against the diffusion (and the model, when given, for guidance) before sampling.
+
+    Returns the number of grid points (``steps``, or all the diffusion's steps for 0). ValueError names
+    the flag (``--{flag_prefix}sampler``, ...) and what was expected.
+    """
+    sampler_flag, steps_flag = f"--{flag_prefix}sampler", f"--{flag_prefix}steps"
+    spacing_flag, guidance_flag = f"--{flag_prefix}timestep_spacing", f"--{flag_prefix}guidance_scale"
+    if sampler not in SAMPLERS:
+        raise ValueError(f"{sampler_flag} must be one of {list(SAMPLERS)}, got {sampler!r}")
+    if timestep_spacing not in SPACINGS:
+        raise ValueError(f"{spacing_flag} must be one of {list(SPACINGS)}, got {timestep_spacing!r}")
+    if timestep_spacing == "karras" and sampler in ("ddpm", "ddim"):
+        raise ValueError(
+            f"{spacing_flag} karras places noise levels between trained steps, which {sampler_flag} "
+            f"{sampler} cannot step to: use uniform or quadratic, or a dpmpp_2m, heun or euler sampler"
+        )
+    trained = diffusion.num_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{steps_flag} must be an integer >= 0 (0: all {trained} steps), got {steps!r}")
+    count = steps or trained
+    if count > trained:
+        raise ValueError(f"{steps_flag} {steps} exceeds the {trained} trained timesteps of this diffusion")
+    if count < MIN_STEPS[sampler]:
+        raise ValueError(f"{sampler_flag} {sampler} needs {steps_flag} >= {MIN_STEPS[sampler]}, got {steps}")
+    if eta != 0.0 and sampler != "ddim":
+        raise ValueError(f"--eta applies to {sampler_flag} ddim only, got eta {eta} with {sampler}")
+    mean_type = diffusion.model_mean_type
+    if sampler not in ("ddpm", "ddim") and mean_type == ModelMeanType.PREVIOUS_X:
+        raise ValueError(
+            f"{sampler_flag} {sampler} needs a model predicting epsilon, x_0 or v, not the posterior mean "
+            "(PREVIOUS_X): use ddpm or ddim"
+        )
+    if diffusion.alphas_cumprod[-1] == 0.0 and mean_type in (ModelMeanType.EPSILON, ModelMeanType.PREVIOUS_X):
+        raise ValueError(
+            "this schedule has zero terminal SNR (alpha_bar_T = 0), where an epsilon-predicting model cannot "
+            "give x_0: sample only v- or x_0-predicting models with it (--predict_v True)"
+        )
+    if (
+        not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 0
+    ):
+        raise ValueError(f"{guidance_flag} must be a finite number >= 0, got {guidance_scale!r}")
+    if guidance_scale != 1.0 and model is not None:
+        null_label_of(model, guidance_flag)
+    return count
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def sample_batch(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    *,
+    sampler: str = "ddpm",
+    steps: int = 0,
+    timestep_spacing: str = "uniform",
+    guidance_scale: float = 1.0,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+    noise: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Samples of ``shape`` [N, C, ...] from ``model`` (called as model(x, t, **model_kwargs)).
+
+    :param diffusion: the (respaced) GaussianDiffusion the model was trained with.
+    :param sampler, steps, timestep_spacing, guidance_scale: see :func:`sampling_defaults`.
+    :param eta: DDIM's noise (ddim only).
+    :param clip_denoised: clamp every x_0 prediction to [-1, 1].
+    :param model_kwargs: e.g. ``{"y": labels [N]}``; guidance needs y.
+    :param noise: the starting x_T [N, C, ...] (standard normal if None).
+    :return: [N, C, ...] samples, computed without autograd.
+    """
+    count = check_sampling_options(diffusion, sampler, steps, timestep_spacing, guidance_scale, model, eta)
+    # The starting noise, on the model's device unless told otherwise (drawn as p_sample_loop draws it).
+    x, device = GaussianDiffusion._initial_noise(model, shape, noise, device)
+    if guidance_scale != 1.0:
+        model = GuidedModel(model, guidance_scale, null_label_of(model))
+    common = dict(noise=x, clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=device)
+    if sampler in ("ddpm", "ddim"):
+        if count != diffusion.num_timesteps or timestep_spacing != "uniform":
+            diffusion = respaced(diffusion, step_indices(diffusion.num_timesteps, count, timestep_spacing))
+        if sampler == "ddim":
+            return diffusion.ddim_sample_loop(model, shape, progress=progress, eta=eta, **common)
+        return diffusion.p_sample_loop(model, shape, progress=progress, **common)
+    schedule = NoiseSchedule.from_diffusion(diffusion)
+    grid = sampling_grid(schedule, count, timestep_spacing)
+    denoiser = Denoiser(model, diffusion, schedule, clip_denoised, model_kwargs or {})
+    solver = {"euler": solve_euler, "heun": solve_heun, "dpmpp_2m": solve_dpmpp_2m}[sampler]
+    with torch.no_grad():
+        return solver(denoiser, x, grid)
+
+
+def respaced(diffusion: GaussianDiffusion, indices: Sequence[int]) -> SpacedDiffusion:
+    """``diffusion`` restricted to its steps ``indices`` (a SpacedDiffusion over the same base process)."""
+    base_map = getattr(diffusion, "timestep_map", None)
+    kept = [base_map[i] for i in indices] if base_map is not None else list(indices)
+    return SpacedDiffusion(
+        use_timesteps=kept,
+        betas=getattr(diffusion, "base_betas", diffusion.betas),
+        model_mean_type=diffusion.model_mean_type,
+        model_var_type=diffusion.model_var_type,
+        loss_type=diffusion.loss_type,
+        rescale_timesteps=diffusion.rescale_timesteps,
+    )
+
+
+class Denoiser:
+    """D(x_t, point): the model's x_0 prediction [N, C, ...] at a grid point, from epsilon, x_0 or v."""
+
+    def __init__(
+        self,
+        model: Model,
+        diffusion: GaussianDiffusion,
+        schedule: NoiseSchedule,
+        clip_denoised: bool,
+        model_kwargs: dict[str, Any],
+    ) -> None:
+        self.model = model
+        self.mean_type = diffusion.model_mean_type
+        self.learned_sigma = diffusion.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+        self.schedule = schedule
+        self.clip_denoised = clip_denoised
+        self.model_kwargs = model_kwargs
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, point: GridPoint) -> torch.Tensor:
+        self.calls += 1
+        if self.schedule.integer_timesteps and float(point.t).is_integer():
+            t = torch.full((x.shape[0],), int(point.t), device=x.device, dtype=torch.long)
+        else:
+            t = torch.full((x.shape[0],), point.t, device=x.device, dtype=torch.float32)
+        output = self.model(x, t, **self.model_kwargs)
+        channels = x.shape[1]
+        expected = 2 * channels if self.learned_sigma else channels
+        if output.shape[1] != expected:
+            raise ValueError(f"model output must have {expected} channels, got shape {tuple(output.shape)}")
+        mean = output[:, :channels].to(torch.promote_types(x.dtype, torch.float32))
+        if self.mean_type == ModelMeanType.START_X:
+            x0 = mean
+        elif self.mean_type == ModelMeanType.VELOCITY:
+            x0 = point.alpha * x - point.sigma * mean
+        else:
+            x0 = (x - point.sigma * mean) / point.alpha
+        return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
+
+
+CLEAN = GridPoint(t=-1.0, alpha=1.0, sigma=0.0)
+"""The end of every grid: no noise left."""
+
+
+def first_order_step(x: torch.Tensor, x0: torch.Tensor, here: GridPoint, there: GridPoint) -> torch.Tensor:
+    """x' = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) x0: Euler's (= DDIM's) step here -> there."""
+    ratio = there.sigma / here.sigma
+    return ratio * x + (there.alpha - here.alpha * ratio) * x0
+
+
+def solve_euler(denoise: Denoiser, x: torch.Tensor, grid: list[GridPoint]) -> torch.Tensor:
+    """Euler over ``grid`` then to s = 0: len(grid) model calls."""
+    for here, there in zip(grid, [*grid[1:], CLEAN], strict=True):
+        x = first_order_step(x, denoise(x, here), here, there)
+    return x
+
+
+def solve_heun(denoise: Denoiser, x: torch.Tensor, grid: list[GridPoint]) -> torch.Tensor:
+    """EDM's Heun (Algorithm 1, deterministic) over ``grid`` then to s = 0: 2 len(grid) - 1 model calls."""
+    for here, there in zip(grid, [*grid[1:], CLEAN], strict=True):
+        x0 = denoise(x, here)
+        predicted = first_order_step(x, x0, here, there)
+        if there.sigma == 0.0 or here.alpha == 0.0:
+            x = predicted
+            continue
+        # EDM variables: state y = x / alpha, noise level s = sigma / alpha, slope dy/ds = (y - D) / s.
+        s_here, s_there = here.sigma / here.alpha, there.sigma / there.alpha
+        y_here, y_there = x / here.alpha, predicted / there.alpha
+        slope_here = (y_here - x0) / s_here
+        slope_there = (y_there - denoise(predicted, there)) / s_there
+        x = there.alpha * (y_here + (s_there - s_here) * 0.5 * (slope_here + slope_there))
+    return x
+
+
+def _log_snr(point: GridPoint) -> float:
+    """lambda = log(alpha / sigma) (-inf where alpha = 0)."""
+    return -math.inf if point.alpha == 0.0 else math.log(point.alpha) - math.log(point.sigma)
+
+
+def solve_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, grid: list[GridPoint]) -> torch.Tensor:
+    """DPM-Solver++(2M) over ``grid`` then to s = 0: len(grid) model calls."""
+    previous_x0: torch.Tensor | None = None
+    previous_h = math.inf
+    for here, there in zip(grid, [*grid[1:], CLEAN], strict=True):
+        x0 = denoise(x, here)
+        if previous_x0 is None or there.sigma == 0.0:
+            corrected = x0
+        else:
+            h = _log_snr(there) - _log_snr(here)
+            half_inverse_r = h / (2.0 * previous_h)  # 1 / (2 r), r = h_prev / h; 0 after an infinite step
+            corrected = (1.0 + half_inverse_r) * x0 - half_inverse_r * previous_x0
+        if there.sigma != 0.0:
+            previous_h = _log_snr(there) - _log_snr(here)
+        x = first_order_step(x, corrected, here, there)
+        previous_x0 = x0
+    return x
