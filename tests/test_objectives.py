@@ -159,6 +159,26 @@ def test_ema_warmup_decays_and_exact_state():
         ParameterEMA(model, [0.9, 0.999]).load_state_dict(ema.state_dict())
 
 
+def test_ema_warmup_skipped_steps_change_nothing_and_do_not_advance_the_count():
+    """A step skipped on the device (non-finite) leaves the averages and the warm-up count as they were:
+    the updates that follow match an EMA that never saw the skipped steps."""
+    model = torch.nn.Linear(3, 2)
+    skipping = ParameterEMA(model, [0.9, 0.999], warmup=True)
+    plain = ParameterEMA(model, [0.9, 0.999], warmup=True)
+    for skip in (False, True, True, False, False, True, False):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param))
+        skipping.update(model, skip=torch.tensor(skip))
+        if not skip:
+            plain.update(model)
+    assert int(skipping.num_updates) == plain.num_updates == 4
+    for ours, theirs in zip(skipping.shadows, plain.shadows, strict=True):
+        for value, expected in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+    assert skipping.state_dict()["num_updates"] == 4
+
+
 def test_class_dropout_depends_on_position_only():
     y = torch.arange(40) % 5
     whole = drop_class_labels(y, 0.3, 5, seed=1, step=7, first=0)
