@@ -17,14 +17,10 @@ import numpy as np
 import torch
 
 from fastdiff import dist_util, ops
-from fastdiff.script_util import (
-    NUM_CLASSES,
-    add_dict_to_argparser,
-    model_and_diffusion_defaults,
-)
+from fastdiff.app import build_parser, output_dir, prepare_inference
+from fastdiff.script_util import NUM_CLASSES, model_and_diffusion_defaults
 from fastdiff.training.cli import explicit_flags, run_main
 from fastdiff.training.image_grid import save_image_grid, to_uint8_nhwc
-from fastdiff.training.inference import prepare_inference
 from fastdiff.training.rng import seed_everything
 
 SAMPLE_DEFAULTS = dict(
@@ -59,16 +55,8 @@ FLAG_HELP = dict(
 
 def create_argparser() -> argparse.ArgumentParser:
     """The sampling flags: improved-diffusion's, fastdiff's additions, model and diffusion flags."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fastdiff.sample",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_dict_to_argparser(parser, {**SAMPLE_DEFAULTS, **EXTRA_DEFAULTS, **model_and_diffusion_defaults()})
-    for action in parser._actions:
-        if action.dest in FLAG_HELP:
-            action.help = FLAG_HELP[action.dest]
-    return parser
+    defaults = {**SAMPLE_DEFAULTS, **EXTRA_DEFAULTS, **model_and_diffusion_defaults()}
+    return build_parser("fastdiff.sample", __doc__, defaults, FLAG_HELP)
 
 
 def _label_count(args: argparse.Namespace, class_names: list[str]) -> int:
@@ -127,8 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ops.use_backend(setup.kernels):
             images, labels = generate(setup.model, setup.diffusion, args, ctx, setup.precision, label_count)
         if ctx.is_main:
-            out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.model_path))
-            os.makedirs(out_dir, exist_ok=True)
+            out_dir = output_dir(args.out_dir, args.model_path)
             stem = os.path.join(out_dir, "samples_" + "x".join(str(side) for side in images.shape))
             arrays = (images,) if labels is None else (images, labels)
             np.savez(f"{stem}.npz", *arrays)

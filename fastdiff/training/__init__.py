@@ -14,6 +14,5 @@ preview      PNG grids of EMA samples during training
 image_grid   uint8 conversion and PNG grids (numpy + Pillow)
 stop         SIGTERM / SIGINT as a flag the loop polls
 model_flags  model_flags.json beside the checkpoints, read by sample and nll
-inference    loading a plain state_dict into a model for sampling and evaluation
 cli          flag helpers shared by the three entry points
 """
