@@ -88,6 +88,11 @@ def load_samples(args: argparse.Namespace, given: set[str], ctx) -> ImageSet:
     if not args.samples.endswith(CHECKPOINT_SUFFIXES):
         size = args.image_size if "image_size" in given else 0
         found = load_images(args.samples, "--samples", size)
+        if size and found.image_size != size:
+            raise ValueError(
+                f"--samples {args.samples!r} holds {found.image_size}x{found.image_size} images, not the "
+                f"--image_size {size} asked for"
+            )
         if len(found.images) < 2:
             raise ValueError(
                 f"--samples {args.samples!r} holds {len(found.images)} image(s); at least 2 are needed"

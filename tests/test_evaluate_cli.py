@@ -125,6 +125,8 @@ def test_bad_input_names_the_file(tmp_path):
     (folder / "c.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"c\.png"):
         load_images(str(folder), "--ref", image_size=8)
+    with pytest.raises(ValueError, match=r"gray\.npz.*4x4 images, not the --image_size 16"):
+        evaluate.main(["--ref", "shapes", "--samples", str(tmp_path / "gray.npz"), "--image_size", "16"])
     np.savez(tmp_path / "one.npz", np.zeros((1, 4, 4, 3), np.uint8))
     with warnings.catch_warnings(), pytest.raises(ValueError, match="at least 2"):
         warnings.simplefilter("ignore")
