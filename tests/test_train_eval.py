@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from test_eval_inception import require_inception
 from tiny_run import TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from fastdiff import train
+from fastdiff.data import build_dataset
 from fastdiff.evaluation import inception
+from fastdiff.script_util import args_to_dict, model_and_diffusion_defaults
 
 EVAL = ["--eval_interval", "2", "--eval_samples", "4", "--eval_ref", "4", "--preview_steps", "3"]
 RUN = ["--batch_size", "2", "--save_interval", "2", "--sample_interval", "0", "--num_workers", "0"]
@@ -55,3 +58,17 @@ def test_eval_interval_without_the_feature_network_fails_before_training(tmp_pat
     assert not list(log_dir.glob("*.pt")), "nothing was trained"
     with pytest.raises(ValueError, match="at least 4 reference images"):
         train.main([*TINY_RUN_ARGV, *RUN, *EVAL, "--eval_ref", "1", "--log_dir", str(tmp_path)])
+
+
+def test_the_embedded_profile_trains_without_evaluation_when_the_network_is_missing(monkeypatch, capsys):
+    monkeypatch.setattr(inception, "PACKAGE", "fastdiff_no_such_package")
+    args, given = train.parse_args([])
+    assert args.eval_interval == args.sample_interval and "eval_interval" not in given
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    ctx = SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device("cpu"))
+    dataset = build_dataset("", args.image_size, args.class_cond)
+    assert train.build_evaluation(args, given, None, flags, dataset, None, ctx, 0.99) is None
+    assert (
+        "note: no sample-quality evaluation (the FID feature network is not installed"
+        in capsys.readouterr().out
+    )
