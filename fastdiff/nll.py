@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from fastdiff import dist_util, ops
+from fastdiff.app import build_parser, output_dir, prepare_inference
 from fastdiff.data import BatchStream, build_dataset
-from fastdiff.script_util import add_dict_to_argparser, model_and_diffusion_defaults
+from fastdiff.script_util import model_and_diffusion_defaults
 from fastdiff.training.cli import explicit_flags, run_main
-from fastdiff.training.inference import prepare_inference
 from fastdiff.training.rng import seed_everything
 
 NLL_DEFAULTS = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
@@ -33,13 +33,9 @@ TERMS = ("vb", "mse", "xstart_mse")
 
 def create_argparser() -> argparse.ArgumentParser:
     """The evaluation flags: improved-diffusion's, fastdiff's additions, model and diffusion flags."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fastdiff.nll",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return build_parser(
+        "fastdiff.nll", __doc__, {**NLL_DEFAULTS, **EXTRA_DEFAULTS, **model_and_diffusion_defaults()}
     )
-    add_dict_to_argparser(parser, {**NLL_DEFAULTS, **EXTRA_DEFAULTS, **model_and_diffusion_defaults()})
-    return parser
 
 
 def evaluate_bpd(model, diffusion, data: BatchStream, num_samples: int, clip_denoised: bool, ctx, precision):
@@ -94,8 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         data.close()
         if ctx.is_main:
-            out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.model_path))
-            os.makedirs(out_dir, exist_ok=True)
+            out_dir = output_dir(args.out_dir, args.model_path)
             for name, values in terms.items():
                 np.savez(os.path.join(out_dir, f"{name}_terms.npz"), values)
             print(f"bits/dim {bpd:.6f} over {args.num_samples} samples; terms saved in {out_dir}", flush=True)

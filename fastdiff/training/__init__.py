@@ -12,9 +12,9 @@ resume       where a run resumes from, and checking a full state before any of i
 metrics      loss terms by timestep quartile and per-step scalars, reduced over ranks
 reporters    status lines, progress.csv, TensorBoard, the tqdm bar
 preview      PNG grids of EMA samples during training
+quality      FID/KID/precision/recall of EMA samples every --eval_interval, the best EMA checkpoint
 image_grid   uint8 conversion and PNG grids (numpy + Pillow)
 stop         SIGTERM / SIGINT as a flag the loop polls
 model_flags  model_flags.json beside the checkpoints, read by sample and nll
-inference    loading a plain state_dict into a model for sampling and evaluation
 cli          flag helpers shared by the three entry points
 """

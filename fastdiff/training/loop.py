@@ -34,6 +34,7 @@ from fastdiff.training.nonfinite import NonFiniteSteps, inject_test_nan, is_bad,
 from fastdiff.training.optim import annealed_lr, build_optimizer, set_lr
 from fastdiff.training.precision import Precision
 from fastdiff.training.preview import SamplePreview
+from fastdiff.training.quality import TrainingEvaluation
 from fastdiff.training.reporters import Reporter
 from fastdiff.training.resume import (
     STATE_FORMAT,
@@ -66,6 +67,7 @@ class TrainLoop:
         precision: Precision,
         resume_checkpoint: str = "",
         preview: SamplePreview | None = None,
+        evaluation: TrainingEvaluation | None = None,
     ) -> None:
         self.model = model
         self.diffusion = diffusion
@@ -76,6 +78,7 @@ class TrainLoop:
         self.precision = precision
         self.resume_checkpoint = resume_checkpoint
         self.preview = preview
+        self.evaluation = evaluation
         self.global_batch = settings.batch_size * ctx.world_size
 
         if settings.channels_last:
@@ -239,6 +242,8 @@ class TrainLoop:
                 self.save()
             if settings.sample_interval and self.step % settings.sample_interval == 0:
                 self.write_preview()
+            if self.evaluation is not None and self.step % self.evaluation.interval == 0:
+                self.evaluate()
         if self.last_saved_step != self.step:
             self.save()
         if settings.sample_interval and self.last_preview_step != self.step:
@@ -295,6 +300,11 @@ class TrainLoop:
         if self.preview is not None and self.ctx.is_main:
             path = self.preview.write(self.ema, self.settings.log_dir, self.step)
             self.reporter.message(f"wrote samples {path}")
+
+    def evaluate(self) -> None:
+        """Score EMA samples (every rank takes part) and report the metrics; see training/quality.py."""
+        values = self.evaluation.run(self.ema, self.model, self.step)
+        self.reporter.metrics({"step": self.step, **values})
 
     # ------------------------------------------------------------------ checkpoints
 

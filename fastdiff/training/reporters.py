@@ -23,6 +23,12 @@ def format_status(metrics: dict[str, float]) -> str:
                 if name == "loss"
                 else f"{name} {metrics[name]:.4g}"
             )
+    if "eval_fid" in metrics:
+        parts.append(
+            f"FID {metrics['eval_fid']:.2f} KID {metrics['eval_kid']:.4f} precision "
+            f"{metrics['eval_precision']:.3f} recall {metrics['eval_recall']:.3f}"
+            + (" (best)" if metrics.get("eval_best") else "")
+        )
     if "grad_norm" in metrics:
         parts.append(f"grad_norm {metrics['grad_norm']:.4g}")
     if "images_per_s" in metrics:

@@ -1,15 +1,58 @@
-"""Building a model from flags and loading a plain state_dict into it, for sampling and evaluation."""
+"""What the entry points share: one argument-parser builder, and for ``sample``, ``nll`` and ``evaluate``
+the set-up of a trained model (flags from ``model_flags.json``, weights, precision, kernels, output folder).
+"""
 
+import argparse
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from fastdiff import dist_util
-from fastdiff.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+from fastdiff.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
 from fastdiff.training.checkpoint import load_model_state
 from fastdiff.training.cli import check_kernels
 from fastdiff.training.model_flags import apply_model_flags
 from fastdiff.training.precision import Precision, resolve_precision
+
+
+def build_parser(
+    prog: str,
+    description: str,
+    defaults: dict,
+    flag_help: dict[str, str] | None = None,
+    epilog: str = "",
+    parents: Iterable[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:
+    """The parser of ``python -m {prog}``: one ``--name`` per entry of ``defaults`` (typed by its default,
+    documented by ``flag_help[name]``), after the flags of ``parents``, which ``defaults`` may redefine."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {prog}",
+        description=description,
+        epilog=epilog or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=list(parents),
+        conflict_handler="resolve",
+    )
+    add_dict_to_argparser(parser, defaults)
+    flag_help = flag_help or {}
+    for action in parser._actions:
+        if action.dest in flag_help:
+            action.help = flag_help[action.dest]
+    return parser
+
+
+def output_dir(out_dir: str, model_path: str) -> str:
+    """``out_dir``, or the folder of ``model_path`` when it is empty; created if missing."""
+    folder = out_dir or os.path.dirname(os.path.abspath(model_path))
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 def load_plain_state_dict(path: str, trust: bool = False) -> dict[str, torch.Tensor]:
@@ -45,7 +88,7 @@ def build_inference_model(flags: dict, model_path: str, device: torch.device, tr
 
 @dataclass
 class InferenceSetup:
-    """What ``fastdiff.sample`` and ``fastdiff.nll`` run with."""
+    """What ``fastdiff.sample``, ``fastdiff.nll`` and ``fastdiff.evaluate`` run with."""
 
     model: torch.nn.Module
     diffusion: object

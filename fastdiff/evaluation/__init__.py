@@ -1,0 +1,1 @@
+"""Sample quality: the FID feature network, FID / KID / precision / recall, reference statistics."""

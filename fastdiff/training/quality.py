@@ -1,0 +1,176 @@
+"""Sample quality during training: every ``--eval_interval`` steps, FID/KID/precision/recall of
+``--eval_samples`` EMA samples (rate index 0) against the training data, and the best EMA checkpoint kept.
+
+The reference statistics (``--eval_ref`` training images, evenly spaced over the dataset) are computed once,
+all ranks sharing the feature extraction, and cached in the log dir as ``fid_reference_{S}px_{N}.npz``; a
+cached file from another feature network or image size is recomputed. The samples are drawn like the
+sample grids (the preview's respaced diffusion and sampler, through sample_batch) from noise fixed for the
+run, each rank drawing its share. When an evaluation gives a lower FID than any before in this log dir,
+rank 0 writes ``ema_{rate}_best.pt`` and ``ema_{rate}_best.json`` (step and metrics) atomically; a resumed
+run reads that JSON and keeps the best.
+"""
+
+import copy
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from fastdiff import dist_util
+from fastdiff.diffusion.sampling import sample_batch
+from fastdiff.evaluation.features import extract_features, reference_stats
+from fastdiff.evaluation.inception import load_feature_network
+from fastdiff.evaluation.stats import ReferenceStats, is_stats_file, load_stats, score
+from fastdiff.training.checkpoint import atomic_save
+from fastdiff.training.ema import ParameterEMA
+from fastdiff.training.image_grid import to_uint8_nhwc
+from fastdiff.training.precision import Precision
+from fastdiff.training.rng import derive_seed
+
+METRIC_NAMES = ("fid", "kid", "kid_std", "precision", "recall")
+PR_K = 3
+
+
+def best_filenames(rate: float) -> tuple[str, str]:
+    """``(ema_{rate}_best.pt, ema_{rate}_best.json)``."""
+    return f"ema_{rate}_best.pt", f"ema_{rate}_best.json"
+
+
+def dataset_uint8(dataset, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` items of a training dataset (float ``[3, S, S]`` in [-1, 1]) evenly spaced over it, as uint8
+    ``[count, S, S, 3]`` (rounded: the inverse of the loaders' ``u / 127.5 - 1``) and labels ``[count]``."""
+    indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
+    items = [dataset[int(index)] for index in indices]
+    images = torch.stack([image for image, _ in items]).add(1.0).mul(127.5).round().clamp(0, 255)
+    labels = np.array([int(label) for _, label in items], dtype=np.int64)
+    return images.to(torch.uint8).permute(0, 2, 3, 1).numpy(), labels
+
+
+class TrainingEvaluation:
+    """Scores the EMA model every ``interval`` steps (see the module docstring). Every rank must call."""
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        sampling_diffusion,
+        sampling: dict,
+        dataset,
+        interval: int,
+        num_samples: int,
+        num_ref: int,
+        num_classes: int | None,
+        seed: int,
+        precision: Precision,
+        ctx,
+        log_dir: str,
+        ema_rate: float,
+        inception: str = "",
+        batch_size: int = 64,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"eval_interval must be positive, got {interval}")
+        least = PR_K + 1
+        if num_samples < least:
+            raise ValueError(
+                f"--eval_samples must be >= {least} (precision/recall's k is {PR_K}), got {num_samples}"
+            )
+        if num_ref < least or len(dataset) < least:
+            raise ValueError(
+                f"--eval_interval needs at least {least} reference images: --eval_ref is {num_ref} and the "
+                f"training data holds {len(dataset)}"
+            )
+        self.interval = interval
+        self.ctx = ctx
+        self.log_dir = log_dir
+        self.ema_rate = ema_rate
+        self.diffusion = sampling_diffusion
+        self.precision = precision
+        self.sampling = dict(sampling)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.network = load_feature_network(inception, ctx.device)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        device = next(self.model.parameters()).device
+        share = math.ceil(num_samples / ctx.world_size)
+        self.num_samples = num_samples
+        image_size = int(dataset[0][0].shape[-1])
+        generator = torch.Generator().manual_seed(derive_seed(seed, 0xE7A1, ctx.rank))
+        self.noise = torch.randn((share, 3, image_size, image_size), generator=generator).to(device)
+        positions = torch.arange(share) * ctx.world_size + ctx.rank
+        self.labels = (positions % num_classes).to(device) if num_classes else None
+        self.reference = self._reference(dataset, num_ref, image_size)
+        self.best_fid = self._read_best_fid()
+
+    def _reference(self, dataset, num_ref: int, image_size: int) -> ReferenceStats:
+        path = os.path.join(self.log_dir, f"fid_reference_{image_size}px_{num_ref}.npz")
+        usable = dist_util.broadcast_object(os.path.isfile(path) and is_stats_file(path))
+        if usable:
+            try:
+                return load_stats(path, self.network.sha1, image_size)
+            except ValueError:
+                pass
+        images, labels = dataset_uint8(dataset, min(num_ref, len(dataset)))
+        stats = reference_stats(self.network, images, labels, self.ctx, self.batch_size)
+        if self.ctx.is_main:
+            stats.save(path)
+        return stats
+
+    def _read_best_fid(self) -> float:
+        path = os.path.join(self.log_dir, best_filenames(self.ema_rate)[1])
+        if not os.path.isfile(path):
+            return math.inf
+        with open(path) as handle:
+            return float(json.load(handle)["fid"])
+
+    @torch.no_grad()
+    def _samples(self, ema: ParameterEMA) -> np.ndarray:
+        """``num_samples`` uint8 EMA samples ``[K, S, S, 3]``, gathered from every rank."""
+        ema.copy_to(self.model, 0)
+        chunks = []
+        devices = [self.noise.device] if self.noise.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.precision.autocast():
+            torch.manual_seed(derive_seed(self.seed, 0xE7A2, self.ctx.rank))
+            for start in range(0, self.noise.shape[0], self.batch_size):
+                noise = self.noise[start : start + self.batch_size]
+                kwargs = {} if self.labels is None else {"y": self.labels[start : start + self.batch_size]}
+                sample = sample_batch(
+                    self.model,
+                    self.diffusion,
+                    tuple(noise.shape),
+                    noise=noise,
+                    clip_denoised=True,
+                    model_kwargs=kwargs,
+                    **self.sampling,
+                )
+                chunks.append(to_uint8_nhwc(sample).cpu().numpy())
+        parts = dist_util.all_gather_object(np.concatenate(chunks))
+        return np.concatenate(parts)[: self.num_samples]
+
+    def run(self, ema: ParameterEMA, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """The metrics of this step's EMA samples (``eval_`` + fid, kid, ...); keeps the best checkpoint."""
+        images = self._samples(ema)
+        features = extract_features(self.network, images, self.ctx, self.batch_size, desc="eval features")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # small K: FID is biased, as the README says
+            metrics = score(self.reference, features, kid_subsets=50, k=PR_K, seed=step)
+        values = {f"eval_{name}": float(metrics[name]) for name in METRIC_NAMES}
+        if metrics["fid"] < self.best_fid:
+            self.best_fid = metrics["fid"]
+            if self.ctx.is_main:
+                self._write_best(ema, model, step, metrics)
+            values["eval_best"] = 1.0
+        return values
+
+    def _write_best(self, ema: ParameterEMA, model: torch.nn.Module, step: int, metrics: dict) -> None:
+        weights_name, json_name = best_filenames(self.ema_rate)
+        state = {name: value.detach().cpu().clone() for name, value in ema.model_state_dict(model, 0).items()}
+        atomic_save(state, os.path.join(self.log_dir, weights_name))
+        record = {"step": step, **metrics, "checkpoint": weights_name}
+        partial = os.path.join(self.log_dir, json_name + ".tmp")
+        with open(partial, "w") as handle:
+            json.dump(record, handle, indent=1)
+        os.replace(partial, os.path.join(self.log_dir, json_name))
