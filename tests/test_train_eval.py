@@ -65,9 +65,10 @@ def test_the_embedded_profile_trains_without_evaluation_when_the_network_is_miss
     args, given = train.parse_args([])
     assert args.eval_interval == args.sample_interval and "eval_interval" not in given
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    sampling = (train.sampling_diffusion(flags, args.preview_steps, args.preview_ddim), {"sampler": "ddim"})
     ctx = SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device("cpu"))
     dataset = build_dataset("", args.image_size, args.class_cond)
-    assert train.build_evaluation(args, given, None, flags, dataset, None, ctx, 0.99) is None
+    assert train.build_evaluation(args, given, None, sampling, dataset, None, ctx, 0.99) is None
     assert (
         "note: no sample-quality evaluation (the FID feature network is not installed"
         in capsys.readouterr().out
