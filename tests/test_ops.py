@@ -253,9 +253,17 @@ def test_forced_backend_that_cannot_serve_says_why(monkeypatch):
     monkeypatch.setattr(backends, "CPP_IMPORT_ERROR", "not built in this test")
     with ops.use_backend("cpp"), pytest.raises(ops.BackendUnavailableError, match="not built in this test"):
         ops.group_norm(torch.randn(2, 4, 3), 2, None, None)
-    monkeypatch.setattr(backends, "TRITON_INTERPRET", False)
-    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match="CUDA tensors"):
+    monkeypatch.setattr(backends, "TRITON_VERSION", (2, 1))
+    with (
+        ops.use_backend("triton"),
+        pytest.raises(ops.BackendUnavailableError, match=r"triton 2\.1 is too old"),
+    ):
         ops.qkv_attention(torch.randn(1, 6, 3), 1)
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match=r"triton >= 3\.4"):
+        ops.group_norm(torch.randn(2, 4, 3), 2, None, None)
+    monkeypatch.setattr(backends, "HAS_TRITON", False)
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match="not installed"):
+        ops.group_norm_silu(torch.randn(2, 4, 3), 2, None, None)
 
 
 def test_auto_backend_choice(monkeypatch):
