@@ -133,6 +133,20 @@ def backend_refusal(name: str, device: torch.device) -> str:
     return f"unknown backend {name!r}"
 
 
+def set_autotune(enabled: bool) -> None:
+    """Autotune the Triton kernels' launch configs on CUDA (picks persisted per GPU and Triton version),
+    or keep the fixed rule (False). ``torch.use_deterministic_algorithms(True)`` always keeps the rule.
+    Enabling it without a usable Triton is a ValueError."""
+    missing = _triton_missing()
+    if missing:
+        if enabled:
+            raise ValueError(f"autotuning needs the Triton kernels: {missing}")
+        return
+    from fastdiff.kernels import launch
+
+    launch.set_autotune(enabled)
+
+
 def available_backends() -> list[str]:
     """Backend names this process can serve for at least one device: always ``auto`` and ``torch``
     (``triton`` whenever a new enough Triton is installed: on the CPU it runs the interpreter)."""
@@ -161,7 +175,7 @@ def _cpp_group_norm_refusal(device: torch.device, dtype: torch.dtype) -> str:
     if cpp_extension is None:
         return f"the C++ extension fastdiff._C is not built ({CPP_IMPORT_ERROR})"
     if device.type != "cpu":
-        return f"the C++ kernels run on CPU tensors, got device {device}"
+        return f"the C++ kernels serve CPU tensors only, got device {device}"
     if dtype not in CPP_GROUP_NORM_DTYPES:
         return f"the C++ kernels take float16, bfloat16, float32 or float64, got {dtype}"
     return ""
@@ -169,7 +183,7 @@ def _cpp_group_norm_refusal(device: torch.device, dtype: torch.dtype) -> str:
 
 def _cpp_attention_refusal(device: torch.device, dtype: torch.dtype) -> str:
     if device.type != "cpu":
-        return f"the CPU attention kernel runs on CPU tensors, got device {device}"
+        return f"the CPU attention kernel serves CPU tensors only, got device {device}"
     return ""
 
 
