@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from fastdiff.kernels.compile_spec import CompileSpec
 from triton.runtime.interpreter import InterpretedFunction
 
-MAX_HEAD_DIM = 128
+from fastdiff.kernels.compile_spec import CompileSpec
+
+MAX_HEAD_DIM = 256
 
 # Module constants read inside the kernels must be tl.constexpr.
 _LOG2E = tl.constexpr(math.log2(math.e))
@@ -65,7 +66,8 @@ def _attn_fwd_kernel(
     stride_ot,
     stride_od,
     H,
-    T,
+    T_Q,
+    T_K,
     HEAD_DIM,
     qk_scale_log2,
     BLOCK_M: tl.constexpr,
@@ -73,8 +75,11 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """One program: BLOCK_M queries of one (batch, head). O [D, BLOCK_M] tile, LSE[b, h, t] fp32."""
-    num_blocks = tl.cdiv(T, BLOCK_M)
+    """One program: BLOCK_M queries of one (batch, head) over all T_K keys (T_K >= 1).
+
+    Writes an O [D, BLOCK_M] tile and LSE[b, h, t] (fp32, natural log).
+    """
+    num_blocks = tl.cdiv(T_Q, BLOCK_M)
     start_m = (tl.program_id(0) % num_blocks) * BLOCK_M
     bh = tl.program_id(0) // num_blocks  # b * H + h
     b = (bh // H).to(tl.int64)
@@ -83,11 +88,11 @@ def _attn_fwd_kernel(
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     O += b * stride_ob + h * stride_oh
-    LSE += bh.to(tl.int64) * T
+    LSE += bh.to(tl.int64) * T_Q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < T
+    m_ok = offs_m < T_Q
     d_ok = offs_d < HEAD_DIM
 
     q_t = tl.load(
@@ -100,9 +105,9 @@ def _attn_fwd_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of scores, log2 units
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, T, BLOCK_N):
+    for start_n in range(0, T_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < T
+        n_ok = offs_n < T_K
         tile_mask = d_ok[:, None] & n_ok[None, :]
         k_t = tl.load(
             K + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kt, mask=tile_mask, other=0.0
@@ -205,7 +210,8 @@ def _attn_bwd_dkdv_kernel(
     stride_dvt,
     stride_dvd,
     H,
-    T,
+    T_Q,
+    T_K,
     HEAD_DIM,
     qk_scale_log2,
     scale,
@@ -214,12 +220,13 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """One program: dK, dV for BLOCK_N keys of one (batch, head), stepping over queries BLOCK_M at a time.
+    """One program: dK, dV for BLOCK_N of the T_K keys of one (batch, head), stepping over the T_Q
+    queries BLOCK_M at a time.
 
     Padded query columns load q = dO = 0, lse = delta = 0, so they add exactly zero; padded key rows
     only touch rows of dK/dV that are never stored.
     """
-    num_blocks = tl.cdiv(T, BLOCK_N)
+    num_blocks = tl.cdiv(T_K, BLOCK_N)
     start_n = (tl.program_id(0) % num_blocks) * BLOCK_N
     bh = tl.program_id(0) // num_blocks  # b * H + h
     b = (bh // H).to(tl.int64)
@@ -230,13 +237,13 @@ def _attn_bwd_dkdv_kernel(
     DO += b * stride_dob + h * stride_doh
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
-    LSE += bh.to(tl.int64) * T
-    DELTA += bh.to(tl.int64) * T
+    LSE += bh.to(tl.int64) * T_Q
+    DELTA += bh.to(tl.int64) * T_Q
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kv_mask = d_ok[:, None] & (offs_n < T)[None, :]
+    kv_mask = d_ok[:, None] & (offs_n < T_K)[None, :]
     k_t = tl.load(K + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kt, mask=kv_mask, other=0.0)
     v_t = tl.load(V + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vt, mask=kv_mask, other=0.0)
     k = tl.trans(k_t.to(DOT_DTYPE))  # [BLOCK_N, BLOCK_D]
@@ -244,9 +251,9 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, T, BLOCK_M):
+    for start_m in range(0, T_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < T
+        m_ok = offs_m < T_Q
         q_mask = d_ok[:, None] & m_ok[None, :]
         q_t = tl.load(Q + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qt, mask=q_mask, other=0.0)
         do_t = tl.load(
@@ -306,7 +313,8 @@ def _attn_bwd_dq_kernel(
     stride_dqt,
     stride_dqd,
     H,
-    T,
+    T_Q,
+    T_K,
     HEAD_DIM,
     qk_scale_log2,
     scale,
@@ -315,8 +323,9 @@ def _attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """One program: dQ for BLOCK_M queries of one (batch, head), stepping over keys BLOCK_N at a time."""
-    num_blocks = tl.cdiv(T, BLOCK_M)
+    """One program: dQ for BLOCK_M of the T_Q queries of one (batch, head), stepping over the T_K keys
+    BLOCK_N at a time."""
+    num_blocks = tl.cdiv(T_Q, BLOCK_M)
     start_m = (tl.program_id(0) % num_blocks) * BLOCK_M
     bh = tl.program_id(0) // num_blocks  # b * H + h
     b = (bh // H).to(tl.int64)
@@ -326,12 +335,12 @@ def _attn_bwd_dq_kernel(
     V += b * stride_vb + h * stride_vh
     DO += b * stride_dob + h * stride_doh
     DQ += b * stride_dqb + h * stride_dqh
-    LSE += bh.to(tl.int64) * T
-    DELTA += bh.to(tl.int64) * T
+    LSE += bh.to(tl.int64) * T_Q
+    DELTA += bh.to(tl.int64) * T_Q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < T
+    m_ok = offs_m < T_Q
     d_ok = offs_d < HEAD_DIM
     q_mask = d_ok[:, None] & m_ok[None, :]
     q_t = tl.load(Q + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qt, mask=q_mask, other=0.0)
@@ -342,9 +351,9 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, T, BLOCK_N):
+    for start_n in range(0, T_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < T
+        n_ok = offs_n < T_K
         kv_mask = d_ok[:, None] & n_ok[None, :]
         k_t = tl.load(K + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kt, mask=kv_mask, other=0.0)
         v_t = tl.load(V + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vt, mask=kv_mask, other=0.0)
@@ -395,17 +404,21 @@ _C = TileConfig
 # the one launched when no autotuner can run (the interpreter). Every entry compiles for sm_80 and
 # sm_90 without register spills, both when no stride is divisible by 16 (T = 36, say), where each
 # lane keeps its own 64-bit address, and when every pointer and stride is (vector loads; the compile
-# report builds both). fp32 dots run in IEEE fp32 on the CUDA cores and hold both
-# operands in registers, so their tiles are smaller.
+# report builds both). fp32 dots run in IEEE fp32 on the CUDA cores (TF32 would cost about three
+# decimal digits) and hold both operands in registers, so their tiles are smaller. Head dims above 128
+# share the 256 bucket: its half-precision tiles keep BLOCK_M x 256 fp32 accumulators in registers, so
+# they are short along the loop axis (16 or 32 keys/queries per step).
 FORWARD_CONFIGS: dict[tuple[str, int], tuple[TileConfig, ...]] = {
     ("half", 16): (_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 32, 4, 3), _C(128, 128, 8, 3)),
     ("half", 32): (_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 32, 8, 3), _C(128, 128, 8, 3)),
     ("half", 64): (_C(64, 64, 8, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3), _C(64, 32, 4, 3)),
     ("half", 128): (_C(64, 32, 8, 3), _C(128, 32, 8, 3), _C(128, 16, 8, 3)),
+    ("half", 256): (_C(64, 16, 8, 2), _C(32, 32, 8, 2), _C(32, 16, 8, 2)),
     ("fp32", 16): (_C(64, 32, 8, 2), _C(32, 32, 4, 2), _C(64, 16, 8, 2)),
     ("fp32", 32): (_C(32, 32, 4, 2), _C(32, 32, 8, 2), _C(64, 32, 4, 1)),
     ("fp32", 64): (_C(32, 32, 8, 2), _C(32, 16, 8, 2)),
     ("fp32", 128): (_C(32, 16, 8, 2), _C(16, 16, 4, 2)),
+    ("fp32", 256): (_C(16, 16, 8, 2), _C(32, 16, 8, 2)),
 }
 # dK/dV: a program owns block_n keys and steps over queries block_m at a time; block_m is the same
 # across each list, so the autotuner's pick never changes the order of the sums.
@@ -414,10 +427,12 @@ DKDV_CONFIGS: dict[tuple[str, int], tuple[TileConfig, ...]] = {
     ("half", 32): (_C(32, 64, 4, 2), _C(32, 128, 8, 2), _C(32, 64, 8, 2), _C(32, 128, 8, 3)),
     ("half", 64): (_C(32, 64, 4, 2), _C(32, 128, 8, 2), _C(32, 64, 8, 2), _C(32, 128, 8, 3)),
     ("half", 128): (_C(32, 64, 8, 2), _C(32, 32, 8, 2), _C(32, 64, 8, 3)),
+    ("half", 256): (_C(16, 32, 8, 2), _C(16, 16, 8, 2)),
     ("fp32", 16): (_C(32, 32, 8, 2), _C(32, 32, 4, 1)),
     ("fp32", 32): (_C(32, 32, 8, 2),),
     ("fp32", 64): (_C(16, 32, 4, 2),),
     ("fp32", 128): (_C(16, 16, 8, 2), _C(16, 16, 4, 1)),
+    ("fp32", 256): (_C(16, 16, 8, 2), _C(16, 16, 8, 1)),
 }
 # dQ: a program owns block_m queries and steps over keys block_n at a time (block_n fixed per list).
 DQ_CONFIGS: dict[tuple[str, int], tuple[TileConfig, ...]] = {
@@ -425,14 +440,16 @@ DQ_CONFIGS: dict[tuple[str, int], tuple[TileConfig, ...]] = {
     ("half", 32): (_C(64, 64, 4, 2), _C(128, 64, 8, 3), _C(64, 64, 8, 3)),
     ("half", 64): (_C(64, 32, 4, 2), _C(128, 32, 8, 2), _C(64, 32, 4, 3)),
     ("half", 128): (_C(32, 32, 8, 2), _C(32, 32, 8, 3), _C(16, 32, 8, 2)),
+    ("half", 256): (_C(16, 16, 8, 2), _C(16, 16, 8, 3)),
     ("fp32", 16): (_C(32, 32, 4, 2), _C(64, 32, 8, 2), _C(32, 32, 8, 2)),
     ("fp32", 32): (_C(32, 32, 4, 2), _C(32, 32, 8, 2)),
     ("fp32", 64): (_C(32, 32, 8, 2), _C(32, 32, 4, 2)),
     ("fp32", 128): (_C(32, 32, 8, 2), _C(16, 32, 8, 2)),
+    ("fp32", 256): (_C(16, 16, 8, 2), _C(32, 16, 8, 2)),
 }
 # delta = rowsum(dO * O): rows per program, one config per head-dim bucket (4 warps).
-DELTA_BLOCK_M: dict[int, int] = {16: 64, 32: 64, 64: 32, 128: 16}
-HEAD_DIM_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
+DELTA_BLOCK_M: dict[int, int] = {16: 64, 32: 64, 64: 32, 128: 16, 256: 8}
+HEAD_DIM_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256)
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -484,16 +501,43 @@ def _launch(
     key = (kernel.__name__, configs)
     tuner = _AUTOTUNERS.get(key)
     if tuner is None:
-        tuner = triton.autotune(configs=[c.as_triton() for c in configs], key=["T", "HEAD_DIM"])(kernel)
+        tuner = triton.autotune(configs=[c.as_triton() for c in configs], key=["T_Q", "T_K", "HEAD_DIM"])(
+            kernel
+        )
         _AUTOTUNERS[key] = tuner
     meta_key = "BLOCK_M" if owned_block == "block_m" else "BLOCK_N"
     tuner[lambda meta: (grid_rows * triton.cdiv(T, meta[meta_key]),)](*args, **constexprs)
 
 
-def _check_runnable(x: torch.Tensor, name: str) -> None:
-    if not _INTERPRETED and not x.is_cuda:
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise unless q [B, H, Tq, D], k and v [B, H, Tk, D] (Tk >= 1) share dtype and device and the
+    Triton kernels can run them (ValueError / TypeError naming the argument)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, T, D], got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
         raise ValueError(
-            f"{name} is on {x.device}: the Triton attention runs CUDA tensors, or CPU tensors when "
+            f"k and v must have the same shape [B, H, Tk, D], got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q [B, H, Tq, D] and k, v [B, H, Tk, D] must agree in B, H and D, "
+            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"q, k and v must be float16, bfloat16 or float32, got {q.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[2] == 0 and q.numel() > 0:
+        raise ValueError(
+            f"k has no keys (Tk = 0, shape {tuple(k.shape)}): a softmax over zero keys is undefined"
+        )
+    head_dim_bucket(q.shape[3])
+    if not _INTERPRETED and not q.is_cuda:
+        raise ValueError(
+            f"q is on {q.device}: the Triton attention runs CUDA tensors, or CPU tensors when "
             "TRITON_INTERPRET=1 is set before fastdiff.kernels.attention is imported"
         )
 
@@ -519,18 +563,20 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal ``softmax(scale * q k^T) v`` per (batch, head).
 
-    q, k, v: [B, H, T, D], one dtype (fp16/bf16/fp32), any strides (read in place).
-    out: optional [B, H, T, D] destination of any strides.
-    Returns (out [B, H, T, D], lse [B, H, T] fp32, the natural-log logsumexp of scale * q.k over keys).
+    q: [B, H, Tq, D]; k, v: [B, H, Tk, D] with Tk >= 1 (Tk = 0 is a ValueError naming k); one dtype
+    (fp16/bf16/fp32), D <= MAX_HEAD_DIM, any strides (read in place).
+    out: optional [B, H, Tq, D] destination of any strides.
+    Returns (out [B, H, Tq, D], lse [B, H, Tq] fp32, the natural-log logsumexp of scale * q.k over keys).
     """
-    B, H, T, D = q.shape
+    check_inputs(q, k, v)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
     bucket = head_dim_bucket(D)
-    _check_runnable(q, "q")
     if out is None:
         out = _empty_in_layout_of(q)
     else:
         _check_output(out, q, "out")
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out, lse
     _launch(
@@ -538,7 +584,7 @@ def attention_forward(
         FORWARD_CONFIGS[(_precision_class(q.dtype), bucket)],
         "block_m",
         B * H,
-        T,
+        Tq,
         q,
         k,
         v,
@@ -549,7 +595,8 @@ def attention_forward(
         *v.stride(),
         *out.stride(),
         H,
-        T,
+        Tq,
+        Tk,
         D,
         float(scale) * _LOG2E.value,
         BLOCK_D=bucket,
@@ -572,13 +619,15 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``attention_forward`` given dout = dL/dout.
 
-    dout, q, k, v, out: [B, H, T, D], any strides; lse: [B, H, T] fp32 from the forward.
-    dq, dk, dv: optional [B, H, T, D] destinations of any strides (e.g. views of one [B, 3*H*D, T]).
-    Deterministic: each gradient element is written by one program in a fixed summation order.
+    dout, out: [B, H, Tq, D]; q [B, H, Tq, D]; k, v [B, H, Tk, D]; any strides; lse: [B, H, Tq] fp32
+    from the forward. dq, dk, dv: optional destinations shaped like q, k, v, of any strides (e.g. views
+    of one [B, 3*H*D, T]). Deterministic: each gradient element is written by one program in a fixed
+    summation order.
     """
-    B, H, T, D = q.shape
+    check_inputs(q, k, v)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
     bucket = head_dim_bucket(D)
-    _check_runnable(q, "q")
     grads = []
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if buf is None:
@@ -588,12 +637,15 @@ def attention_backward(
         grads.append(buf)
     dq, dk, dv = grads
     if q.numel() == 0:
+        if k.numel() > 0:  # no query reads any key
+            dk.zero_()
+            dv.zero_()
         return dq, dk, dv
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     delta_rows = DELTA_BLOCK_M[bucket]
-    _attn_bwd_delta_kernel[(B * H * triton.cdiv(T, delta_rows),)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, T, D, BLOCK_M=delta_rows, BLOCK_D=bucket
+    _attn_bwd_delta_kernel[(B * H * triton.cdiv(Tq, delta_rows),)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, Tq, D, BLOCK_M=delta_rows, BLOCK_D=bucket
     )
     precision = _precision_class(q.dtype)
     scale = float(scale)
@@ -604,7 +656,7 @@ def attention_backward(
         DKDV_CONFIGS[(precision, bucket)],
         "block_n",
         B * H,
-        T,
+        Tk,
         q,
         k,
         v,
@@ -617,7 +669,8 @@ def attention_backward(
         *dk.stride(),
         *dv.stride(),
         H,
-        T,
+        Tq,
+        Tk,
         D,
         scale * _LOG2E.value,
         scale,
@@ -629,7 +682,7 @@ def attention_backward(
         DQ_CONFIGS[(precision, bucket)],
         "block_m",
         B * H,
-        T,
+        Tq,
         q,
         k,
         v,
@@ -640,7 +693,8 @@ def attention_backward(
         *common,
         *dq.stride(),
         H,
-        T,
+        Tq,
+        Tk,
         D,
         scale * _LOG2E.value,
         scale,

@@ -11,6 +11,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels r
 
 import pytest
 import torch
+
 from fastdiff.kernels import attention as attn
 from fastdiff.kernels.attention import MAX_HEAD_DIM, attention_backward, attention_forward
 
@@ -18,34 +19,50 @@ from fastdiff.kernels.attention import MAX_HEAD_DIM, attention_backward, attenti
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def _heads_of(channels: torch.Tensor, num_heads: int, order: str) -> tuple[torch.Tensor, ...]:
-    """q, k, v as [B, H, T, D] views (T the unit stride) of ``channels`` [B, 3*H*D, T]."""
+def _heads_of(channels: torch.Tensor, num_heads: int, order: str, parts: int = 3) -> tuple[torch.Tensor, ...]:
+    """``parts`` [B, H, T, D] views (T the unit stride) of ``channels`` [B, parts*H*D, T]: q, k, v (3) or
+    k, v (2) of one activation."""
     B, width, T = channels.shape
-    D = width // (3 * num_heads)
+    D = width // (parts * num_heads)
     if order == "legacy":  # per head: its q, k, v channels side by side
-        parts = channels.reshape(B * num_heads, 3 * D, T).split(D, dim=1)
+        views = channels.reshape(B * num_heads, parts * D, T).split(D, dim=1)
     else:  # "split": all q channels, then all k, then all v
-        parts = [part.reshape(B * num_heads, D, T) for part in channels.chunk(3, dim=1)]
-    return tuple(part.view(B, num_heads, D, T).transpose(2, 3) for part in parts)
+        views = [view.reshape(B * num_heads, D, T) for view in channels.chunk(parts, dim=1)]
+    return tuple(view.view(B, num_heads, D, T).transpose(2, 3) for view in views)
 
 
-def _make_case(B: int, H: int, T: int, D: int, dtype: torch.dtype, layout: str):
-    """Inputs, dout and NaN-poisoned destinations for one layout ("legacy" | "split" | "bthd")."""
+def _make_case(B: int, H: int, T: int, D: int, dtype: torch.dtype, layout: str, T_k: int | None = None):
+    """Inputs, dout and NaN-poisoned destinations for one layout ("legacy" | "split" | "bthd").
+
+    q has T queries, k and v ``T_k`` keys (T when None). In the UNet layouts q, k, v are views of one
+    [B, 3*H*D, T] activation when T_k == T, else q views [B, H*D, T] and k, v view one [B, 2*H*D, T_k].
+    """
+    T_k = T if T_k is None else T_k
 
     def randn(*shape: int, spread: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape) * spread).to(dtype)
 
+    def nans(*shape: int) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=dtype)
+
     if layout == "bthd":
-        q, k, v = (randn(B, H, T, D, spread=1.5) for _ in range(3))
+        q = randn(B, H, T, D, spread=1.5)
+        k, v = (randn(B, H, T_k, D, spread=1.5) for _ in range(2))
         dout = randn(B, H, T, D)
-        out = torch.full((B, H, T, D), float("nan"), dtype=dtype)
-        grads = tuple(torch.full((B, H, T, D), float("nan"), dtype=dtype) for _ in range(3))
-    else:
-        # spread 1.5: scale * q.k has a standard deviation of about 2, so each softmax row is peaked
+        return (q, k, v), dout, nans(B, H, T, D), (nans(B, H, T, D), *(nans(B, H, T_k, D) for _ in range(2)))
+    dout = randn(B, H * D, T).view(B, H, D, T).transpose(2, 3)
+    out = nans(B, H * D, T).view(B, H, D, T).transpose(2, 3)
+    # spread 1.5: scale * q.k has a standard deviation of about 2, so each softmax row is peaked
+    if T_k == T:
         q, k, v = _heads_of(randn(B, 3 * H * D, T, spread=1.5), H, layout)
-        dout = randn(B, H * D, T).view(B, H, D, T).transpose(2, 3)
-        out = torch.full((B, H * D, T), float("nan"), dtype=dtype).view(B, H, D, T).transpose(2, 3)
-        grads = _heads_of(torch.full((B, 3 * H * D, T), float("nan"), dtype=dtype), H, layout)
+        grads = _heads_of(nans(B, 3 * H * D, T), H, layout)
+    else:
+        (q,) = _heads_of(randn(B, H * D, T, spread=1.5), H, layout, parts=1)
+        k, v = _heads_of(randn(B, 2 * H * D, T_k, spread=1.5), H, layout, parts=2)
+        grads = (
+            *_heads_of(nans(B, H * D, T), H, layout, 1),
+            *_heads_of(nans(B, 2 * H * D, T_k), H, layout, 2),
+        )
     return (q, k, v), dout, out, grads
 
 
@@ -69,31 +86,54 @@ def _assert_close(
     assert error <= bound, f"{what}: max error {error:.3e} > {bound:.3e}"
 
 
-# (dtype, head dim, T, layout): every head dim and dtype, each dtype in every layout and with T = 1;
-# T odd / not a multiple of any block, and above 64 so that several query and key blocks are visited.
+# (dtype, head dim, Tq, Tk, layout): every head dim bucket and dtype, each dtype in every layout and with
+# Tq = 1 and Tk = 1; T odd / not a multiple of any block, and above 64 so that several query and key
+# blocks are visited; Tk below and above Tq. Head dims above 128 (bucket 256) in every dtype.
 CASES = [
-    (torch.float32, 16, 1, "legacy"),
-    (torch.float32, 40, 37, "split"),
-    (torch.float32, 96, 70, "bthd"),
-    (torch.float32, 128, 45, "legacy"),
-    (torch.float16, 32, 70, "legacy"),
-    (torch.float16, 48, 17, "bthd"),
-    (torch.float16, 64, 67, "split"),
-    (torch.float16, 128, 1, "split"),
-    (torch.bfloat16, 64, 70, "legacy"),
-    (torch.bfloat16, 80, 29, "split"),
-    (torch.bfloat16, 16, 1, "bthd"),
-    (torch.bfloat16, 128, 33, "legacy"),
+    (torch.float32, 16, 1, 1, "legacy"),
+    (torch.float32, 40, 37, 37, "split"),
+    (torch.float32, 96, 70, 70, "bthd"),
+    (torch.float32, 128, 45, 45, "legacy"),
+    (torch.float16, 32, 70, 70, "legacy"),
+    (torch.float16, 48, 17, 17, "bthd"),
+    (torch.float16, 64, 67, 67, "split"),
+    (torch.float16, 128, 1, 1, "split"),
+    (torch.bfloat16, 64, 70, 70, "legacy"),
+    (torch.bfloat16, 80, 29, 29, "split"),
+    (torch.bfloat16, 16, 1, 1, "bthd"),
+    (torch.bfloat16, 128, 33, 33, "legacy"),
+    # Tq != Tk (cross-attention)
+    (torch.float32, 64, 1, 70, "legacy"),
+    (torch.float32, 40, 70, 1, "bthd"),
+    (torch.float32, 24, 19, 83, "split"),
+    (torch.float16, 64, 19, 83, "split"),
+    (torch.float16, 32, 83, 19, "bthd"),
+    (torch.float16, 128, 35, 67, "legacy"),
+    (torch.bfloat16, 16, 70, 1, "split"),
+    (torch.bfloat16, 96, 21, 50, "bthd"),
+    # head dims 160, 192, 256
+    (torch.float32, 160, 37, 37, "legacy"),
+    (torch.float32, 192, 20, 45, "bthd"),
+    (torch.float32, 256, 33, 1, "split"),
+    (torch.float16, 160, 29, 70, "bthd"),
+    (torch.float16, 192, 33, 33, "split"),
+    (torch.float16, 256, 40, 1, "legacy"),
+    (torch.bfloat16, 160, 45, 19, "split"),
+    (torch.bfloat16, 192, 1, 37, "legacy"),
+    (torch.bfloat16, 256, 17, 17, "bthd"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("dtype", "head_dim", "T", "layout"),
-    [pytest.param(*case, id=f"{str(case[0])[6:]}-d{case[1]}-T{case[2]}-{case[3]}") for case in CASES],
+    ("dtype", "head_dim", "T", "T_k", "layout"),
+    [
+        pytest.param(*case, id=f"{str(case[0])[6:]}-d{case[1]}-Tq{case[2]}-Tk{case[3]}-{case[4]}")
+        for case in CASES
+    ],
 )
-def test_forward_and_backward_match_float64(dtype, head_dim, T, layout):
-    B, H = 2, 2
-    (q, k, v), dout, out_buf, (dq_buf, dk_buf, dv_buf) = _make_case(B, H, T, head_dim, dtype, layout)
+def test_forward_and_backward_match_float64(dtype, head_dim, T, T_k, layout):
+    B, H = (2, 2) if head_dim <= 128 else (1, 2)
+    (q, k, v), dout, out_buf, (dq_buf, dk_buf, dv_buf) = _make_case(B, H, T, head_dim, dtype, layout, T_k)
     scale = head_dim**-0.5
 
     out, lse = attention_forward(q, k, v, scale, out=out_buf)
@@ -151,8 +191,9 @@ def test_every_tile_shape_is_correct(monkeypatch, table, key, config):
     precision, bucket = key
     dtype = torch.float32 if precision == "fp32" else torch.float16
     head_dim = bucket - bucket // 4  # below the bucket: the padded D lanes are masked
-    T = 2 * max(config.block_m, config.block_n) + 3  # several blocks on both axes, the last one partial
-    (q, k, v), dout, _, grads = _make_case(1, 1, T, head_dim, dtype, "legacy")
+    # several blocks on both axes, the last one partial; queries and keys of different lengths
+    T, T_k = 2 * config.block_m + 3, 2 * config.block_n + 5
+    (q, k, v), dout, _, grads = _make_case(1, 1, T, head_dim, dtype, "legacy", T_k)
     scale = head_dim**-0.5
     out, lse = attention_forward(q, k, v, scale)
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = _reference(q, k, v, scale, dout)
