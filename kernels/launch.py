@@ -12,6 +12,12 @@ A kernel family (GroupNorm, attention, ...) registers each ``@triton.jit`` kerne
 
 and launches it with ``launch.run(FWD, grid, args, constexprs, like=x, sizes={...})``.
 
+Public names: ``Config``, ``Problem``, ``Kernel``, ``register``, ``kernels(family)``, ``config_lists()``,
+``force_config(name, config)``, ``last_config(name)``, ``choose``, ``run``, ``check_same_device(**tensors)``,
+``device_guard(device)``, ``interprets(tensor)``, ``interpreting(fn)``, ``set_autotune``,
+``autotune_enabled``, ``autotune_key``, ``AutotuneCache``, ``autotune_cache_path``, ``arg_types``,
+``constexpr_names``, ``compile_spec``, ``size_bucket``, ``TARGET_SMS``.
+
 Which config runs (``choose``), in order:
 
 1. ``force_config(name, config)`` (tests, the selftest) or the caller's explicit ``config=``;
@@ -144,6 +150,7 @@ class Kernel:
 
 _REGISTRY: dict[str, Kernel] = {}
 _FORCED: dict[str, Config] = {}
+_LAST: dict[str, Config] = {}
 
 
 def register(
@@ -181,6 +188,11 @@ def kernels(family: str | None = None) -> list[Kernel]:
 def config_lists() -> dict[str, list[Config]]:
     """Every registered kernel's name -> its full config list."""
     return {name: list(k.configs) for name, k in _REGISTRY.items()}
+
+
+def last_config(name: str) -> Config | None:
+    """The config of the latest launch of kernel ``name`` in this process (None before the first)."""
+    return _LAST.get(name)
 
 
 @contextlib.contextmanager
@@ -403,6 +415,7 @@ def run(
             config = _autotuned(kernel, grid, args, problem, like)
         else:
             config = choose(kernel, problem)
+    _LAST[kernel.name] = config
     with device_guard(like.device):
         if interpret:
             with interpreting(kernel.fn) as fn:
