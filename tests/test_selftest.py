@@ -53,6 +53,8 @@ def test_quick_run_on_cpu_writes_its_reports(tmp_path):
     assert all(0 <= e["error"] <= e["bound"] for case in errors for e in case.values())
     determinism = [r for r in results if r["group"] == "determinism"]
     assert determinism and all(r["status"] == "pass" and r["data"]["runs"] == 3 for r in determinism)
+    configs = [r for r in results if r["group"] == "configs"]
+    assert any(r["name"].startswith("gn_fwd_fused[0]") and r["status"] == "pass" for r in configs)
     step = next(r for r in results if r["group"] == "train_step" and r["status"] == "pass")
     assert step["data"]["grad_rel_error"] <= step["data"]["bounds"]["grad"]
     markdown = (tmp_path / "selftest.md").read_text()

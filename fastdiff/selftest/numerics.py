@@ -3,6 +3,7 @@ bitwise determinism. Each check is a function ``(Options) -> Iterator[Result]``.
 
 import contextlib
 import importlib
+import os
 import time
 from collections.abc import Iterator
 from types import ModuleType
@@ -23,14 +24,22 @@ LARGE_BOUND_ULPS = 4.0
 value must be within this many unit roundoffs of its dtype times the largest float64 value."""
 QUICK_CONFIG_SECONDS = 10.0
 """--quick runs the config lists (under Triton's interpreter) for at most this long, preparation
-included, then says how many configs it left out; a full run runs every config."""
+included, after the first config of every list, then says how many configs it left out; a full run runs
+every config."""
 
 
-def kernel_backends(options: Options) -> list[str]:
-    """The fastdiff kernel backends to prove on this device: triton on CUDA; cpp and interpreted triton
-    on a CPU (those available)."""
-    wanted = ("triton",) if options.is_cuda else ("cpp", "triton")
+def kernel_backends(options: Options, small: bool = True) -> list[str]:
+    """The fastdiff kernel backends to prove on this device: triton on CUDA; on a CPU cpp, and for
+    ``small`` cases Triton's interpreter (far too slow for real-model and large shapes)."""
+    wanted = ("triton",) if options.is_cuda else ("cpp", "triton") if small else ("cpp",)
     return [name for name in wanted if name in ops.available_backends()]
+
+
+def _available_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` (the CUDA allocator's view; the kernel's MemAvailable on a CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -59,12 +68,14 @@ def check_case(
 
 
 def check_accuracy(options: Options) -> Iterator[Result]:
-    """Every op, dtype and layout at every call shape of the three real UNets (small odd shapes with
-    --quick), forward and every gradient, against float64."""
-    cases = quick_cases(options.dtypes) if options.quick else unet_cases(UNET_BATCH, options.dtypes)
+    """Every op, dtype and layout at small odd shapes and (unless --quick) at every call shape of the
+    three real UNets, forward and every gradient, against float64."""
     generator = _generator(0)
-    for case in cases:
+    for case in quick_cases(options.dtypes):
         for backend in kernel_backends(options):
+            yield check_case(case, backend, options, generator, "accuracy")
+    for case in () if options.quick else unet_cases(UNET_BATCH, options.dtypes):
+        for backend in kernel_backends(options, small=False):
             yield check_case(case, backend, options, generator, "accuracy")
     yield from _check_cross_attention(options, generator)
 
@@ -89,7 +100,7 @@ def _check_cross_attention(options: Options, generator: torch.Generator) -> Iter
     for dtype in options.dtypes:
         for shape, kv_tokens in shapes:
             case = OpCase("flash_attention", shape, dtype, kv_tokens=kv_tokens, model="cross-attention")
-            for backend in kernel_backends(options):
+            for backend in kernel_backends(options, small=options.quick):
                 yield check_case(case, backend, options, generator, "accuracy")
 
 
@@ -103,21 +114,20 @@ def check_large(options: Options) -> Iterator[Result]:
     tokens = 256 if options.quick else 4096
     for dtype in (torch.bfloat16,) if options.quick else options.dtypes:
         case = OpCase("flash_attention", (1, 2, tokens, 64), dtype, model=f"T={tokens}")
-        for backend in kernel_backends(options):
+        for backend in kernel_backends(options, small=options.quick):
             yield check_case(case, backend, options, generator, "large")
     shape = (2, 8, 13, 11) if options.quick else LARGE_NORM_SHAPE
-    if options.is_cuda:
-        free, _ = torch.cuda.mem_get_info(options.device)
-        if free < LARGE_NORM_BYTES_NEEDED:
-            yield Result(
-                "large",
-                "group_norm_silu > 2**31 elements",
-                "skip",
-                f"needs {LARGE_NORM_BYTES_NEEDED / 2**30:.0f} GiB free, "
-                f"the device has {free / 2**30:.1f} GiB",
-            )
-            return
-    for backend in kernel_backends(options):
+    free = _available_memory(options.device)
+    if not options.quick and free < LARGE_NORM_BYTES_NEEDED:
+        yield Result(
+            "large",
+            "group_norm_silu > 2**31 elements",
+            "skip",
+            f"needs {LARGE_NORM_BYTES_NEEDED / 2**30:.0f} GiB free, {options.device} has "
+            f"{free / 2**30:.1f} GiB",
+        )
+        return
+    for backend in kernel_backends(options, small=options.quick):
         yield _check_large_norm(backend, shape, torch.bfloat16, options.device, generator)
 
 
@@ -184,12 +194,17 @@ def _track(errors: dict, scales: dict, key: str, actual: Tensor, expected: Tenso
 
 def _config_probes(options: Options) -> list[OpCase]:
     """Small cases that between them reach every kernel: GroupNorm fused and split (one large group),
-    attention per head-dim bucket (up to 256, Tq != Tk where supported); fp32 and bf16 (bf16 with --quick)."""
-    dtypes = (torch.bfloat16,) if options.quick else (torch.float32, torch.bfloat16)
+    attention per dtype and head-dim bucket (up to 256, Tq != Tk where supported). --quick: a few bf16
+    probes (under the interpreter every probe costs seconds)."""
+    norm = [((2, 32, 9, 9), 8), ((1, 4, 40, 40), 1)]
+    if options.quick:
+        probes = [
+            OpCase("group_norm_scale_shift_silu", shape, torch.bfloat16, groups) for shape, groups in norm
+        ]
+        return probes + [OpCase("flash_attention", (1, 2, 45, d), torch.bfloat16) for d in (16, 64)]
     probes = []
-    for dtype in dtypes:
-        probes.append(OpCase("group_norm_scale_shift_silu", (2, 32, 9, 9), dtype, 8))
-        probes.append(OpCase("group_norm_silu", (1, 4, 40, 40), dtype, 1))
+    for dtype in (torch.float32, torch.bfloat16):
+        probes += [OpCase("group_norm_scale_shift_silu", shape, dtype, groups) for shape, groups in norm]
         probes += [OpCase("flash_attention", (1, 2, 45, d), dtype) for d in (16, 32, 64, 128, 160, 192, 256)]
         if _cross_attention_supported(options.device):
             probes.append(OpCase("flash_attention", (1, 2, 45, 64), dtype, kv_tokens=83))
@@ -239,28 +254,33 @@ def check_configs(options: Options) -> Iterator[Result]:
         expected = forward_backward(probe, as_float64(inputs), "torch")
         prepared[probe] = (inputs, expected, forward_backward(probe, inputs, "torch"), launched)
     lists = config_lists()
-    total = sum(len(configs) for configs in lists.values())
-    ran = 0
-    for list_name, configs in lists.items():
-        probes = [probe for probe, (*_, launched) in prepared.items() if list_name in launched]
-        if not probes:
-            message = "no probe launches this kernel"
-            yield Result("configs", f"{list_name}: {len(configs)} configs", "fail", message)
-            continue
-        for index, config in enumerate(configs):
-            if options.quick and time.perf_counter() - started > QUICK_CONFIG_SECONDS:
-                yield Result(
-                    "configs",
-                    "configs left out",
-                    "skip",
-                    f"--quick: {total - ran} of {total} configs not run (time budget "
-                    f"{QUICK_CONFIG_SECONDS:.0f} s under the interpreter); a full run runs all",
-                )
-                return
-            forced = force_config(list_name, config)
-            yield _check_config(f"{list_name}[{index}] {config.tag}", forced, probes, prepared)
-            ran += 1
-    yield Result("configs", "configs run", "info", f"{ran} configs of {len(lists)} lists", {"configs": ran})
+    reaching = {name: [p for p, (*_, launched) in prepared.items() if name in launched] for name in lists}
+    unreached = [name for name, probes in reaching.items() if not probes]
+    if options.quick and unreached:
+        message = f"--quick's probes do not reach {len(unreached)} of {len(lists)} lists; a full run does"
+        yield Result("configs", "lists left out", "skip", message, {"lists": unreached})
+    elif unreached:
+        for name in unreached:
+            yield Result("configs", f"{name}: {len(lists[name])} configs", "fail", "no probe launches it")
+    # each list's first config (its default) first, so --quick's budget reaches every list it can
+    order = sorted(
+        ((index, name, config) for name, configs in lists.items() for index, config in enumerate(configs)),
+        key=lambda item: item[0] > 0,
+    )
+    order = [item for item in order if reaching[item[1]]]
+    for ran, (index, name, config) in enumerate(order):
+        if options.quick and index > 0 and time.perf_counter() - started > QUICK_CONFIG_SECONDS:
+            yield Result(
+                "configs",
+                "configs left out",
+                "skip",
+                f"--quick: {len(order) - ran} of {len(order)} configs not run (every list's first ran; "
+                f"time budget {QUICK_CONFIG_SECONDS:.0f} s under the interpreter); a full run runs all",
+            )
+            return
+        probes = reaching[name][:1] if options.quick else reaching[name]
+        yield _check_config(f"{name}[{index}] {config.tag}", force_config(name, config), probes, prepared)
+    yield Result("configs", "configs run", "info", f"{len(order)} configs of {len(lists)} lists")
 
 
 def _check_config(
@@ -287,24 +307,25 @@ def _check_config(
 # --- determinism ---------------------------------------------------------------------------------
 
 
-def _determinism_cases(options: Options) -> list[OpCase]:
-    if options.quick:
-        shapes = [("group_norm_scale_shift_silu", (2, 12, 5, 7), 4), ("qkv_attention", (2, 96, 37), 2)]
-        flash = (1, 2, 33, 48)
-    else:
-        shapes = [("group_norm_scale_shift_silu", (8, 256, 32, 32), 32), ("qkv_attention", (8, 1152, 256), 4)]
-        flash = (4, 4, 1024, 64)
+def _determinism_cases(options: Options) -> list[tuple[OpCase, bool]]:
+    """(case, small): the quick shapes, and ImageNet-64's shapes unless --quick."""
+    small = [("group_norm_scale_shift_silu", (2, 12, 5, 7), 4), ("qkv_attention", (2, 96, 37), 2)]
+    small.append(("flash_attention", (1, 2, 33, 48), 1))
+    large = [("group_norm_scale_shift_silu", (8, 256, 32, 32), 32), ("qkv_attention", (8, 1152, 256), 4)]
+    large.append(("flash_attention", (4, 4, 1024, 64), 1))
     dtypes = (torch.bfloat16,) if options.quick else (torch.float32, torch.bfloat16)
-    cases = [OpCase(op, shape, d, groups) for op, shape, groups in shapes for d in dtypes]
-    return cases + [OpCase("flash_attention", flash, d) for d in dtypes]
+    cases = [(OpCase(op, shape, d, groups), True) for op, shape, groups in small for d in dtypes]
+    if not options.quick:
+        cases += [(OpCase(op, shape, d, groups), False) for op, shape, groups in large for d in dtypes]
+    return cases
 
 
 def check_determinism(options: Options, runs: int = 3) -> Iterator[Result]:
     """Each op's output and gradients bitwise equal over ``runs`` runs on the same inputs."""
     generator = _generator(3)
-    for case in _determinism_cases(options):
+    for case, small in _determinism_cases(options):
         inputs = case.inputs(options.device, generator)
-        for backend in kernel_backends(options):
+        for backend in kernel_backends(options, small):
             name = f"{backend} {case.label}"
             results = [forward_backward(case, inputs, backend) for _ in range(runs)]
             differing = sorted(
