@@ -78,6 +78,23 @@ def check_accuracy(options: Options) -> Iterator[Result]:
         for backend in kernel_backends(options, small=False):
             yield check_case(case, backend, options, generator, "accuracy")
     yield from _check_cross_attention(options, generator)
+    yield from _check_other_current_device(options, generator)
+
+
+def _check_other_current_device(options: Options, generator: torch.Generator) -> Iterator[Result]:
+    """With two GPUs or more: the ops on this device while another one is current (launch device guard)."""
+    count = torch.cuda.device_count() if options.is_cuda else 0
+    if count < 2:
+        return
+    other = (options.device.index + 1) % count
+    with torch.cuda.device(other):
+        for case in (
+            OpCase("group_norm_silu", (2, 64, 9, 9), torch.bfloat16),
+            OpCase("flash_attention", (1, 2, 70, 64), torch.bfloat16),
+        ):
+            result = check_case(case, "triton", options, generator, "accuracy")
+            result.name += f" (cuda:{other} current)"
+            yield result
 
 
 def _cross_attention_supported(device: torch.device) -> bool:
@@ -139,11 +156,9 @@ def _check_large_norm(
     n, c = shape[:2]
     groups = 32 if c % 32 == 0 else 4
     name = f"{backend} group_norm_silu {'x'.join(map(str, shape))} ({torch.Size(shape).numel():,} elements)"
-    x = torch.empty(shape, dtype=dtype, device=device)
-    dy = torch.empty_like(x)
-    for block in range(n):  # filled in slices: a float64 randn of the whole tensor would not fit
-        x[block].copy_(torch.randn(shape[1:], generator=generator).mul_(2).add_(0.5))
-        dy[block].copy_(torch.randn(shape[1:], generator=generator))
+    on_device = torch.Generator(device).manual_seed(int(torch.randint(2**31, (), generator=generator)))
+    x = torch.empty(shape, dtype=dtype, device=device).normal_(0.5, 2.0, generator=on_device)
+    dy = torch.empty_like(x).normal_(generator=on_device)  # drawn in place: no float32 copy of 8 GB
     weight = (1 + 0.2 * torch.randn(c, generator=generator)).to(device, dtype).requires_grad_(True)
     bias = (0.2 * torch.randn(c, generator=generator)).to(device, dtype).requires_grad_(True)
     x.requires_grad_(True)

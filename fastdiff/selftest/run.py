@@ -12,11 +12,11 @@ CHECKS: list[tuple[str, Check]] = [
     ("versions", report.check_versions),
     ("compile", timing.check_first_call),  # first: these are the process's first calls of each op
     ("accuracy", numerics.check_accuracy),
-    ("large", numerics.check_large),
     ("configs", numerics.check_configs),
     ("determinism", numerics.check_determinism),
     ("timing", timing.check_timings),
     ("train_step", train_step.check_train_step),
+    ("large", numerics.check_large),  # last: a kernel faulting on 64-bit offsets would end the process
 ]
 
 

@@ -24,8 +24,9 @@ TINY_FLAGS = {
 }
 """--quick's UNet: the 64x64 model's structure (scale-shift norms, attention, learned sigma) at 16x16."""
 
-AGREEMENT = {"fp32": {"loss": 1e-4, "grad": 1e-3}, "bf16": {"loss": 2e-2, "grad": 5e-2}}
-"""Bounds on |loss_a - loss_b| / |loss_b| and on ||grad_a - grad_b|| / ||grad_b|| over all parameters."""
+AGREEMENT = {"loss": 1e-4, "grad": 1e-3}
+"""Bounds on |loss_a - loss_b| / |loss_b| and on ||grad_a - grad_b|| / ||grad_b|| over all parameters,
+for one fp32 step (TF32 off) on each backend from the same weights and inputs."""
 
 
 def _step_setup(options: Options):
@@ -42,61 +43,75 @@ def _step_setup(options: Options):
     return model, diffusion, (x, t, noise), flags, batch
 
 
+@contextlib.contextmanager
+def _exact_fp32() -> Iterator[None]:
+    """fp32 matmuls and convolutions without TF32, restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def check_train_step(options: Options) -> Iterator[Result]:
-    """Loss and gradients of one step on the kernel backend against the torch backend; then time and
-    peak memory of full steps (forward, backward, AdamW) on each."""
+    """One fp32 step's loss and gradients on the kernel backend against the torch backend; then time and
+    peak memory of full steps (forward, backward, AdamW; bf16 autocast on a GPU) on each."""
     model, diffusion, (x, t, noise), flags, batch = _step_setup(options)
     kernel = "triton" if options.is_cuda else "cpp"
     precision = "bf16" if options.is_cuda else "fp32"
-    label = f"{'tiny 16x16' if options.quick else 'ImageNet-64'} UNet batch {batch} {precision}"
-
-    def autocast():
-        if precision == "bf16":
-            return torch.autocast(options.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
+    label = f"{'tiny 16x16' if options.quick else 'ImageNet-64'} UNet batch {batch}"
     models = {kernel: model, "torch": copy.deepcopy(model)}
-    losses, grads, seconds, peaks = {}, {}, {}, {}
+
+    def step(net: torch.nn.Module, backend: str, autocast: bool) -> torch.Tensor:
+        net.zero_grad(set_to_none=True)
+        with ops.use_backend(backend):
+            with torch.autocast(options.device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = diffusion.training_losses(net, x, t, noise=noise)["loss"].mean()
+            loss.backward()
+        return loss
+
+    losses, grads = {}, {}
+    with _exact_fp32():
+        for backend, net in models.items():
+            losses[backend] = step(net, backend, autocast=False).item()
+            grads[backend] = torch.cat([p.grad.double().flatten() for p in net.parameters()])
+            net.zero_grad(set_to_none=True)
+    loss_error = abs(losses[kernel] - losses["torch"]) / abs(losses["torch"])
+    grad_error = ((grads[kernel] - grads["torch"]).norm() / grads["torch"].norm()).item()
+    del grads
+    failed = [
+        f"{what} relative error {error:.3g} > {AGREEMENT[what]:g}"
+        for what, error in (("loss", loss_error), ("grad", grad_error))
+        if not error <= AGREEMENT[what]
+    ]
+    data = {"losses": losses, "loss_rel_error": loss_error, "grad_rel_error": grad_error, "bounds": AGREEMENT}
+    detail = "; ".join(failed) or f"loss rel. error {loss_error:.2g}, gradients {grad_error:.2g}"
+    status = "fail" if failed else "pass"
+    yield Result("train_step", f"{kernel} vs torch agreement, {label} fp32", status, detail, data)
+
+    seconds, peaks = {}, {}
+    repeats = options if options.is_cuda else Options(options.device, quick=True)  # CPU: 3 steps
     for backend, net in models.items():
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-
-        def step(net=net, optimizer=optimizer, backend=backend) -> torch.Tensor:
-            optimizer.zero_grad(set_to_none=True)
-            with ops.use_backend(backend), autocast():
-                loss = diffusion.training_losses(net, x, t, noise=noise)["loss"].mean()
-            with ops.use_backend(backend):
-                loss.backward()
-            return loss
-
-        losses[backend] = step().item()
-        grads[backend] = torch.cat([p.grad.double().flatten() for p in net.parameters()])
-        net.zero_grad(set_to_none=True)
         resident = 0
         if options.is_cuda:
             torch.cuda.synchronize(options.device)
             resident = torch.cuda.memory_allocated(options.device)
             torch.cuda.reset_peak_memory_stats(options.device)
-        steps = Options(options.device, quick=True) if not options.is_cuda else options  # CPU: 3 steps
-        seconds[backend] = median_seconds(lambda step=step, opt=optimizer: (step(), opt.step()), steps, 0)
-        if options.is_cuda:  # the step's peak above what was resident before it (weights of both models)
+
+        def train(net=net, backend=backend, optimizer=optimizer) -> None:
+            step(net, backend, autocast=precision == "bf16")
+            optimizer.step()
+
+        seconds[backend] = median_seconds(train, repeats, warmup=1)
+        if options.is_cuda:  # the step's peak above what was resident before it (both models' weights)
             peaks[backend] = torch.cuda.max_memory_allocated(options.device) - resident
-        del step, optimizer  # frees the optimizer state before the other backend's steps
+        del train, optimizer  # frees the optimizer state before the other backend's steps
         net.zero_grad(set_to_none=True)
-    loss_error = abs(losses[kernel] - losses["torch"]) / abs(losses["torch"])
-    grad_error = ((grads[kernel] - grads["torch"]).norm() / grads["torch"].norm()).item()
-    bounds = AGREEMENT[precision]
-    failed = [
-        f"{what} relative error {error:.3g} > {bounds[what]:g}"
-        for what, error in (("loss", loss_error), ("grad", grad_error))
-        if not error <= bounds[what]
-    ]
-    data = {"losses": losses, "loss_rel_error": loss_error, "grad_rel_error": grad_error, "bounds": bounds}
-    detail = "; ".join(failed) or f"loss rel. error {loss_error:.2g}, gradients {grad_error:.2g}"
-    status = "fail" if failed else "pass"
-    yield Result("train_step", f"{kernel} vs torch agreement, {label}", status, detail, data)
     ratio = seconds["torch"] / seconds[kernel]
-    detail = f"{seconds[kernel] * 1e3:.1f} ms on {kernel}, {seconds['torch'] * 1e3:.1f} ms on torch"
-    detail += f" ({ratio:.2f}x)"
+    detail = f"{precision}: {seconds[kernel] * 1e3:.1f} ms on {kernel}, "
+    detail += f"{seconds['torch'] * 1e3:.1f} ms on torch ({ratio:.2f}x)"
     memory = {"step_peak_bytes": peaks}
     if options.is_cuda:
         memory["peak_ratio"] = peaks[kernel] / peaks["torch"]
@@ -104,5 +119,5 @@ def check_train_step(options: Options) -> Iterator[Result]:
         detail += f" ({memory['peak_ratio']:.2f}x)"
     else:
         detail += "; peak memory not measured on a CPU"
-    data = {"seconds": seconds, "speedup": ratio, **memory, "flags": flags, "batch": batch}
-    yield Result("train_step", f"step time, {label}", "info", detail, data)
+    data = {"seconds": seconds, "speedup": ratio, **memory, "precision": precision, "flags": flags}
+    yield Result("train_step", f"step time, {label} {precision}", "info", detail, data)
