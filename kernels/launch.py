@@ -533,6 +533,8 @@ def _autotuned(kernel: Kernel, grid, args: tuple, problem: Problem, like: Tensor
         return choose(kernel, problem)
     key = autotune_key(kernel, args, problem.constexprs, problem.sizes)
 
+    import triton.testing  # only where autotuning runs
+
     def measure(config: Config) -> float:
         with device_guard(like.device):
             try:

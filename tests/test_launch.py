@@ -255,3 +255,64 @@ def test_compiled_and_interpreted_kernels_coexist_without_triton_interpret():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_run_autotunes_on_cuda_only_when_asked(monkeypatch, tmp_path):
+    """The CUDA path of run() with a fake kernel and a fake stopwatch: the fastest fitting config wins, is
+    cached on disk and reused without timing; force_config and deterministic algorithms bypass it."""
+    import triton.testing
+
+    configs = tuple(launch.Config(num_warps=w) for w in (1, 2, 4, 8))
+    times = {1: 4.0, 2: 3.0, 4: 1.0, 8: 0.5}
+    launched, timed = [], []
+
+    class FakeKernelFn:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs["num_warps"])
+
+    def fake_bench(fn, **kwargs):
+        fn()
+        timed.append(launched[-1])
+        return times[launched[-1]]
+
+    fake = launch.Kernel(
+        "fake_tuned",
+        "test",
+        FakeKernelFn(),
+        configs,
+        rule=lambda p: configs[0],
+        arg_types={},
+        fits=lambda p, c: c.num_warps <= 4,  # 8 warps never tried
+    )
+    cache = launch.AutotuneCache("Fake GPU", tmp_path / "fake.json")
+    monkeypatch.setattr(launch, "interprets", lambda t: False)
+    monkeypatch.setattr(launch, "_cache_for", lambda device: cache)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    like = torch.zeros(4)
+
+    launch.set_autotune(False)
+    try:
+        assert launch.run(fake, (1,), (like,), {"SILU": True}, like=like, sizes={"n": 4}) == configs[0]
+        assert timed == []
+        launch.set_autotune(True)
+        assert launch.run(fake, (1,), (like,), {"SILU": True}, like=like, sizes={"n": 4}) == configs[2]
+        assert sorted(timed) == [1, 2, 4]
+        assert launch.run(fake, (1,), (like,), {"SILU": True}, like=like, sizes={"n": 3}) == configs[2]
+        assert len(timed) == 3, "same key (sizes bucketed): the cached pick, no timing"
+        assert launch.AutotuneCache("Fake GPU", tmp_path / "fake.json").picks, "persisted"
+        with (
+            launch.force_config("fake_tuned", configs[1])
+            if "fake_tuned" in launch.config_lists()
+            else (contextlib.nullcontext())
+        ):
+            pass
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert launch.run(fake, (1,), (like,), {"SILU": True}, like=like, sizes={"n": 4}) == configs[0]
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert launch.run(fake, (1,), (like,), {"SILU": False}, like=like, sizes={"n": 4}) == configs[2]
+        assert len(timed) == 6, "SILU changes the key: timed again"
+    finally:
+        launch.set_autotune(None)
+    assert launched[-1] == 4
