@@ -259,7 +259,7 @@ def test_compiled_and_interpreted_kernels_coexist_without_triton_interpret():
 
 def test_run_autotunes_on_cuda_only_when_asked(monkeypatch, tmp_path):
     """The CUDA path of run() with a fake kernel and a fake stopwatch: the fastest fitting config wins, is
-    cached on disk and reused without timing; force_config and deterministic algorithms bypass it."""
+    cached on disk and reused without timing; deterministic algorithms get the fixed rule."""
     import triton.testing
 
     configs = tuple(launch.Config(num_warps=w) for w in (1, 2, 4, 8))
@@ -300,12 +300,6 @@ def test_run_autotunes_on_cuda_only_when_asked(monkeypatch, tmp_path):
         assert launch.run(fake, (1,), (like,), {"SILU": True}, like=like, sizes={"n": 3}) == configs[2]
         assert len(timed) == 3, "same key (sizes bucketed): the cached pick, no timing"
         assert launch.AutotuneCache("Fake GPU", tmp_path / "fake.json").picks, "persisted"
-        with (
-            launch.force_config("fake_tuned", configs[1])
-            if "fake_tuned" in launch.config_lists()
-            else (contextlib.nullcontext())
-        ):
-            pass
         torch.use_deterministic_algorithms(True)
         try:
             assert launch.run(fake, (1,), (like,), {"SILU": True}, like=like, sizes={"n": 4}) == configs[0]
