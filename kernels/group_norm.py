@@ -17,10 +17,11 @@ Two paths per direction, picked by the padded group size and the number of (samp
   formula in a fixed order, then normalises its chunk. Backward: chunks write per-channel partial sums,
   which the apply programs add in a fixed order. x (and dy) are read twice.
 
-No float atomics anywhere: results are bitwise reproducible for a given launch configuration. On CUDA
-the configuration is autotuned (different processes may then pick different configurations; call
-``torch.use_deterministic_algorithms(True)`` to use the fixed heuristic configuration instead). Under
-``TRITON_INTERPRET=1`` or on CPU tensors the heuristic configuration is used, since autotuning needs a GPU.
+No float atomics anywhere: results are bitwise reproducible for a given launch configuration. Kernels
+are launched through ``launch`` (the launch layer): by default a fixed rule picks each configuration from
+the shape (``_fused_rule``, ``_split_rule``), so every process gives the same bits; CUDA autotuning is
+opt-in (``FASTDIFF_AUTOTUNE=1``) with its picks persisted on disk. CPU tensors run under Triton's
+interpreter.
 """
 
 import math
@@ -52,6 +53,7 @@ FUSED_FORWARD_ELEMENTS_PER_THREAD = 32
 FUSED_BACKWARD_ELEMENTS_PER_THREAD = 16
 SPLIT_ELEMENTS_PER_THREAD = 8
 MAX_WARPS = max(c.num_warps for c in FUSED_CONFIGS)
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (chunks of a group)
 
 
 @dataclass(frozen=True)
@@ -945,8 +947,9 @@ def _geometry(
         chunk_spatial -= chunk_spatial % 16
     chunk_spatial = min(chunk_spatial, spatial)
     num_chunks = triton.cdiv(spatial, chunk_spatial)
-    if num_chunks > 65535:
-        raise ValueError(f"spatial size {spatial} needs {num_chunks} chunks, more than a grid axis allows")
+    if num_chunks > MAX_GRID_Y:  # larger chunks rather than more than a grid axis holds
+        chunk_spatial = triton.cdiv(triton.cdiv(spatial, MAX_GRID_Y), 16) * 16
+        num_chunks = triton.cdiv(spatial, chunk_spatial)
     block_c = min(block_c, tuning.max_block_c, tuning.split_tile or tuning.max_block_c)
     return _Geometry(False, block_c, 0, chunk_spatial, num_chunks)
 

@@ -357,6 +357,16 @@ def test_every_config_of_every_list_runs(kernel, kernel_device):
         assert launch.last_config(kernel.name) == config
 
 
+@pytest.mark.parametrize("spatial", [2**20, 2**30, 2**31 - 1])
+def test_huge_groups_fit_the_grid(spatial):
+    """Chunks grow rather than outnumber a CUDA grid axis (65535), and still cover every position."""
+    for group_channels in (1, 3):
+        geometry = gn._geometry(2, group_channels, spatial, 1, gn.DEFAULT_TUNING)
+        assert not geometry.fused and 1 <= geometry.num_chunks <= gn.MAX_GRID_Y
+        assert (geometry.num_chunks - 1) * geometry.chunk_spatial < spatial
+        assert geometry.num_chunks * geometry.chunk_spatial >= spatial
+
+
 def test_rejects_unsupported_dtypes():
     x = torch.randn(2, 4, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
