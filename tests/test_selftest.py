@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastdiff import ops
+from fastdiff.selftest import numerics
 from fastdiff.selftest.__main__ import main
 from fastdiff.selftest.cases import NORM_OPS, OpCase, as_float64, forward_backward
-from fastdiff.selftest.records import STATUSES, Result, compare
+from fastdiff.selftest.records import STATUSES, Options, Result, compare
 from fastdiff.selftest.report import SCHEMA, check_versions
 from fastdiff.selftest.run import run
 
@@ -40,6 +42,7 @@ def test_quick_run_on_cpu_writes_its_reports(tmp_path):
     for r in results:
         assert set(r) == {"group", "name", "status", "detail", "data"} and r["status"] in STATUSES
     assert sum(document["summary"]["counts"].values()) == len(results)
+    assert set(document["group_seconds"]) == set(GROUPS) and document["seconds"] > 0
     versions = next(r for r in results if r["group"] == "versions")["data"]
     assert versions["torch"] == torch.__version__ and {"cpp", "triton"} <= set(versions["fastdiff_backends"])
     accuracy = [r["name"] for r in results if r["group"] == "accuracy" and r["status"] == "pass"]
@@ -137,3 +140,10 @@ def test_cuda_without_a_gpu_is_an_argparse_error(device, capsys):
         main(["--device", device])
     assert exit_info.value.code == 2
     assert f"argument --device: {device!r}: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_no_kernel_backend_is_a_failure_not_an_empty_pass(monkeypatch):
+    monkeypatch.setattr(ops, "available_backends", lambda: ["auto", "torch"])
+    results = list(numerics.check_accuracy(Options(torch.device("cpu"), quick=True)))
+    assert [(r.status, r.name) for r in results] == [("fail", "fastdiff kernels on cpu")]
+    assert "no kernel backend" in results[0].detail

@@ -70,6 +70,12 @@ def check_case(
 def check_accuracy(options: Options) -> Iterator[Result]:
     """Every op, dtype and layout at small odd shapes and (unless --quick) at every call shape of the
     three real UNets, forward and every gradient, against float64."""
+    if not kernel_backends(options):
+        why = (
+            "triton is not installed" if options.is_cuda else "neither the C++ extension nor Triton runs here"
+        )
+        yield Result("accuracy", f"fastdiff kernels on {options.device}", "fail", f"no kernel backend: {why}")
+        return
     generator = _generator(0)
     for case in quick_cases(options.dtypes):
         for backend in kernel_backends(options):

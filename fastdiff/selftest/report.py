@@ -65,13 +65,16 @@ def summary(results: list[Result]) -> dict[str, Any]:
     return {"counts": counts, "failed": failed, "ok": not failed}
 
 
-def write_reports(results: list[Result], options: Options, seconds: float, out: Path) -> tuple[Path, Path]:
+def write_reports(
+    results: list[Result], options: Options, seconds: float, group_seconds: dict[str, float], out: Path
+) -> tuple[Path, Path]:
     """``selftest.json`` (schema ``SCHEMA``) and ``selftest.md`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     document = {
         "schema": SCHEMA,
         "options": {"device": str(options.device), "quick": options.quick},
         "seconds": round(seconds, 2),
+        "group_seconds": {group: round(s, 2) for group, s in group_seconds.items()},
         "summary": summary(results),
         "results": [vars(r) for r in results],
     }

@@ -20,25 +20,26 @@ CHECKS: list[tuple[str, Check]] = [
 ]
 
 
-def run_checks(options: Options, checks: list[tuple[str, Check]]) -> list[Result]:
-    """Each check's results in order; a failure is printed as it happens."""
-    results = []
+def run_checks(options: Options, checks: list[tuple[str, Check]]) -> tuple[list[Result], dict[str, float]]:
+    """Each check's results in order, and the seconds each group took; failures are printed at once."""
+    results, seconds = [], {}
     for group, check in checks:
         began = time.perf_counter()
         for result in guarded(group, check, options):
             results.append(result)
             if result.status == "fail":
                 print(f"FAIL {result.name}: {result.detail}", flush=True)
-        print(f"[{group}: {time.perf_counter() - began:.1f} s]", flush=True)
-    return results
+        seconds[group] = seconds.get(group, 0.0) + time.perf_counter() - began
+        print(f"[{group}: {seconds[group]:.1f} s]", flush=True)
+    return results, seconds
 
 
 def run(device: torch.device, quick: bool, out: Path, checks: list[tuple[str, Check]] = CHECKS) -> int:
     """Run ``checks`` on ``device``, write the reports under ``out``; 0 when nothing failed, else 1."""
     options = Options(device, quick)
     began = time.perf_counter()
-    results = run_checks(options, checks)
+    results, group_seconds = run_checks(options, checks)
     seconds = time.perf_counter() - began
-    paths = report.write_reports(results, options, seconds, out)
+    paths = report.write_reports(results, options, seconds, group_seconds, out)
     report.print_summary(results, seconds, paths)
     return 0 if report.summary(results)["ok"] else 1
