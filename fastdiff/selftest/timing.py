@@ -12,7 +12,11 @@ import torch.nn.functional as F
 
 from fastdiff import ops
 from fastdiff.ops import backend as backends
+from fastdiff.selftest.cases import NORM_OPS
 from fastdiff.selftest.records import Options, Result
+
+DTYPES = (torch.bfloat16, torch.float32)
+"""Timed dtypes (a full run): the GPU default first."""
 
 Tensor = torch.Tensor
 
@@ -99,20 +103,16 @@ def _norm_inputs(shape, dtype, device) -> tuple[list[Tensor], Tensor]:
 
 
 def _timing_cases(options: Options) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(op, dtype, shape): each norm at ImageNet-64's first level, attention at T=1024, D=64 (a GPU's
+    batch; smaller on a CPU, small with --quick)."""
     if options.quick:
-        return [(op, torch.float32, (4, 64, 16, 16)) for op in ops_norm()] + [
+        return [(op, torch.float32, (4, 64, 16, 16)) for op in NORM_OPS] + [
             ("attention", torch.float32, (1, 2, 128, 32))
         ]
-    norm_shape = (32, 128, 64, 64) if options.is_cuda else (8, 128, 32, 32)  # ImageNet-64's first level
+    norm_shape = (32, 128, 64, 64) if options.is_cuda else (8, 128, 32, 32)
     attention_shape = (16, 8, 1024, 64) if options.is_cuda else (2, 4, 256, 64)
-    dtypes = (torch.bfloat16, torch.float32)
-    return [(op, d, norm_shape) for op in ops_norm() for d in dtypes] + [
-        ("attention", d, attention_shape) for d in dtypes
-    ]
-
-
-def ops_norm() -> tuple[str, ...]:
-    return ("group_norm", "group_norm_silu", "group_norm_scale_shift_silu")
+    names = (*NORM_OPS, "attention")
+    return [(op, d, attention_shape if op == "attention" else norm_shape) for op in names for d in DTYPES]
 
 
 def _contestants(op: str, dtype, shape, device) -> tuple[dict[str, Callable], list[Tensor], Tensor, str]:
@@ -191,7 +191,9 @@ def check_first_call(options: Options) -> Iterator[Result]:
 
     Runs before the other checks, so these calls are the process's first of each op."""
     cached = _triton_cache_entries()
-    for op, dtype, shape in _timing_cases(options)[:: 2 if not options.quick else 1]:
+    for op, dtype, shape in _timing_cases(options):
+        if not options.quick and dtype != DTYPES[0]:
+            continue
         fns, inputs, dy, backend = _contestants(op, dtype, shape, options.device)
         call = _caller(fns["fastdiff"], inputs, dy, forward_only=False)
 
