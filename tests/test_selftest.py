@@ -124,9 +124,11 @@ def test_a_failed_check_exits_nonzero_and_is_named(tmp_path, capsys):
         (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
         (["--device", "cpu:1"], "argument --device: expected cpu, cuda or cuda:N, got 'cpu:1'"),
         (["--device"], "argument --device: expected one argument"),
+        (["--out", __file__], "argument --out: cannot create directory"),
     ],
 )
 def test_bad_flags_are_argparse_errors(argv, message, capsys):
+    """Each names its flag and exits 2 before any check runs."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2

@@ -47,7 +47,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:  # before minutes of checks, not after
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"argument --out: cannot create directory {str(args.out)!r}: {error.strerror}")
     device = args.device or parse_device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         # the Triton kernels run interpreted on CPU tensors; must be set before triton decorates them
