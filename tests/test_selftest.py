@@ -50,8 +50,8 @@ def test_quick_run_on_cpu_writes_its_reports(tmp_path):
         for op in (*NORM_OPS, "qkv_attention", "flash_attention"):
             for dtype in ("float32", "float16", "bfloat16"):
                 assert any(n.startswith(f"{backend} {op} {dtype} ") for n in accuracy), (backend, op, dtype)
-        for layout in ("contiguous", "channels_last"):
-            assert any(n.startswith(backend) and layout in n for n in accuracy)
+        for layout in ("contiguous", "channels_last", "bthd"):
+            assert any(n.startswith(backend) and layout in n for n in accuracy), (backend, layout)
     errors = [r["data"]["errors"] for r in results if r["group"] == "accuracy" and r["status"] == "pass"]
     assert all(0 <= e["error"] <= e["bound"] for case in errors for e in case.values())
     determinism = [r for r in results if r["group"] == "determinism"]

@@ -43,7 +43,9 @@ _MODULE_OP = {
 @dataclass(frozen=True)
 class OpCase:
     """One op call: ``shape`` is x ``[N, C, *spatial]``, qkv ``[B, 3*H*D, T]`` or q ``[B, H, Tq, D]``;
-    ``groups`` is num_groups (norms) or num_heads (qkv_attention); ``kv_tokens`` is Tk of flash_attention."""
+    ``groups`` is num_groups (norms) or num_heads (qkv_attention); ``kv_tokens`` is Tk of flash_attention.
+    ``layout``: ``contiguous`` or ``channels_last`` (norms); ``contiguous`` or ``bthd`` (flash_attention:
+    q, k, v as ``[B, T, H, D]`` tensors viewed as ``[B, H, T, D]``, as diffusers passes them)."""
 
     op: str
     shape: tuple[int, ...]
@@ -62,8 +64,11 @@ class OpCase:
             parts += [f"G{self.groups}", self.layout]
         elif self.op == "qkv_attention":
             parts += [f"H{self.groups}(D{self.shape[1] // (3 * self.groups)})", self.order]
-        elif self.kv_tokens is not None and self.kv_tokens != self.shape[2]:
-            parts.append(f"Tk{self.kv_tokens}")
+        else:
+            if self.kv_tokens is not None and self.kv_tokens != self.shape[2]:
+                parts.append(f"Tk{self.kv_tokens}")
+            if self.layout != "contiguous":
+                parts.append(self.layout)
         return " ".join(parts) + (f" [{self.model}]" if self.model else "")
 
     def inputs(self, device: torch.device, generator: torch.Generator) -> dict[str, Tensor]:
@@ -89,7 +94,10 @@ class OpCase:
             return {"qkv": randn(*self.shape), "dy": randn(b, width // 3, t)}
         b, h, t, d = self.shape
         tk = self.kv_tokens or t
-        q, k, v = randn(b, h, t, d), randn(b, h, tk, d), randn(b, h, tk, d)
+        if self.layout == "bthd":
+            q, k, v = (randn(b, tokens, h, d).transpose(1, 2) for tokens in (t, tk, tk))
+        else:
+            q, k, v = randn(b, h, t, d), randn(b, h, tk, d), randn(b, h, tk, d)
         return {"q": q, "k": k, "v": v, "dy": randn(*self.shape)}
 
     def call(self, inputs: dict[str, Tensor]) -> Tensor:
@@ -168,7 +176,7 @@ def unet_cases(batch: int, dtypes: tuple[torch.dtype, ...]) -> Iterator[OpCase]:
 
 
 def quick_cases(dtypes: tuple[torch.dtype, ...]) -> Iterator[OpCase]:
-    """Small odd shapes for a CPU run: each op, dtype and layout; head dims 16, 48 and the upsampler's 192."""
+    """Small odd shapes: each op, dtype and layout; head dims 16, 40, 48 and the upsampler's 192."""
     for dtype in dtypes:
         for op in NORM_OPS:
             for layout in LAYOUTS:
@@ -177,3 +185,4 @@ def quick_cases(dtypes: tuple[torch.dtype, ...]) -> Iterator[OpCase]:
             yield OpCase("qkv_attention", (2, 3 * 2 * 16, 37), dtype, 2, order=order)
         yield OpCase("qkv_attention", (1, 3 * 192, 19), dtype, 1, model="upsampler-256 head dim")
         yield OpCase("flash_attention", (1, 2, 33, 48), dtype)
+        yield OpCase("flash_attention", (2, 3, 29, 40), dtype, layout="bthd")
