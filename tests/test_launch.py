@@ -310,3 +310,22 @@ def test_run_autotunes_on_cuda_only_when_asked(monkeypatch, tmp_path):
     finally:
         launch.set_autotune(None)
     assert launched[-1] == 4
+
+
+def test_train_flag_autotune_goes_through_the_backend(monkeypatch):
+    """``--autotune True`` calls fastdiff.training.cli.check_autotune -> backend.set_autotune."""
+    from fastdiff.ops import backend as backends
+    from fastdiff.training.cli import check_autotune
+
+    monkeypatch.delenv(launch.AUTOTUNE_ENV, raising=False)
+    try:
+        check_autotune(True)
+        assert launch.autotune_enabled()
+        check_autotune(False)
+        assert not launch.autotune_enabled()
+        monkeypatch.setattr(backends, "HAS_TRITON", False)
+        with pytest.raises(ValueError, match="autotuning needs the Triton kernels: triton is not installed"):
+            check_autotune(True)
+        check_autotune(False)  # nothing to turn off
+    finally:
+        launch.set_autotune(None)
