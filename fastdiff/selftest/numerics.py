@@ -303,7 +303,12 @@ def check_configs(options: Options) -> Iterator[Result]:
                 "configs left out",
                 "skip",
                 f"{len(order) - ran} of {len(order)} configs not run: past the check's {budget:.0f} s budget "
-                "(every list's first config ran; run again to reuse the compiled kernels)",
+                "(every list's first config ran; "
+                + (
+                    "a full run on a GPU runs them)"
+                    if options.quick
+                    else "run again: Triton's cache skips compiles)"
+                ),
                 {"left_out": len(order) - ran},
             )
             return

@@ -110,7 +110,7 @@ def check_train_step(options: Options) -> Iterator[Result]:
         del train, optimizer  # frees the optimizer state before the other backend's steps
         net.zero_grad(set_to_none=True)
     ratio = seconds["torch"] / seconds[kernel]
-    detail = f"{precision}: {seconds[kernel] * 1e3:.1f} ms on {kernel}, "
+    detail = f"{seconds[kernel] * 1e3:.1f} ms on {kernel}, "
     detail += f"{seconds['torch'] * 1e3:.1f} ms on torch ({ratio:.2f}x)"
     memory = {"step_peak_bytes": peaks}
     if options.is_cuda:
