@@ -395,14 +395,16 @@ def _tag(config: launch.Config) -> str:
     return f"{blocks}w{config.num_warps}s{config.num_stages}"
 
 
-# Keys: ("half" for fp16/bf16 | "fp32", head-dim bucket = BLOCK_D). The first entry of each list is
-# the one launched when no autotuner can run (the interpreter). Every entry compiles for sm_80 and
+# Keys: ("half" for fp16/bf16 | "fp32", head-dim bucket = BLOCK_D). Each list is ordered by expected
+# speed at the UNet's sizes; the fixed rule (``_rule``) takes the first that fills the GPU. Every entry
+# compiles for sm_80 and
 # sm_90 without register spills, both when no stride is divisible by 16 (T = 36, say), where each
 # lane keeps its own 64-bit address, and when every pointer and stride is (vector loads; the compile
 # report builds both). fp32 dots run in IEEE fp32 on the CUDA cores (TF32 would cost about three
 # decimal digits) and hold both operands in registers, so their tiles are smaller. Head dims above 128
-# share the 256 bucket: its half-precision tiles keep BLOCK_M x 256 fp32 accumulators in registers, so
-# they are short along the loop axis (16 or 32 keys/queries per step).
+# share the 256 bucket: its tiles keep BLOCK x 256 fp32 accumulators in registers, so they are short
+# (16 or 32 along T, 8 warps); in the checked candidates every 64-long half tile and 4-warp tile
+# spilled, as did three 8-warp ones in some variant.
 FORWARD_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("half", 16): (_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 32, 4, 3), _C(128, 128, 8, 3)),
     ("half", 32): (_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 32, 8, 3), _C(128, 128, 8, 3)),
@@ -413,10 +415,10 @@ FORWARD_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("fp32", 32): (_C(32, 32, 4, 2), _C(32, 32, 8, 2), _C(64, 32, 4, 1)),
     ("fp32", 64): (_C(32, 32, 8, 2), _C(32, 16, 8, 2)),
     ("fp32", 128): (_C(32, 16, 8, 2), _C(16, 16, 4, 2)),
-    ("fp32", 256): (_C(32, 16, 8, 2), _C(16, 16, 8, 1)),
+    ("fp32", 256): (_C(32, 16, 8, 2),),
 }
 # dK/dV: a program owns block_n keys and steps over queries block_m at a time; block_m is the same
-# across each list, so the autotuner's pick never changes the order of the sums.
+# across each list, so whichever config runs, the order of the sums is the same.
 DKDV_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("half", 16): (_C(64, 64, 4, 2), _C(64, 128, 8, 2), _C(64, 64, 4, 3)),
     ("half", 32): (_C(32, 64, 4, 2), _C(32, 128, 8, 2), _C(32, 64, 8, 2), _C(32, 128, 8, 3)),
