@@ -72,11 +72,12 @@ class OpCase:
         return " ".join(parts) + (f" [{self.model}]" if self.model else "")
 
     def inputs(self, device: torch.device, generator: torch.Generator) -> dict[str, Tensor]:
-        """Fresh random inputs (and ``dy``, the output gradient) in this case's dtype and layout."""
+        """Fresh random inputs (and ``dy``, the output gradient) in this case's dtype and layout, drawn
+        on ``device`` with ``generator`` (a generator of that device)."""
 
         def randn(*shape: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:
-            t = torch.randn(shape, generator=generator, dtype=torch.float64) * scale + shift
-            return t.to(device=device, dtype=self.dtype)
+            t = torch.randn(shape, generator=generator, device=device) * scale + shift
+            return t.to(self.dtype)
 
         if self.op in NORM_OPS:
             n, c = self.shape[:2]

@@ -43,8 +43,9 @@ def _available_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    """A seeded generator on ``device``: inputs are drawn where they are used (no host copies)."""
+    return torch.Generator(device).manual_seed(seed)
 
 
 def check_case(
@@ -77,7 +78,7 @@ def check_accuracy(options: Options) -> Iterator[Result]:
         )
         yield Result("accuracy", f"fastdiff kernels on {options.device}", "fail", f"no kernel backend: {why}")
         return
-    generator = _generator(0)
+    generator = _generator(0, options.device)
     for case in quick_cases(options.dtypes):
         for backend in kernel_backends(options):
             yield check_case(case, backend, options, generator, "accuracy")
@@ -134,7 +135,7 @@ def _check_cross_attention(options: Options, generator: torch.Generator) -> Iter
 def check_large(options: Options) -> Iterator[Result]:
     """GroupNorm+SiLU over more than 2**31 elements (bf16) and attention at T=4096 (scaled down with
     --quick), against float64."""
-    generator = _generator(1)
+    generator = _generator(1, options.device)
     tokens = 256 if options.quick else 4096
     for dtype in (torch.bfloat16,) if options.quick else options.dtypes:
         case = OpCase("flash_attention", (1, 2, tokens, 64), dtype, model=f"T={tokens}")
@@ -163,11 +164,12 @@ def _check_large_norm(
     n, c = shape[:2]
     groups = 32 if c % 32 == 0 else 4
     name = f"{backend} group_norm_silu {'x'.join(map(str, shape))} ({torch.Size(shape).numel():,} elements)"
-    on_device = torch.Generator(device).manual_seed(int(torch.randint(2**31, (), generator=generator)))
-    x = torch.empty(shape, dtype=dtype, device=device).normal_(0.5, 2.0, generator=on_device)
-    dy = torch.empty_like(x).normal_(generator=on_device)  # drawn in place: no float32 copy of 8 GB
-    weight = (1 + 0.2 * torch.randn(c, generator=generator)).to(device, dtype).requires_grad_(True)
-    bias = (0.2 * torch.randn(c, generator=generator)).to(device, dtype).requires_grad_(True)
+    x = torch.empty(shape, dtype=dtype, device=device).normal_(0.5, 2.0, generator=generator)
+    dy = torch.empty_like(x).normal_(generator=generator)  # drawn in place: no float32 copy of 8 GB
+    weight = torch.empty(c, dtype=dtype, device=device).normal_(1.0, 0.2, generator=generator)
+    bias = torch.empty(c, dtype=dtype, device=device).normal_(0.0, 0.2, generator=generator)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
     x.requires_grad_(True)
     try:
         with ops.use_backend(backend):
@@ -264,7 +266,7 @@ def check_configs(options: Options) -> Iterator[Result]:
     if "triton" not in ops.available_backends():
         yield Result("configs", "config lists", "skip", "Triton cannot run on this device")
         return
-    started, generator = time.perf_counter(), _generator(2)
+    started, generator = time.perf_counter(), _generator(2, options.device)
     prepared = {}  # probe -> (inputs, float64 result, torch-backend baseline, kernels it launches)
     for probe in _config_probes(options):
         inputs = probe.inputs(options.device, generator)
@@ -357,7 +359,7 @@ def _determinism_cases(options: Options) -> list[tuple[OpCase, bool]]:
 
 def check_determinism(options: Options, runs: int = 3) -> Iterator[Result]:
     """Each op's output and gradients bitwise equal over ``runs`` runs on the same inputs."""
-    generator = _generator(3)
+    generator = _generator(3, options.device)
     for case, small in _determinism_cases(options):
         inputs = case.inputs(options.device, generator)
         for backend in kernel_backends(options, small):
