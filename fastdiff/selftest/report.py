@@ -10,7 +10,7 @@ import torch
 
 from fastdiff import ops
 from fastdiff.ops import backend as backends
-from fastdiff.selftest.records import STATUSES, Options, Result
+from fastdiff.selftest.records import BASELINE_SLACK, ERROR_FACTOR, FLOOR_ULPS, STATUSES, Options, Result
 
 SCHEMA = "fastdiff.selftest/1"
 
@@ -91,6 +91,11 @@ def markdown(results: list[Result], options: Options, seconds: float) -> str:
         "",
         f"{'PASSED' if verdict['ok'] else 'FAILED'} in {seconds:.0f} s: "
         + ", ".join(f"{n} {s}" for s, n in verdict["counts"].items()),
+        "",
+        f"Accuracy bound: max |kernel - float64| <= {ERROR_FACTOR:g} x the torch backend's error in the same "
+        f"dtype + k x unit roundoff x max |float64| (k = {FLOOR_ULPS[torch.float32]:g} for float32, "
+        f"{FLOOR_ULPS[torch.bfloat16]:g} for float16 and bfloat16); the torch backend itself must be within "
+        f"one unit roundoff + {BASELINE_SLACK:.3g} x max |float64|.",
         "",
     ]
     for group in dict.fromkeys(r.group for r in results):
