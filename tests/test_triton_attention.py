@@ -320,6 +320,23 @@ def test_fixed_rule_fills_the_gpu_and_is_a_function_of_the_shape():
     assert pick(1, 100) == small
 
 
+def test_autotune_key_tells_layouts_and_key_lengths_apart(monkeypatch):
+    """A config autotuned for one layout or key length must not serve another: their keys differ."""
+    keys = []
+    original = launch.run
+
+    def recording(kernel, grid, args, constexprs, **kwargs):
+        keys.append(launch.autotune_key(kernel, args, constexprs, kwargs.get("sizes") or {}))
+        return original(kernel, grid, args, constexprs, **kwargs)
+
+    monkeypatch.setattr(launch, "run", recording)
+    for layout, T_k in (("legacy", 20), ("bthd", 20), ("bthd", 300)):
+        (q, k, v), *_ = _make_case(1, 2, 20, 32, torch.float16, layout, T_k)
+        attention_forward(q, k, v, 0.1)
+    assert len(keys) == 3 and len(set(keys)) == 3
+    assert all(key.startswith("attention_fwd[half,d32]|") for key in keys)
+
+
 def test_compile_specs_cover_every_kernel_dtype_bucket_and_config():
     specs = attn.compile_specs()
     names = {spec.name for spec in specs}
