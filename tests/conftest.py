@@ -3,10 +3,9 @@
 Triton kernels run in two tiers: compiled on CUDA tensors (``kernel_device`` "cuda", skipped with a
 reason on machines without a GPU, also under FASTDIFF_REQUIRE_BACKENDS=1) and under Triton's interpreter
 on CPU tensors ("cpu-interpreter"). The launch layer (fastdiff.kernels.launch) picks the mode per call
-from the tensors' device, so both tiers run in one process with no flag. On a machine without CUDA,
-TRITON_INTERPRET=1 is set here, at collection (before triton decorates any kernel), as before: every
-kernel is then an interpreted function. tests/test_triton_group_norm.py also runs the kernels in a
-process without it, so the per-call interpreter of GPU machines is tested on CPU too.
+from the tensors' device, so both tiers run in one process with no flag, the same way on a CPU-only
+machine and on a GPU machine. TRITON_INTERPRET=1, set by hand, still works (every kernel is then an
+interpreted function, CUDA tensors included).
 Inputs are fresh each run: the session seed is random unless FASTDIFF_TEST_SEED is given, and is
 printed in the report header so a failure can be replayed. With FASTDIFF_REQUIRE_BACKENDS=1 (set by
 .ci/run) a test that asks for a backend this machine lacks fails instead of skipping, so CI cannot pass
@@ -19,9 +18,6 @@ import zlib
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastdiff import ops
 
