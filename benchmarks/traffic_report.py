@@ -188,6 +188,7 @@ def norm_rows(variant: str, case: NormCase, dtype_name: str, seed: int = 0) -> l
 def attention_rows(dtype_name: str, seed: int = 0) -> list[dict[str, Any]]:
     """Forward and backward of the flash attention over the UNet's qkv layout at ``ATTENTION_SHAPE``."""
     from fastdiff.kernels import attention as kernels
+    from fastdiff.kernels import launch
 
     from fastdiff.ops.attention import qkv_views
 
@@ -208,7 +209,8 @@ def attention_rows(dtype_name: str, seed: int = 0) -> list[dict[str, Any]]:
         lambda: kernels.attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv)
     )
     precision = "fp32" if dtype == torch.float32 else "half"
-    block_m = kernels.FORWARD_CONFIGS[(precision, kernels.head_dim_bucket(head_dim))][0].block_m
+    forward = kernels.kernel_name("fwd", precision, kernels.head_dim_bucket(head_dim))
+    block_m = launch.last_config(forward).meta["BLOCK_M"]  # the config the forward above ran
     q_blocks = math.ceil(tokens / block_m)
     fwd_floor = _sum_bytes(q, k, v) + _sum_bytes(out, lse)
     tiled_model = _sum_bytes(q, out, lse) + q_blocks * _sum_bytes(k, v)

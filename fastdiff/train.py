@@ -32,7 +32,7 @@ from fastdiff.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from fastdiff.training.cli import check_kernels, explicit_flags, run_main
+from fastdiff.training.cli import check_autotune, check_kernels, explicit_flags, run_main
 from fastdiff.training.config import LoopSettings, resolve_batch_sizes, resolve_microbatch
 from fastdiff.training.ema import parse_ema_rates
 from fastdiff.training.loop import TrainLoop
@@ -66,6 +66,7 @@ EXTRA_DEFAULTS = dict(
     channels_last=False,
     compile=False,
     kernels="auto",
+    autotune=False,
     optimizer="adamw",
     grad_clip=0.0,
     max_steps=0,
@@ -104,6 +105,7 @@ FLAG_HELP = dict(
     channels_last="channels_last memory format for the model and its inputs",
     compile="torch.compile the training forward",
     kernels="fastdiff.ops backend: auto | triton | cpp | torch",
+    autotune="autotune Triton launch configs on CUDA (picks cached on disk; False: a fixed rule, same bits)",
     optimizer="adamw (torch.optim.AdamW) | fused_adam (apex.optimizers.FusedAdam, CUDA)",
     grad_clip="clip the gradient norm to this value (0: off)",
     max_steps="stop after this many steps (0: no limit; lr_anneal_steps also stops training)",
@@ -269,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         microbatch = resolve_microbatch(args.microbatch, batch_size)
         precision = resolve_precision(args.precision, ctx.device, use_fp16=args.use_fp16)
         kernels = check_kernels(args.kernels, ctx.device)
+        check_autotune(args.autotune)
         ema_rates = parse_ema_rates(args.ema_rate)
         if "fp16_scale_growth" in given:
             _print_main(

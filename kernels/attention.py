@@ -1,33 +1,37 @@
 """Flash attention in Triton: forward and backward over tensors of any strides.
 
-``q, k, v, out`` are ``[B, H, T, D]`` views; the UNet passes views of its ``qkv: [B, 3*H*D, T]``
-activation, where T is the contiguous axis. Every tile is therefore loaded as ``[BLOCK_D, BLOCK_T]``
-(consecutive lanes walk T) and transposed in registers where a dot wants ``[BLOCK_T, BLOCK_D]``; a
-K tile loaded that way is already K^T. When D is the unit stride instead (plain ``[B, H, T, D]``
-tensors) Triton's specialisation of unit strides lets its coalescing pass order the lanes along D.
+``q`` is ``[B, H, Tq, D]``, ``k, v`` are ``[B, H, Tk, D]`` (Tk >= 1, Tq and Tk independent: self- and
+cross-attention), ``out`` is shaped like q; all may be views. The UNet passes views of its
+``qkv: [B, 3*H*D, T]`` activation, where T is the contiguous axis. Every tile is therefore loaded as
+``[BLOCK_D, BLOCK_T]`` (consecutive lanes walk T) and transposed in registers where a dot wants
+``[BLOCK_T, BLOCK_D]``; a K tile loaded that way is already K^T. When D is the unit stride instead (plain
+``[B, H, T, D]`` tensors) Triton's specialisation of unit strides lets its coalescing pass order the lanes
+along D. Head dims up to ``MAX_HEAD_DIM`` = 256 are padded to the next power of two (the bucket).
 
 Forward: online softmax in base 2 with fp32 accumulators; one fp32 natural-log logsumexp per row is
 saved for the backward. Backward: ``delta = rowsum(dO * O)``, then one kernel per key block for
 dK/dV (loop over queries) and one per query block for dQ (loop over keys): no atomics, so gradients
-are bitwise reproducible.
+are bitwise reproducible. fp32 inputs run every dot in IEEE fp32 (``input_precision="ieee"``, FMAs on
+the CUDA cores): TF32 would lose about three decimal digits, which fp32 attention is asked not to.
 
-Launch configurations are data (``FORWARD_CONFIGS``, ``DKDV_CONFIGS``, ``DQ_CONFIGS``); on CUDA they
-are autotuned, under ``TRITON_INTERPRET=1`` the first config of each list is launched. In the
-backward lists only the block owned by a program and the warps/stages vary; the block the loop
-steps over is fixed per head-dim bucket, so the summation order, and with it every bit of the
-gradients, does not depend on which config the autotuner picks.
+Launches go through ``fastdiff.kernels.launch``: each kernel is registered once per precision ("half"
+for fp16/bf16, "fp32") and head-dim bucket, e.g. ``attention_fwd[half,d64]``, with its config list
+(``FORWARD_CONFIGS``, ``DKDV_CONFIGS``, ``DQ_CONFIGS``, ``DELTA_CONFIGS``) and a fixed rule
+(``_rule``); autotuning, when asked for, keys on the kernel name, every constexpr and the layout. In
+the backward lists only the block owned by a program and the warps/stages vary; the block the loop
+steps over is fixed per list, so the summation order, and with it every bit of the gradients, does not
+depend on which config runs.
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from fastdiff.kernels import launch
 from fastdiff.kernels.compile_spec import CompileSpec
-from triton.runtime.interpreter import InterpretedFunction
 
-MAX_HEAD_DIM = 128
+from fastdiff.ops.backend import MAX_TRITON_HEAD_DIM as MAX_HEAD_DIM
 
 # Module constants read inside the kernels must be tl.constexpr.
 _LOG2E = tl.constexpr(math.log2(math.e))
@@ -65,7 +69,8 @@ def _attn_fwd_kernel(
     stride_ot,
     stride_od,
     H,
-    T,
+    T_Q,
+    T_K,
     HEAD_DIM,
     qk_scale_log2,
     BLOCK_M: tl.constexpr,
@@ -73,8 +78,11 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """One program: BLOCK_M queries of one (batch, head). O [D, BLOCK_M] tile, LSE[b, h, t] fp32."""
-    num_blocks = tl.cdiv(T, BLOCK_M)
+    """One program: BLOCK_M queries of one (batch, head) over all T_K keys (T_K >= 1).
+
+    Writes an O [D, BLOCK_M] tile and LSE[b, h, t] (fp32, natural log).
+    """
+    num_blocks = tl.cdiv(T_Q, BLOCK_M)
     start_m = (tl.program_id(0) % num_blocks) * BLOCK_M
     bh = tl.program_id(0) // num_blocks  # b * H + h
     b = (bh // H).to(tl.int64)
@@ -83,11 +91,11 @@ def _attn_fwd_kernel(
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     O += b * stride_ob + h * stride_oh
-    LSE += bh.to(tl.int64) * T
+    LSE += bh.to(tl.int64) * T_Q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < T
+    m_ok = offs_m < T_Q
     d_ok = offs_d < HEAD_DIM
 
     q_t = tl.load(
@@ -100,9 +108,9 @@ def _attn_fwd_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of scores, log2 units
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, T, BLOCK_N):
+    for start_n in range(0, T_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < T
+        n_ok = offs_n < T_K
         tile_mask = d_ok[:, None] & n_ok[None, :]
         k_t = tl.load(
             K + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kt, mask=tile_mask, other=0.0
@@ -205,7 +213,8 @@ def _attn_bwd_dkdv_kernel(
     stride_dvt,
     stride_dvd,
     H,
-    T,
+    T_Q,
+    T_K,
     HEAD_DIM,
     qk_scale_log2,
     scale,
@@ -214,12 +223,13 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """One program: dK, dV for BLOCK_N keys of one (batch, head), stepping over queries BLOCK_M at a time.
+    """One program: dK, dV for BLOCK_N of the T_K keys of one (batch, head), stepping over the T_Q
+    queries BLOCK_M at a time.
 
     Padded query columns load q = dO = 0, lse = delta = 0, so they add exactly zero; padded key rows
     only touch rows of dK/dV that are never stored.
     """
-    num_blocks = tl.cdiv(T, BLOCK_N)
+    num_blocks = tl.cdiv(T_K, BLOCK_N)
     start_n = (tl.program_id(0) % num_blocks) * BLOCK_N
     bh = tl.program_id(0) // num_blocks  # b * H + h
     b = (bh // H).to(tl.int64)
@@ -230,13 +240,13 @@ def _attn_bwd_dkdv_kernel(
     DO += b * stride_dob + h * stride_doh
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
-    LSE += bh.to(tl.int64) * T
-    DELTA += bh.to(tl.int64) * T
+    LSE += bh.to(tl.int64) * T_Q
+    DELTA += bh.to(tl.int64) * T_Q
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kv_mask = d_ok[:, None] & (offs_n < T)[None, :]
+    kv_mask = d_ok[:, None] & (offs_n < T_K)[None, :]
     k_t = tl.load(K + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kt, mask=kv_mask, other=0.0)
     v_t = tl.load(V + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vt, mask=kv_mask, other=0.0)
     k = tl.trans(k_t.to(DOT_DTYPE))  # [BLOCK_N, BLOCK_D]
@@ -244,9 +254,9 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, T, BLOCK_M):
+    for start_m in range(0, T_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < T
+        m_ok = offs_m < T_Q
         q_mask = d_ok[:, None] & m_ok[None, :]
         q_t = tl.load(Q + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qt, mask=q_mask, other=0.0)
         do_t = tl.load(
@@ -306,7 +316,8 @@ def _attn_bwd_dq_kernel(
     stride_dqt,
     stride_dqd,
     H,
-    T,
+    T_Q,
+    T_K,
     HEAD_DIM,
     qk_scale_log2,
     scale,
@@ -315,8 +326,9 @@ def _attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """One program: dQ for BLOCK_M queries of one (batch, head), stepping over keys BLOCK_N at a time."""
-    num_blocks = tl.cdiv(T, BLOCK_M)
+    """One program: dQ for BLOCK_M of the T_Q queries of one (batch, head), stepping over the T_K keys
+    BLOCK_N at a time."""
+    num_blocks = tl.cdiv(T_Q, BLOCK_M)
     start_m = (tl.program_id(0) % num_blocks) * BLOCK_M
     bh = tl.program_id(0) // num_blocks  # b * H + h
     b = (bh // H).to(tl.int64)
@@ -326,12 +338,12 @@ def _attn_bwd_dq_kernel(
     V += b * stride_vb + h * stride_vh
     DO += b * stride_dob + h * stride_doh
     DQ += b * stride_dqb + h * stride_dqh
-    LSE += bh.to(tl.int64) * T
-    DELTA += bh.to(tl.int64) * T
+    LSE += bh.to(tl.int64) * T_Q
+    DELTA += bh.to(tl.int64) * T_Q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < T
+    m_ok = offs_m < T_Q
     d_ok = offs_d < HEAD_DIM
     q_mask = d_ok[:, None] & m_ok[None, :]
     q_t = tl.load(Q + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qt, mask=q_mask, other=0.0)
@@ -342,9 +354,9 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, T, BLOCK_N):
+    for start_n in range(0, T_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < T
+        n_ok = offs_n < T_K
         kv_mask = d_ok[:, None] & n_ok[None, :]
         k_t = tl.load(K + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kt, mask=kv_mask, other=0.0)
         v_t = tl.load(V + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vt, mask=kv_mask, other=0.0)
@@ -369,70 +381,76 @@ def _attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile lengths along T (queries ``block_m``, keys ``block_n``), warps and software-pipeline stages."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-    @property
-    def tag(self) -> str:
-        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
-
-    def as_triton(self) -> triton.Config:
-        return triton.Config(
-            {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n},
-            num_warps=self.num_warps,
-            num_stages=self.num_stages,
-        )
+def _C(block_m: int, block_n: int, num_warps: int, num_stages: int) -> launch.Config:
+    """A tile config: ``block_m`` queries and ``block_n`` keys per tile, warps, pipeline stages."""
+    return launch.Config(num_warps, num_stages, {"BLOCK_M": block_m, "BLOCK_N": block_n})
 
 
-_C = TileConfig
-# Keys: ("half" for fp16/bf16 | "fp32", head-dim bucket = BLOCK_D). The first entry of each list is
-# the one launched when no autotuner can run (the interpreter). Every entry compiles for sm_80 and
+def _tag(config: launch.Config) -> str:
+    """Short name of a config, e.g. ``m64n32w8s3``."""
+    meta = config.meta
+    blocks = "".join(
+        f"{axis}{meta[key]}" for axis, key in (("m", "BLOCK_M"), ("n", "BLOCK_N")) if key in meta
+    )
+    return f"{blocks}w{config.num_warps}s{config.num_stages}"
+
+
+# Keys: ("half" for fp16/bf16 | "fp32", head-dim bucket = BLOCK_D). Each list is ordered by expected
+# speed at the UNet's sizes; the fixed rule (``_rule``) takes the first that fills the GPU. Every entry
+# compiles for sm_80 and
 # sm_90 without register spills, both when no stride is divisible by 16 (T = 36, say), where each
 # lane keeps its own 64-bit address, and when every pointer and stride is (vector loads; the compile
-# report builds both). fp32 dots run in IEEE fp32 on the CUDA cores and hold both
-# operands in registers, so their tiles are smaller.
-FORWARD_CONFIGS: dict[tuple[str, int], tuple[TileConfig, ...]] = {
+# report builds both). fp32 dots run in IEEE fp32 on the CUDA cores (TF32 would cost about three
+# decimal digits) and hold both operands in registers, so their tiles are smaller. Head dims above 128
+# share the 256 bucket: its tiles keep BLOCK x 256 fp32 accumulators in registers, so they are short
+# (16 or 32 along T, 8 warps); in the checked candidates every 64-long half tile and 4-warp tile
+# spilled, as did three 8-warp ones in some variant.
+FORWARD_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("half", 16): (_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 32, 4, 3), _C(128, 128, 8, 3)),
     ("half", 32): (_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 32, 8, 3), _C(128, 128, 8, 3)),
     ("half", 64): (_C(64, 64, 8, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3), _C(64, 32, 4, 3)),
     ("half", 128): (_C(64, 32, 8, 3), _C(128, 32, 8, 3), _C(128, 16, 8, 3)),
+    ("half", 256): (_C(32, 32, 8, 2), _C(32, 16, 8, 2)),
     ("fp32", 16): (_C(64, 32, 8, 2), _C(32, 32, 4, 2), _C(64, 16, 8, 2)),
     ("fp32", 32): (_C(32, 32, 4, 2), _C(32, 32, 8, 2), _C(64, 32, 4, 1)),
     ("fp32", 64): (_C(32, 32, 8, 2), _C(32, 16, 8, 2)),
     ("fp32", 128): (_C(32, 16, 8, 2), _C(16, 16, 4, 2)),
+    ("fp32", 256): (_C(32, 16, 8, 2),),
 }
 # dK/dV: a program owns block_n keys and steps over queries block_m at a time; block_m is the same
-# across each list, so the autotuner's pick never changes the order of the sums.
-DKDV_CONFIGS: dict[tuple[str, int], tuple[TileConfig, ...]] = {
+# across each list, so whichever config runs, the order of the sums is the same.
+DKDV_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("half", 16): (_C(64, 64, 4, 2), _C(64, 128, 8, 2), _C(64, 64, 4, 3)),
     ("half", 32): (_C(32, 64, 4, 2), _C(32, 128, 8, 2), _C(32, 64, 8, 2), _C(32, 128, 8, 3)),
     ("half", 64): (_C(32, 64, 4, 2), _C(32, 128, 8, 2), _C(32, 64, 8, 2), _C(32, 128, 8, 3)),
     ("half", 128): (_C(32, 64, 8, 2), _C(32, 32, 8, 2), _C(32, 64, 8, 3)),
+    ("half", 256): (_C(16, 16, 8, 2), _C(16, 16, 8, 3)),
     ("fp32", 16): (_C(32, 32, 8, 2), _C(32, 32, 4, 1)),
     ("fp32", 32): (_C(32, 32, 8, 2),),
     ("fp32", 64): (_C(16, 32, 4, 2),),
     ("fp32", 128): (_C(16, 16, 8, 2), _C(16, 16, 4, 1)),
+    ("fp32", 256): (_C(16, 16, 8, 1),),
 }
 # dQ: a program owns block_m queries and steps over keys block_n at a time (block_n fixed per list).
-DQ_CONFIGS: dict[tuple[str, int], tuple[TileConfig, ...]] = {
+DQ_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("half", 16): (_C(64, 64, 4, 2), _C(128, 64, 8, 2), _C(64, 64, 8, 2)),
     ("half", 32): (_C(64, 64, 4, 2), _C(128, 64, 8, 3), _C(64, 64, 8, 3)),
     ("half", 64): (_C(64, 32, 4, 2), _C(128, 32, 8, 2), _C(64, 32, 4, 3)),
     ("half", 128): (_C(32, 32, 8, 2), _C(32, 32, 8, 3), _C(16, 32, 8, 2)),
+    ("half", 256): (_C(16, 16, 8, 2), _C(16, 16, 8, 3)),
     ("fp32", 16): (_C(32, 32, 4, 2), _C(64, 32, 8, 2), _C(32, 32, 8, 2)),
     ("fp32", 32): (_C(32, 32, 4, 2), _C(32, 32, 8, 2)),
     ("fp32", 64): (_C(32, 32, 8, 2), _C(32, 32, 4, 2)),
     ("fp32", 128): (_C(32, 32, 8, 2), _C(16, 32, 8, 2)),
+    ("fp32", 256): (_C(32, 16, 8, 2),),
 }
-# delta = rowsum(dO * O): rows per program, one config per head-dim bucket (4 warps).
-DELTA_BLOCK_M: dict[int, int] = {16: 64, 32: 64, 64: 32, 128: 16}
-HEAD_DIM_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
+# delta = rowsum(dO * O): rows per program, one config per head-dim bucket.
+DELTA_CONFIGS: dict[int, tuple[launch.Config, ...]] = {
+    bucket: (launch.Config(4, 1, {"BLOCK_M": rows}),)
+    for bucket, rows in {16: 64, 32: 64, 64: 32, 128: 16, 256: 8}.items()
+}
+HEAD_DIM_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256)
+PRECISIONS: tuple[str, ...] = ("half", "fp32")
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -447,55 +465,169 @@ def _precision_class(dtype: torch.dtype) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Registration with the launch layer
+# --------------------------------------------------------------------------------------------------
+
+
+def _strides(*names: str) -> tuple[str, ...]:
+    """The [B, H, T, D] stride arguments of the named tensors, e.g. ``stride_qb``."""
+    return tuple(f"stride_{name}{axis}" for name in names for axis in "bhtd")
+
+
+_SCALARS = ("qk_scale_log2", "scale")
+_ARG_TYPES = {
+    "fwd": launch.arg_types(
+        _attn_fwd_kernel,
+        storage=("Q", "K", "V", "O"),
+        fp32_pointers=("LSE",),
+        i32=(*_strides("q", "k", "v", "o"), "H", "T_Q", "T_K", "HEAD_DIM"),
+        fp32=("qk_scale_log2",),
+    ),
+    "bwd_delta": launch.arg_types(
+        _attn_bwd_delta_kernel,
+        storage=("O", "DO"),
+        fp32_pointers=("DELTA",),
+        i32=(*_strides("o", "do"), "H", "T", "HEAD_DIM"),
+    ),
+    "bwd_dkdv": launch.arg_types(
+        _attn_bwd_dkdv_kernel,
+        storage=("Q", "K", "V", "DO", "DK", "DV"),
+        fp32_pointers=("LSE", "DELTA"),
+        i32=(*_strides("q", "k", "v", "do", "dk", "dv"), "H", "T_Q", "T_K", "HEAD_DIM"),
+        fp32=_SCALARS,
+    ),
+    "bwd_dq": launch.arg_types(
+        _attn_bwd_dq_kernel,
+        storage=("Q", "K", "V", "DO", "DQ"),
+        fp32_pointers=("LSE", "DELTA"),
+        i32=(*_strides("q", "k", "v", "do", "dq"), "H", "T_Q", "T_K", "HEAD_DIM"),
+        fp32=_SCALARS,
+    ),
+}
+_FUNCTIONS = {
+    "fwd": _attn_fwd_kernel,
+    "bwd_delta": _attn_bwd_delta_kernel,
+    "bwd_dkdv": _attn_bwd_dkdv_kernel,
+    "bwd_dq": _attn_bwd_dq_kernel,
+}
+# The tile a program owns (the grid axis); the other block is the loop step.
+_OWNED_BLOCK = {"fwd": "BLOCK_M", "bwd_delta": "BLOCK_M", "bwd_dkdv": "BLOCK_N", "bwd_dq": "BLOCK_M"}
+
+
+def _rule(owned: str, configs: tuple[launch.Config, ...]):
+    """The fixed config choice of one list (no stopwatch; not measured, no GPU was at hand): the first
+    config of the list (ordered by the expected speed at the UNet's sizes) whose grid has at least
+    ``launch.TARGET_SMS`` programs; when none has, the one with the most programs (the smallest owned
+    block, the earlier on ties), so small problems still spread over the SMs. It reads ``rows`` (B * H)
+    and ``owned_length`` (Tq or Tk, the axis the grid walks), the same on every GPU, so the pick, and
+    with it every bit, is too."""
+
+    def rule(problem: launch.Problem) -> launch.Config:
+        rows, length = problem.sizes["rows"], problem.sizes["owned_length"]
+        programs = [rows * triton.cdiv(length, c.meta[owned]) for c in configs]
+        for config, count in zip(configs, programs, strict=True):
+            if count >= launch.TARGET_SMS:
+                return config
+        return configs[max(range(len(configs)), key=lambda i: (programs[i], -i))]
+
+    return rule
+
+
+def _register(kind: str, precision: str, bucket: int, configs: tuple[launch.Config, ...]) -> launch.Kernel:
+    return launch.register(
+        kernel_name(kind, precision, bucket),
+        family="attention",
+        fn=_FUNCTIONS[kind],
+        configs=configs,
+        rule=_rule(_OWNED_BLOCK[kind], configs),
+        arg_types=_ARG_TYPES[kind],
+    )
+
+
+def kernel_name(kind: str, precision: str, bucket: int) -> str:
+    """The launch-layer name of one attention kernel list, e.g. ``attention_fwd[half,d64]``
+    (``kind``: fwd, bwd_delta, bwd_dkdv, bwd_dq; the delta kernel has no precision class)."""
+    if kind == "bwd_delta":
+        return f"attention_bwd_delta[d{bucket}]"
+    return f"attention_{kind}[{precision},d{bucket}]"
+
+
+_TABLES = {"fwd": FORWARD_CONFIGS, "bwd_dkdv": DKDV_CONFIGS, "bwd_dq": DQ_CONFIGS}
+KERNELS: dict[tuple[str, str, int], launch.Kernel] = {}
+for _bucket in HEAD_DIM_BUCKETS:
+    for _kind, _table in _TABLES.items():
+        for _precision in PRECISIONS:
+            KERNELS[(_kind, _precision, _bucket)] = _register(
+                _kind, _precision, _bucket, _table[(_precision, _bucket)]
+            )
+    KERNELS[("bwd_delta", "", _bucket)] = _register("bwd_delta", "", _bucket, DELTA_CONFIGS[_bucket])
+
+
+# --------------------------------------------------------------------------------------------------
 # Host functions
 # --------------------------------------------------------------------------------------------------
 
-_INTERPRETED = isinstance(_attn_fwd_kernel, InterpretedFunction)
-_AUTOTUNERS: dict[tuple[str, tuple[TileConfig, ...]], triton.runtime.Autotuner] = {}
 
-
-def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
+def _dot_dtype(x: torch.Tensor) -> tl.dtype:
     """Operand dtype of every tl.dot: the input's, except bf16 under the interpreter (raw uint16 there)."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and _INTERPRETED):
+    if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and launch.interprets(x)):
         return tl.float32
-    return tl.float16 if dtype == torch.float16 else tl.bfloat16
+    return tl.float16 if x.dtype == torch.float16 else tl.bfloat16
 
 
-def _launch(
-    kernel, configs: tuple[TileConfig, ...], owned_block: str, grid_rows: int, T: int, *args, **constexprs
-):
-    """Run ``kernel`` over ``grid_rows`` (batch * head) rows of ceil(T / owned block) programs each.
-
-    On CUDA the config is autotuned (one autotuner per kernel and config list); otherwise the first
-    config of the list is launched as is.
-    """
-    if _INTERPRETED:
-        config = configs[0]
-        grid = (grid_rows * triton.cdiv(T, getattr(config, owned_block)),)
-        kernel[grid](
-            *args,
-            BLOCK_M=config.block_m,
-            BLOCK_N=config.block_n,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-            **constexprs,
-        )
-        return
-    key = (kernel.__name__, configs)
-    tuner = _AUTOTUNERS.get(key)
-    if tuner is None:
-        tuner = triton.autotune(configs=[c.as_triton() for c in configs], key=["T", "HEAD_DIM"])(kernel)
-        _AUTOTUNERS[key] = tuner
-    meta_key = "BLOCK_M" if owned_block == "block_m" else "BLOCK_N"
-    tuner[lambda meta: (grid_rows * triton.cdiv(T, meta[meta_key]),)](*args, **constexprs)
+def _launch(kind: str, like: torch.Tensor, t_q: int, t_k: int, args: tuple, **constexprs) -> None:
+    """Run the ``kind`` kernel of ``like``'s precision and head-dim bucket (``BLOCK_D``) over B * H rows
+    of ceil(Tq or Tk / owned block) programs each; ``like`` [B, H, T, D] also gives the layout."""
+    bucket = constexprs["BLOCK_D"]
+    kernel = KERNELS[(kind, "" if kind == "bwd_delta" else _precision_class(like.dtype), bucket)]
+    owned = _OWNED_BLOCK[kind]
+    rows = like.shape[0] * like.shape[1]
+    owned_length = t_k if kind == "bwd_dkdv" else t_q
+    # Triton specialises unit strides, so the layout is in the autotune key already; named here too
+    t_unit_stride = int(like.stride(2) == 1 and like.shape[3] > 1)
+    launch.run(
+        kernel,
+        lambda config: (rows * triton.cdiv(owned_length, config.meta[owned]),),
+        args,
+        constexprs,
+        like=like,
+        sizes={
+            "rows": rows,
+            "owned_length": owned_length,
+            "T_Q": t_q,
+            "T_K": t_k,
+            "t_unit_stride": t_unit_stride,
+        },
+    )
 
 
-def _check_runnable(x: torch.Tensor, name: str) -> None:
-    if not _INTERPRETED and not x.is_cuda:
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise unless q [B, H, Tq, D], k and v [B, H, Tk, D] (Tk >= 1) share dtype and device and the
+    Triton kernels can run them (ValueError / TypeError naming the argument)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, T, D], got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
         raise ValueError(
-            f"{name} is on {x.device}: the Triton attention runs CUDA tensors, or CPU tensors when "
-            "TRITON_INTERPRET=1 is set before fastdiff.kernels.attention is imported"
+            f"k and v must have the same shape [B, H, Tk, D], got {tuple(k.shape)} and {tuple(v.shape)}"
         )
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q [B, H, Tq, D] and k, v [B, H, Tk, D] must agree in B, H and D, "
+            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"q, k and v must be float16, bfloat16 or float32, got {q.dtype}")
+    launch.check_same_device(q=q, k=k, v=v)
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q is on {q.device}: the Triton attention runs CUDA tensors (CPU: interpreted)")
+    if k.shape[2] == 0 and q.numel() > 0:
+        raise ValueError(
+            f"k has no keys (Tk = 0, shape {tuple(k.shape)}): a softmax over zero keys is undefined"
+        )
+    head_dim_bucket(q.shape[3])
 
 
 def _check_output(buf: torch.Tensor, like: torch.Tensor, name: str) -> None:
@@ -519,42 +651,24 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal ``softmax(scale * q k^T) v`` per (batch, head).
 
-    q, k, v: [B, H, T, D], one dtype (fp16/bf16/fp32), any strides (read in place).
-    out: optional [B, H, T, D] destination of any strides.
-    Returns (out [B, H, T, D], lse [B, H, T] fp32, the natural-log logsumexp of scale * q.k over keys).
+    q: [B, H, Tq, D]; k, v: [B, H, Tk, D] with Tk >= 1 (Tk = 0 is a ValueError naming k); one dtype
+    (fp16/bf16/fp32) and device, D <= MAX_HEAD_DIM, any strides (read in place).
+    out: optional [B, H, Tq, D] destination of any strides.
+    Returns (out [B, H, Tq, D], lse [B, H, Tq] fp32, the natural-log logsumexp of scale * q.k over keys).
     """
-    B, H, T, D = q.shape
+    check_inputs(q, k, v)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
     bucket = head_dim_bucket(D)
-    _check_runnable(q, "q")
     if out is None:
         out = _empty_in_layout_of(q)
     else:
         _check_output(out, q, "out")
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out, lse
-    _launch(
-        _attn_fwd_kernel,
-        FORWARD_CONFIGS[(_precision_class(q.dtype), bucket)],
-        "block_m",
-        B * H,
-        T,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        H,
-        T,
-        D,
-        float(scale) * _LOG2E.value,
-        BLOCK_D=bucket,
-        DOT_DTYPE=_dot_dtype(q.dtype),
-    )
+    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, Tq, Tk, D)
+    _launch("fwd", q, Tq, Tk, (*args, float(scale) * _LOG2E.value), BLOCK_D=bucket, DOT_DTYPE=_dot_dtype(q))
     return out, lse
 
 
@@ -572,13 +686,16 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``attention_forward`` given dout = dL/dout.
 
-    dout, q, k, v, out: [B, H, T, D], any strides; lse: [B, H, T] fp32 from the forward.
-    dq, dk, dv: optional [B, H, T, D] destinations of any strides (e.g. views of one [B, 3*H*D, T]).
-    Deterministic: each gradient element is written by one program in a fixed summation order.
+    dout, out: [B, H, Tq, D]; q [B, H, Tq, D]; k, v [B, H, Tk, D]; any strides; lse: [B, H, Tq] fp32
+    from the forward. dq, dk, dv: optional destinations shaped like q, k, v, of any strides (e.g. views
+    of one [B, 3*H*D, T]). Deterministic: each gradient element is written by one program in a fixed
+    summation order.
     """
-    B, H, T, D = q.shape
+    check_inputs(q, k, v)
+    launch.check_same_device(q=q, dout=dout, out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+    _, H, Tq, D = q.shape
+    Tk = k.shape[2]
     bucket = head_dim_bucket(D)
-    _check_runnable(q, "q")
     grads = []
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if buf is None:
@@ -588,65 +705,22 @@ def attention_backward(
         grads.append(buf)
     dq, dk, dv = grads
     if q.numel() == 0:
+        if k.numel() > 0:  # no query reads any key
+            dk.zero_()
+            dv.zero_()
         return dq, dk, dv
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    delta_rows = DELTA_BLOCK_M[bucket]
-    _attn_bwd_delta_kernel[(B * H * triton.cdiv(T, delta_rows),)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, T, D, BLOCK_M=delta_rows, BLOCK_D=bucket
-    )
-    precision = _precision_class(q.dtype)
+    delta_args = (out, dout, delta, *out.stride(), *dout.stride(), H, Tq, D)
+    _launch("bwd_delta", out, Tq, 0, delta_args, BLOCK_D=bucket)
     scale = float(scale)
-    dot_dtype = _dot_dtype(q.dtype)
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    _launch(
-        _attn_bwd_dkdv_kernel,
-        DKDV_CONFIGS[(precision, bucket)],
-        "block_n",
-        B * H,
-        T,
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        *common,
-        *dk.stride(),
-        *dv.stride(),
-        H,
-        T,
-        D,
-        scale * _LOG2E.value,
-        scale,
-        BLOCK_D=bucket,
-        DOT_DTYPE=dot_dtype,
-    )
-    _launch(
-        _attn_bwd_dq_kernel,
-        DQ_CONFIGS[(precision, bucket)],
-        "block_m",
-        B * H,
-        T,
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dq,
-        *common,
-        *dq.stride(),
-        H,
-        T,
-        D,
-        scale * _LOG2E.value,
-        scale,
-        BLOCK_D=bucket,
-        DOT_DTYPE=dot_dtype,
-    )
+    sizes_and_scales = (H, Tq, Tk, D, scale * _LOG2E.value, scale)
+    constexprs = {"BLOCK_D": bucket, "DOT_DTYPE": _dot_dtype(q)}
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), *sizes_and_scales)
+    _launch("bwd_dkdv", q, Tq, Tk, dkdv_args, **constexprs)
+    dq_args = (q, k, v, dout, lse, delta, dq, *common, *dq.stride(), *sizes_and_scales)
+    _launch("bwd_dq", q, Tq, Tk, dq_args, **constexprs)
     return dq, dk, dv
 
 
@@ -654,78 +728,32 @@ def attention_backward(
 # Compile specifications (for the compile report)
 # --------------------------------------------------------------------------------------------------
 
-_FLOAT_ARGS = ("qk_scale_log2", "scale")
-_FP32_POINTERS = ("LSE", "DELTA")
-_TENSOR_POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 # Which stride Triton's JIT specialises to the constant 1: T in the UNet's qkv views, D in [B, H, T, D].
 LAYOUTS: dict[str, str] = {"qkv": "t", "bthd": "d"}
 
 
-def _signature(kernel, dtype: str, constexprs: dict, unit_axis: str) -> tuple[dict[str, str], dict]:
-    """ASTSource signature of ``kernel`` for ``dtype`` tensors whose ``unit_axis`` stride is 1."""
-    signature: dict[str, str] = {}
-    constexprs = dict(constexprs)
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.startswith("stride_") and name.endswith(unit_axis):
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        elif name in _FP32_POINTERS:
-            signature[name] = "*fp32"
-        elif name in _TENSOR_POINTERS:
-            signature[name] = f"*{dtype}"
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature, constexprs
-
-
 def compile_specs(layouts: tuple[str, ...] = ("qkv", "bthd")) -> list[CompileSpec]:
-    """Every kernel x dtype x head-dim bucket x config x layout, as ``triton.compile`` takes them.
+    """Every registered attention kernel x dtype x config x layout, as ``triton.compile`` takes them.
 
     The unit stride of each layout is a constexpr 1, as Triton's JIT specialises it. Compiling
     needs a process without TRITON_INTERPRET=1 (the interpreter replaces Triton's own jit helpers).
     """
     specs: list[CompileSpec] = []
-    tables = (
-        ("attention_fwd", _attn_fwd_kernel, FORWARD_CONFIGS),
-        ("attention_bwd_dkdv", _attn_bwd_dkdv_kernel, DKDV_CONFIGS),
-        ("attention_bwd_dq", _attn_bwd_dq_kernel, DQ_CONFIGS),
-    )
     for layout in layouts:
-        unit_axis = LAYOUTS[layout]
-        for torch_dtype, dtype in _TRITON_DTYPES.items():
+        axis = LAYOUTS[layout]
+        for torch_dtype, storage in _TRITON_DTYPES.items():
             dot_dtype = tl.float32 if torch_dtype == torch.float32 else getattr(tl, str(torch_dtype)[6:])
-            for bucket in HEAD_DIM_BUCKETS:
-                for name, kernel, table in tables:
-                    for config in table[(_precision_class(torch_dtype), bucket)]:
-                        constexprs = {
-                            "BLOCK_M": config.block_m,
-                            "BLOCK_N": config.block_n,
-                            "BLOCK_D": bucket,
-                            "DOT_DTYPE": dot_dtype,
-                        }
-                        signature, constexprs = _signature(kernel, dtype, constexprs, unit_axis)
-                        specs.append(
-                            CompileSpec(
-                                name=f"{name}[{dtype},d{bucket},{layout},{config.tag}]",
-                                fn=kernel,
-                                signature=signature,
-                                constexprs=constexprs,
-                                num_warps=config.num_warps,
-                                num_stages=config.num_stages,
-                            )
-                        )
-                constexprs = {"BLOCK_M": DELTA_BLOCK_M[bucket], "BLOCK_D": bucket}
-                signature, constexprs = _signature(_attn_bwd_delta_kernel, dtype, constexprs, unit_axis)
-                specs.append(
-                    CompileSpec(
-                        name=f"attention_bwd_delta[{dtype},d{bucket},{layout},m{DELTA_BLOCK_M[bucket]}w4]",
-                        fn=_attn_bwd_delta_kernel,
-                        signature=signature,
-                        constexprs=constexprs,
-                    )
+            precision = _precision_class(torch_dtype)
+            for (kind, kernel_precision, bucket), kernel in KERNELS.items():
+                if kernel_precision not in ("", precision):
+                    continue
+                constexprs = {"BLOCK_D": bucket}
+                if kind != "bwd_delta":
+                    constexprs["DOT_DTYPE"] = dot_dtype
+                unit = tuple(
+                    n for n, t in kernel.arg_types.items() if n.startswith("stride_") and n.endswith(axis)
                 )
+                for config in kernel.configs:
+                    name = f"attention_{kind}[{storage},d{bucket},{layout},{_tag(config)}]"
+                    specs.append(launch.compile_spec(kernel, name, storage, config, constexprs, unit))
     return specs

@@ -17,16 +17,14 @@ Two paths per direction, picked by the padded group size and the number of (samp
   formula in a fixed order, then normalises its chunk. Backward: chunks write per-channel partial sums,
   which the apply programs add in a fixed order. x (and dy) are read twice.
 
-No float atomics anywhere: results are bitwise reproducible for a given launch configuration. On CUDA
-the configuration is autotuned (different processes may then pick different configurations; call
-``torch.use_deterministic_algorithms(True)`` to use the fixed heuristic configuration instead). Under
-``TRITON_INTERPRET=1`` or on CPU tensors the heuristic configuration is used, since autotuning needs a GPU.
+No float atomics anywhere: results are bitwise reproducible for a given launch configuration. Kernels
+are launched through ``launch`` (the launch layer): by default a fixed rule picks each configuration from
+the shape (``_fused_rule``, ``_split_rule``), so every process gives the same bits; CUDA autotuning is
+opt-in (``FASTDIFF_AUTOTUNE=1``) with its picks persisted on disk. CPU tensors run under Triton's
+interpreter.
 """
 
-import functools
 import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .compile_spec import CompileSpec
 
 Tensor = torch.Tensor
@@ -46,15 +45,15 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Limits found with the compile report (sm_80 and sm_90, every block shape and layout): at 16 warps ptxas
 # caps a thread at 64 to 128 registers and large tiles spill, so fused kernels use at most 8 warps with at
 # most 32 (forward) or 16 (backward: x and dy) tile elements per thread, and split kernels at most 8.
-FUSED_CONFIGS: list[dict[str, int]] = [{"num_warps": w, "num_stages": 1} for w in (1, 2, 4, 8)]
-SPLIT_CONFIGS: list[dict[str, int]] = [
-    {"TILE": tile, "num_warps": warps, "num_stages": 1} for tile, warps in ((512, 2), (1024, 4), (2048, 8))
-]
+FUSED_CONFIGS: tuple[launch.Config, ...] = tuple(launch.Config(num_warps=w) for w in (1, 2, 4, 8))
+SPLIT_CONFIGS: tuple[launch.Config, ...] = tuple(
+    launch.Config(num_warps=warps, tiles={"TILE": tile}) for tile, warps in ((512, 2), (1024, 4), (2048, 8))
+)
 FUSED_FORWARD_ELEMENTS_PER_THREAD = 32
 FUSED_BACKWARD_ELEMENTS_PER_THREAD = 16
 SPLIT_ELEMENTS_PER_THREAD = 8
-MAX_WARPS = max(c["num_warps"] for c in FUSED_CONFIGS)
-HEURISTIC_SPLIT_TILE = 2048
+MAX_WARPS = max(c.num_warps for c in FUSED_CONFIGS)
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (chunks of a group)
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ class GroupNormTuning:
             raise ValueError("GroupNormTuning.fused_max_forward exceeds what 8 warps hold without spilling")
         if self.fused_max_backward > FUSED_BACKWARD_ELEMENTS_PER_THREAD * 32 * MAX_WARPS:
             raise ValueError("GroupNormTuning.fused_max_backward exceeds what 8 warps hold without spilling")
-        if self.max_block_c > min(c["TILE"] for c in SPLIT_CONFIGS):
+        if self.max_block_c > min(c.meta["TILE"] for c in SPLIT_CONFIGS):
             raise ValueError("GroupNormTuning.max_block_c must not exceed the smallest split tile")
 
 
@@ -680,129 +679,193 @@ def _gn_bwd_split_apply_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launching: configuration lists, pruning, heuristics, autotuning
+# Launching: registration with the launch layer (configs, fixed rule, argument types)
 # ----------------------------------------------------------------------------------------------------
 
+_AFFINE_POINTERS = ("weight_ptr", "bias_ptr", "scale_ptr", "shift_ptr")
+_SHAPE_ARGS = ("num_groups", "group_channels", "spatial")
+_CHUNK_ARGS = ("chunk_spatial", "num_chunks")
+_AFFINE_STRIDES = ("stride_scale_n", "stride_scale_c", "stride_shift_n", "stride_shift_c")
 
-def _tile_elements(meta: dict[str, Any]) -> int:
+
+def _strides(*names: str) -> tuple[str, ...]:
+    """The [N, C, S] stride arguments of the named activation tensors, e.g. ``stride_xn``."""
+    return tuple(f"stride_{name}{axis}" for name in names for axis in "ncs")
+
+
+def _tile_elements(problem: launch.Problem, config: launch.Config) -> int:
     """Elements of one register tile: TILE for split kernels, BLOCK_C * BLOCK_S for fused ones."""
+    meta = {**problem.constexprs, **config.meta}
     return meta["TILE"] if "TILE" in meta else meta["BLOCK_C"] * meta["BLOCK_S"]
 
 
-@dataclass(frozen=True, eq=False)  # hashed by identity: one autotuner per kernel
-class _Tunable:
-    """A kernel, its configuration list, its autotune key and the register budget used to prune configs."""
+def _budget(elements_per_thread: int):
+    """Autotune pruning: a config may hold at most ``elements_per_thread`` tile elements per thread."""
 
-    name: str
-    fn: Any
-    configs: tuple[dict[str, int], ...]
-    key: tuple[str, ...]
-    max_elements_per_thread: int
+    def fits(problem: launch.Problem, config: launch.Config) -> bool:
+        return _tile_elements(problem, config) <= elements_per_thread * 32 * config.num_warps
 
-    def fits(self, config: dict[str, int], meta: dict[str, Any]) -> bool:
-        """Whether ``config`` keeps at most max_elements_per_thread tile elements in each thread."""
-        tile = _tile_elements({**meta, **config})
-        return tile <= self.max_elements_per_thread * 32 * config["num_warps"]
-
-    def heuristic(self, meta: dict[str, Any], split_tile: int | None) -> dict[str, int]:
-        """The configuration used without autotuning (interpreter, CPU tensors, deterministic mode)."""
-        if "BLOCK_S" in meta:
-            warps = min(MAX_WARPS, max(1, _tile_elements(meta) // 256))
-            return {"num_warps": warps, "num_stages": 1}
-        tile = split_tile or HEURISTIC_SPLIT_TILE
-        return {"TILE": tile, "num_warps": min(MAX_WARPS, max(1, tile // 256)), "num_stages": 1}
+    return fits
 
 
-_SPLIT_KEY = ("group_channels", "spatial", "chunk_spatial", "num_chunks")
-_FUSED_KEY = ("num_groups", "group_channels", "spatial")
-FWD_FUSED = _Tunable(
-    "gn_fwd_fused", _gn_fwd_fused_kernel, tuple(FUSED_CONFIGS), _FUSED_KEY, FUSED_FORWARD_ELEMENTS_PER_THREAD
+def _fused_rule(elements_per_thread: int):
+    """Fixed warps for a fused kernel (one program per (sample, group), the whole group in registers).
+
+    Not measured (no GPU was at hand when it was written): a group of ``tile`` padded elements is spread
+    over warps so that each thread holds 8 elements when there are fewer programs than two per SM of an
+    H100 (``launch.TARGET_SMS``; latency-bound, so more threads per group help) and 16 when there are
+    more (the SMs are full, fewer warps per program keep more programs resident), never above the
+    kernel's register budget ``elements_per_thread`` and never above 8 warps. The same rule serves
+    sm_80 and sm_90.
+    """
+
+    def rule(problem: launch.Problem) -> launch.Config:
+        tile = problem.sizes["tile"]
+        per_thread = 8 if problem.sizes["programs"] < 2 * launch.TARGET_SMS else 16
+        warps = max(1, tile // (32 * per_thread), -(-tile // (32 * elements_per_thread)))
+        warps = min(MAX_WARPS, triton.next_power_of_2(warps))
+        return next(c for c in FUSED_CONFIGS if c.num_warps == warps)
+
+    return rule
+
+
+def _split_rule(problem: launch.Problem) -> launch.Config:
+    """Fixed tile for a split kernel: the largest TILE that does not exceed the chunk's padded elements
+    (BLOCK_C x next power of 2 of the chunk's positions), so that few tile elements are masked.
+
+    The split grid (N * G programs times the chunks) already fills the GPU by itself: chunks are cut so
+    that there are about ``GroupNormTuning.target_programs`` programs, about four per SM of an H100, so the
+    tile only sets how much of the chunk one loop step covers. Not measured (no GPU was at hand).
+    """
+    chunk = problem.constexprs["BLOCK_C"] * triton.next_power_of_2(problem.sizes["chunk_spatial"])
+    fitting = [c for c in SPLIT_CONFIGS if c.meta["TILE"] <= chunk]
+    return max(fitting, key=lambda c: c.meta["TILE"]) if fitting else SPLIT_CONFIGS[0]
+
+
+_FWD_FUSED_TYPES = launch.arg_types(
+    _gn_fwd_fused_kernel,
+    storage=("x_ptr", "y_ptr"),
+    fp32_pointers=(*_AFFINE_POINTERS, "mean_ptr", "rstd_ptr"),
+    i32=(*_SHAPE_ARGS, *_strides("x", "y"), *_AFFINE_STRIDES),
+    fp32=("eps",),
 )
-FWD_PARTIAL_STATS = _Tunable(
-    "gn_fwd_partial_stats",
+_FWD_PARTIAL_STATS_TYPES = launch.arg_types(
     _gn_fwd_partial_stats_kernel,
-    tuple(SPLIT_CONFIGS),
-    _SPLIT_KEY,
-    SPLIT_ELEMENTS_PER_THREAD,
+    storage=("x_ptr",),
+    fp32_pointers=("part_count_ptr", "part_mean_ptr", "part_m2_ptr"),
+    i32=(*_SHAPE_ARGS, *_CHUNK_ARGS, *_strides("x")),
 )
-FWD_SPLIT_APPLY = _Tunable(
-    "gn_fwd_split_apply",
+_FWD_SPLIT_APPLY_TYPES = launch.arg_types(
     _gn_fwd_split_apply_kernel,
-    tuple(SPLIT_CONFIGS),
-    _SPLIT_KEY,
-    SPLIT_ELEMENTS_PER_THREAD,
+    storage=("x_ptr", "y_ptr"),
+    fp32_pointers=(
+        *_AFFINE_POINTERS,
+        "mean_ptr",
+        "rstd_ptr",
+        "part_count_ptr",
+        "part_mean_ptr",
+        "part_m2_ptr",
+    ),
+    i32=(*_SHAPE_ARGS, *_CHUNK_ARGS, *_strides("x", "y"), *_AFFINE_STRIDES),
+    fp32=("eps",),
 )
-BWD_FUSED = _Tunable(
-    "gn_bwd_fused", _gn_bwd_fused_kernel, tuple(FUSED_CONFIGS), _FUSED_KEY, FUSED_BACKWARD_ELEMENTS_PER_THREAD
+_BWD_FUSED_TYPES = launch.arg_types(
+    _gn_bwd_fused_kernel,
+    storage=("dy_ptr", "x_ptr", "dx_ptr"),
+    fp32_pointers=(*_AFFINE_POINTERS, "mean_ptr", "rstd_ptr", "sum_a_ptr", "sum_b_ptr"),
+    i32=(*_SHAPE_ARGS, *_strides("dy", "x", "dx"), *_AFFINE_STRIDES),
 )
-BWD_PARTIAL_SUMS = _Tunable(
-    "gn_bwd_partial_sums",
+_BWD_PARTIAL_SUMS_TYPES = launch.arg_types(
     _gn_bwd_partial_sums_kernel,
-    tuple(SPLIT_CONFIGS),
-    _SPLIT_KEY,
-    SPLIT_ELEMENTS_PER_THREAD,
+    storage=("dy_ptr", "x_ptr"),
+    fp32_pointers=(*_AFFINE_POINTERS, "mean_ptr", "rstd_ptr", "part_a_ptr", "part_b_ptr"),
+    i32=(*_SHAPE_ARGS, *_CHUNK_ARGS, *_strides("dy", "x"), *_AFFINE_STRIDES),
 )
-BWD_SPLIT_APPLY = _Tunable(
-    "gn_bwd_split_apply",
+_BWD_SPLIT_APPLY_TYPES = launch.arg_types(
     _gn_bwd_split_apply_kernel,
-    tuple(SPLIT_CONFIGS),
-    _SPLIT_KEY,
-    SPLIT_ELEMENTS_PER_THREAD,
+    storage=("dy_ptr", "x_ptr", "dx_ptr"),
+    fp32_pointers=(
+        *_AFFINE_POINTERS,
+        "mean_ptr",
+        "rstd_ptr",
+        "part_a_ptr",
+        "part_b_ptr",
+        "sum_a_ptr",
+        "sum_b_ptr",
+    ),
+    i32=(*_SHAPE_ARGS, *_CHUNK_ARGS, *_strides("dy", "x", "dx"), *_AFFINE_STRIDES),
 )
-TUNABLES = (FWD_FUSED, FWD_PARTIAL_STATS, FWD_SPLIT_APPLY, BWD_FUSED, BWD_PARTIAL_SUMS, BWD_SPLIT_APPLY)
 
 
-def _prune(tunable: _Tunable) -> Callable:
-    """The autotuner's ``early_config_prune``: drop configs over the per-thread element budget."""
-
-    def early_config_prune(configs, named_args, **kwargs):
-        meta = {**named_args, **kwargs}
-        kept = [c for c in configs if tunable.fits({**c.kwargs, "num_warps": c.num_warps}, meta)]
-        return kept or [max(configs, key=lambda c: c.num_warps)]
-
-    return early_config_prune
-
-
-@functools.cache
-def _autotuned(tunable: _Tunable):
-    """``tunable.fn`` wrapped in ``triton.autotune`` over its configuration list (built on first CUDA use)."""
-    configs = [
-        triton.Config(
-            {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
-            num_warps=c["num_warps"],
-            num_stages=c["num_stages"],
-        )
-        for c in tunable.configs
-    ]
-    return triton.autotune(
-        configs=configs, key=list(tunable.key), prune_configs_by={"early_config_prune": _prune(tunable)}
-    )(tunable.fn)
-
-
-def _use_autotune(t: Tensor) -> bool:
-    return (
-        t.is_cuda
-        and os.environ.get("TRITON_INTERPRET") != "1"
-        and not torch.are_deterministic_algorithms_enabled()
+def _register(name: str, fn, fused: bool, elements_per_thread: int, types: dict[str, str]) -> launch.Kernel:
+    return launch.register(
+        name,
+        family="group_norm",
+        fn=fn,
+        configs=FUSED_CONFIGS if fused else SPLIT_CONFIGS,
+        rule=_fused_rule(elements_per_thread) if fused else _split_rule,
+        arg_types=types,
+        fits=_budget(elements_per_thread),
     )
 
 
+FWD_FUSED = _register(
+    "gn_fwd_fused", _gn_fwd_fused_kernel, True, FUSED_FORWARD_ELEMENTS_PER_THREAD, _FWD_FUSED_TYPES
+)
+FWD_PARTIAL_STATS = _register(
+    "gn_fwd_partial_stats",
+    _gn_fwd_partial_stats_kernel,
+    False,
+    SPLIT_ELEMENTS_PER_THREAD,
+    _FWD_PARTIAL_STATS_TYPES,
+)
+FWD_SPLIT_APPLY = _register(
+    "gn_fwd_split_apply", _gn_fwd_split_apply_kernel, False, SPLIT_ELEMENTS_PER_THREAD, _FWD_SPLIT_APPLY_TYPES
+)
+BWD_FUSED = _register(
+    "gn_bwd_fused", _gn_bwd_fused_kernel, True, FUSED_BACKWARD_ELEMENTS_PER_THREAD, _BWD_FUSED_TYPES
+)
+BWD_PARTIAL_SUMS = _register(
+    "gn_bwd_partial_sums",
+    _gn_bwd_partial_sums_kernel,
+    False,
+    SPLIT_ELEMENTS_PER_THREAD,
+    _BWD_PARTIAL_SUMS_TYPES,
+)
+BWD_SPLIT_APPLY = _register(
+    "gn_bwd_split_apply", _gn_bwd_split_apply_kernel, False, SPLIT_ELEMENTS_PER_THREAD, _BWD_SPLIT_APPLY_TYPES
+)
+KERNELS = (FWD_FUSED, FWD_PARTIAL_STATS, FWD_SPLIT_APPLY, BWD_FUSED, BWD_PARTIAL_SUMS, BWD_SPLIT_APPLY)
+ELEMENTS_PER_THREAD = {
+    FWD_FUSED: FUSED_FORWARD_ELEMENTS_PER_THREAD,
+    BWD_FUSED: FUSED_BACKWARD_ELEMENTS_PER_THREAD,
+    **{
+        k: SPLIT_ELEMENTS_PER_THREAD
+        for k in (FWD_PARTIAL_STATS, FWD_SPLIT_APPLY, BWD_PARTIAL_SUMS, BWD_SPLIT_APPLY)
+    },
+}
+
+
 def _launch(
-    tunable: _Tunable,
+    kernel: launch.Kernel,
     grid: tuple[int, ...],
     args: tuple,
     meta: dict[str, Any],
     like: Tensor,
     tuning: GroupNormTuning,
+    geometry: "_Geometry",
 ) -> None:
-    """Run ``tunable`` on ``grid``: autotuned on CUDA, else (or with a tile override) the heuristic config."""
-    fixed_tile = "BLOCK_S" not in meta and tuning.split_tile is not None
-    if _use_autotune(like) and not fixed_tile:
-        _autotuned(tunable)[grid](*args, **meta)
-        return
-    config = tunable.heuristic(meta, tuning.split_tile)
-    extra = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-    tunable.fn[grid](*args, **meta, **extra, num_warps=config["num_warps"], num_stages=config["num_stages"])
+    """Run ``kernel`` through the launch layer; a ``tuning.split_tile`` override fixes the split TILE."""
+    sizes = {"programs": grid[0] * (grid[1] if len(grid) > 1 else 1)}
+    if "BLOCK_S" in meta:
+        sizes["tile"] = meta["BLOCK_C"] * meta["BLOCK_S"]
+    else:
+        sizes["chunk_spatial"] = geometry.chunk_spatial
+    config = None
+    if "BLOCK_S" not in meta and tuning.split_tile is not None:
+        tile = tuning.split_tile
+        config = launch.Config(num_warps=min(MAX_WARPS, max(1, tile // 256)), tiles={"TILE": tile})
+    launch.run(kernel, grid, args, meta, like=like, sizes=sizes, config=config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -884,8 +947,9 @@ def _geometry(
         chunk_spatial -= chunk_spatial % 16
     chunk_spatial = min(chunk_spatial, spatial)
     num_chunks = triton.cdiv(spatial, chunk_spatial)
-    if num_chunks > 65535:
-        raise ValueError(f"spatial size {spatial} needs {num_chunks} chunks, more than a grid axis allows")
+    if num_chunks > MAX_GRID_Y:  # larger chunks rather than more than a grid axis holds
+        chunk_spatial = triton.cdiv(triton.cdiv(spatial, MAX_GRID_Y), 16) * 16
+        num_chunks = triton.cdiv(spatial, chunk_spatial)
     block_c = min(block_c, tuning.max_block_c, tuning.split_tile or tuning.max_block_c)
     return _Geometry(False, block_c, 0, chunk_spatial, num_chunks)
 
@@ -924,6 +988,7 @@ def group_norm_forward(
     """
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
         _check_dtype(name, t)
+    launch.check_same_device(x=x, weight=weight, bias=bias, scale=scale, shift=shift)
     if (scale is None) != (shift is None):
         raise ValueError("scale and shift must both be tensors [N, C] or both be None")
     n, channels = x.shape[:2]
@@ -959,20 +1024,20 @@ def group_norm_forward(
             *shift_strides, eps32,
         )  # fmt: skip
         meta = {**flags, "BLOCK_C": geometry.block_c, "BLOCK_S": geometry.block_s}
-        _launch(FWD_FUSED, (n * num_groups,), args, meta, x, tuning)
+        _launch(FWD_FUSED, (n * num_groups,), args, meta, x, tuning, geometry)
         return y, mean, rstd
 
     chunks = (geometry.chunk_spatial, geometry.num_chunks)
     partials = torch.empty((3, n * num_groups * geometry.num_chunks), device=x.device, dtype=torch.float32)
     grid = (n * num_groups, geometry.num_chunks)
     stats_args = (x, *partials, *shape_args, *chunks, *x_strides)
-    _launch(FWD_PARTIAL_STATS, grid, stats_args, {"BLOCK_C": geometry.block_c}, x, tuning)
+    _launch(FWD_PARTIAL_STATS, grid, stats_args, {"BLOCK_C": geometry.block_c}, x, tuning, geometry)
     apply_args = (
         x, y, *params, mean, rstd, *partials, *shape_args, *chunks, *x_strides, *y_strides,
         *scale_strides, *shift_strides, eps32,
     )  # fmt: skip
     meta = {**flags, "BLOCK_C": geometry.block_c, "BLOCK_P": tuning.block_p}
-    _launch(FWD_SPLIT_APPLY, grid, apply_args, meta, x, tuning)
+    _launch(FWD_SPLIT_APPLY, grid, apply_args, meta, x, tuning, geometry)
     return y, mean, rstd
 
 
@@ -1006,6 +1071,9 @@ def group_norm_backward(
         ("shift", shift),
     ):
         _check_dtype(name, t)
+    launch.check_same_device(
+        dy=dy, x=x, weight=weight, bias=bias, scale=scale, shift=shift, mean=mean, rstd=rstd
+    )
     inputs = (x, weight, bias, scale, shift)
     need_dx, need_weight, need_bias, need_scale, need_shift = (
         bool(flag) and t is not None for flag, t in zip(needs_input_grad, inputs, strict=True)
@@ -1087,7 +1155,7 @@ def _backward_kernels(
             *dx_strides, *scale_strides, *shift_strides,
         )  # fmt: skip
         meta = {**flags, **writes, "BLOCK_C": geometry.block_c, "BLOCK_S": geometry.block_s}
-        _launch(BWD_FUSED, (n * num_groups,), args, meta, x, tuning)
+        _launch(BWD_FUSED, (n * num_groups,), args, meta, x, tuning, geometry)
         return dx
 
     chunks = (geometry.chunk_spatial, geometry.num_chunks)
@@ -1097,14 +1165,14 @@ def _backward_kernels(
         dy, x, *params, *stats, *partials, *shape_args, *chunks, *dy_strides, *x_strides, *scale_strides,
         *shift_strides,
     )  # fmt: skip
-    _launch(BWD_PARTIAL_SUMS, grid, reduce_args, {**flags, "BLOCK_C": geometry.block_c}, x, tuning)
+    _launch(BWD_PARTIAL_SUMS, grid, reduce_args, {**flags, "BLOCK_C": geometry.block_c}, x, tuning, geometry)
     apply_args = (
         dy, x, dx_view, *params, *stats, *partials, sums[0], sums[1], *shape_args, *chunks, *dy_strides,
         *x_strides, *dx_strides, *scale_strides, *shift_strides,
     )  # fmt: skip
     meta = {**flags, **writes, "BLOCK_C": geometry.block_c, "BLOCK_P": tuning.block_p}
     apply_grid = grid if dx is not None else (n * num_groups, 1)
-    _launch(BWD_SPLIT_APPLY, apply_grid, apply_args, meta, x, tuning)
+    _launch(BWD_SPLIT_APPLY, apply_grid, apply_args, meta, x, tuning, geometry)
     return dx
 
 
@@ -1113,49 +1181,36 @@ def _backward_kernels(
 # ----------------------------------------------------------------------------------------------------
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_STORAGE_POINTERS = ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr")
 # Channel block widths compiled for the report: the typical one (C=512 or C=128 with 32 groups) in every
 # dtype and layout, and the extremes (one channel per group; the widest block) in bf16.
 _TYPICAL_BLOCK_C = {"fused": 16, "split": 4}
 _EXTREME_BLOCK_C = (1, 32)
 
 
-def _spec_signature(fn, storage: str, constexprs: dict[str, Any]) -> dict[str, str]:
-    """Triton argument types: storage pointers ``storage``, other pointers fp32, eps fp32, ints i32."""
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + (storage if name in _STORAGE_POINTERS else "fp32")
-        elif name == "eps":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def _unit_strides(fn, layout: str) -> dict[str, int]:
+def _unit_strides(kernel: launch.Kernel, layout: str) -> tuple[str, ...]:
     """Stride arguments a launch specialises to 1: spatial (contiguous) or channel (channels_last) strides of
     the activations, and the channel strides of contiguous scale and shift [N, C]."""
     axis = "s" if layout == "contiguous" else "c"
-    prefixes = ("stride_x", "stride_y", "stride_dy", "stride_dx")
-    unit = {name: 1 for name in fn.arg_names if name.startswith(prefixes) and name.endswith(axis)}
-    unit.update({name: 1 for name in ("stride_scale_c", "stride_shift_c") if name in fn.arg_names})
-    return unit
+    names = [name for name, kind in kernel.arg_types.items() if kind == "i32"]
+    unit = [
+        n
+        for n in names
+        if n.startswith(("stride_x", "stride_y", "stride_dy", "stride_dx")) and n.endswith(axis)
+    ]
+    return (*unit, *(n for n in ("stride_scale_c", "stride_shift_c") if n in names))
 
 
 def _representative_meta(
-    tunable: _Tunable, config: dict[str, int], block_c: int, tuning: GroupNormTuning
+    kernel: launch.Kernel, config: launch.Config, block_c: int, tuning: GroupNormTuning
 ) -> dict[str, Any]:
     """Constexprs of the largest tile ``config`` serves with ``block_c`` channels per block, every optional
     input and SiLU enabled."""
+    names = launch.constexpr_names(kernel.fn)
     meta: dict[str, Any] = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_SCALE_SHIFT": True, "SILU": True}
-    names = tunable.fn.arg_names
     meta["BLOCK_C"] = block_c
     if "BLOCK_S" in names:
-        fused_max = tuning.fused_max_forward if tunable is FWD_FUSED else tuning.fused_max_backward
-        tile = min(fused_max, tunable.max_elements_per_thread * 32 * config["num_warps"])
+        fused_max = tuning.fused_max_forward if kernel is FWD_FUSED else tuning.fused_max_backward
+        tile = min(fused_max, ELEMENTS_PER_THREAD[kernel] * 32 * config.num_warps)
         meta["BLOCK_S"] = max(1, tile // block_c)
     if "BLOCK_P" in names:
         meta["BLOCK_P"] = tuning.block_p
@@ -1169,8 +1224,8 @@ def compile_specs(tuning: GroupNormTuning = DEFAULT_TUNING) -> list[CompileSpec]
     statistics in fp32: the typical channel block in fp32, fp16 and bf16 (contiguous) and bf16
     channels_last, plus one channel per block and the widest block in bf16, both layouts."""
     specs = []
-    for tunable in TUNABLES:
-        kind = "fused" if "BLOCK_S" in tunable.fn.arg_names else "split"
+    for kernel in KERNELS:
+        kind = "fused" if "BLOCK_S" in launch.constexpr_names(kernel.fn) else "split"
         typical = _TYPICAL_BLOCK_C[kind]
         variants = [(dtype, "contiguous", typical) for dtype in SUPPORTED_DTYPES]
         variants += [(torch.bfloat16, "channels_last", typical)]
@@ -1179,21 +1234,15 @@ def compile_specs(tuning: GroupNormTuning = DEFAULT_TUNING) -> list[CompileSpec]
             for c in _EXTREME_BLOCK_C
             for layout in ("contiguous", "channels_last")
         ]
-        for config in tunable.configs:
-            tile_meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+        for config in kernel.configs:
             for dtype, layout, block_c in variants:
-                meta = {**_representative_meta(tunable, config, block_c, tuning), **tile_meta}
-                constexprs = {**meta, **_unit_strides(tunable.fn, layout)}
+                meta = _representative_meta(kernel, config, block_c, tuning)
                 storage = _TRITON_DTYPES[dtype]
-                blocks = ",".join(f"{k}={v}" for k, v in meta.items() if k.startswith(("BLOCK", "TILE")))
+                blocks = ",".join(
+                    f"{k}={v}" for k, v in {**meta, **config.meta}.items() if k.startswith(("BLOCK", "TILE"))
+                )
+                name = f"{kernel.name}[{storage},{layout},{blocks},w{config.num_warps}]"
                 specs.append(
-                    CompileSpec(
-                        name=f"{tunable.name}[{storage},{layout},{blocks},w{config['num_warps']}]",
-                        fn=tunable.fn,
-                        signature=_spec_signature(tunable.fn, storage, constexprs),
-                        constexprs=constexprs,
-                        num_warps=config["num_warps"],
-                        num_stages=config["num_stages"],
-                    )
+                    launch.compile_spec(kernel, name, storage, config, meta, _unit_strides(kernel, layout))
                 )
     return specs

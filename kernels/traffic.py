@@ -1,4 +1,5 @@
-"""Count the global-memory bytes that Triton kernels move, under the interpreter (``TRITON_INTERPRET=1``).
+"""Count the global-memory bytes that Triton kernels move under the interpreter (CPU tensors, which the
+launch layer always interprets, or any tensors with ``TRITON_INTERPRET=1``).
 
 Fused norms are memory-bound, so bytes moved predict their speed on a GPU. Inside ``count_traffic()``
 every load and store the interpreter executes adds the bytes of its active (unmasked) lanes:

@@ -1,6 +1,11 @@
-"""Test-wide settings: Triton kernels run under the interpreter on CPU tensors.
+"""Test-wide settings and fixtures.
 
-TRITON_INTERPRET must be set before triton decorates any kernel, so it is set here, at collection.
+Triton kernels run in two tiers: compiled on CUDA tensors (``kernel_device`` "cuda", skipped with a
+reason on machines without a GPU, also under FASTDIFF_REQUIRE_BACKENDS=1) and under Triton's interpreter
+on CPU tensors ("cpu-interpreter"). The launch layer (fastdiff.kernels.launch) picks the mode per call
+from the tensors' device, so both tiers run in one process with no flag, the same way on a CPU-only
+machine and on a GPU machine. TRITON_INTERPRET=1, set by hand, still works (every kernel is then an
+interpreted function, CUDA tensors included).
 Inputs are fresh each run: the session seed is random unless FASTDIFF_TEST_SEED is given, and is
 printed in the report header so a failure can be replayed. With FASTDIFF_REQUIRE_BACKENDS=1 (set by
 .ci/run) a test that asks for a backend this machine lacks fails instead of skipping, so CI cannot pass
@@ -10,8 +15,6 @@ by skipping the kernels.
 import os
 import random
 import zlib
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -37,6 +40,25 @@ def backend(request) -> str:
     require_backend(request.param)
     with ops.use_backend(request.param):
         yield request.param
+
+
+KERNEL_DEVICES = ("cpu-interpreter", "cuda")
+NO_CUDA_REASON = "no CUDA device: compiled Triton kernels run only on a GPU machine (pytest tests there)"
+
+
+@pytest.fixture(params=KERNEL_DEVICES)
+def kernel_device(request) -> torch.device:
+    """Where a Triton kernel test runs: CPU tensors through the interpreter, or CUDA tensors compiled.
+
+    The CUDA case is a skip (never a failure, even with FASTDIFF_REQUIRE_BACKENDS=1) without a GPU; the
+    interpreter case needs Triton (a skip, or a failure under FASTDIFF_REQUIRE_BACKENDS=1, without it).
+    """
+    require_backend("triton")
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip(NO_CUDA_REASON)
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 SESSION_SEED = int(os.environ.get("FASTDIFF_TEST_SEED", random.SystemRandom().randrange(2**31)))

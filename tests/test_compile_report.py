@@ -49,14 +49,14 @@ def test_group_norm_specs_cover_every_kernel_dtype_and_config():
     from fastdiff.kernels import group_norm as gn
 
     specs = gn.compile_specs()
-    for tunable in gn.TUNABLES:
-        names = [spec.name for spec in specs if spec.fn is tunable.fn]
+    for kernel in gn.KERNELS:
+        names = [spec.name for spec in specs if spec.fn is kernel.fn]
         for dtype in ("fp32", "fp16", "bf16"):
-            for config in tunable.configs:
-                marker = f"w{config['num_warps']}]"
-                tile = f"TILE={config['TILE']}" if "TILE" in config else ""
+            for config in kernel.configs:
+                marker = f"w{config.num_warps}]"
+                tile = f"TILE={config.meta['TILE']}" if "TILE" in config.meta else ""
                 assert any(f"[{dtype}," in n and n.endswith(marker) and tile in n for n in names), (
-                    f"{tunable.name}: no spec for {dtype} {config}"
+                    f"{kernel.name}: no spec for {dtype} {config}"
                 )
     for spec in specs:
         assert set(spec.signature) == set(spec.fn.arg_names), spec.name

@@ -194,3 +194,15 @@ def test_flash_attention_module_matches_softmax_attention():
         expected = torch.softmax(q @ k.transpose(-1, -2) * used, dim=-1) @ v
         torch.testing.assert_close(out, expected)
     assert "scale=0.3" in repr(FlashAttention(0.3))
+
+
+@pytest.mark.parametrize("module_type", [GroupNorm32, GroupNorm32SiLU])
+def test_group_norm_modules_refuse_input_on_another_device(module_type):
+    """Parameters on one device and x on another: a ValueError naming both, on every backend."""
+    module = module_type(2, 4)
+    with pytest.raises(ValueError, match=r"weight is on cpu but x is on meta"):
+        module(torch.randn(2, 4, 3, device="meta"))
+    scale_shift = ScaleShiftGroupNormSiLU(2, 4)
+    scale = torch.zeros(2, 4, device="meta")
+    with pytest.raises(ValueError, match=r"is on (cpu|meta) but x is on (meta|cpu)"):
+        scale_shift(torch.randn(2, 4, 3), scale, scale)

@@ -1,5 +1,8 @@
 """The fastdiff.ops contract: every backend against float64 PyTorch, bad input, backend choice, compile."""
 
+import math
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,7 +60,27 @@ CASES = [  # (shape, groups, kind, channels_last)
 
 @pytest.mark.parametrize(("shape", "groups", "kind", "channels_last"), CASES)
 def test_group_norm_family_matches_float64(backend, shape, groups, kind, channels_last):
-    for dtype in dtypes_for(backend):
+    check_group_norm_family(dtypes_for(backend), shape, groups, kind, channels_last)
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "kind", "channels_last"),
+    [case for case in CASES if math.prod(case[0][1:]) > case[1]],
+)
+def test_native_fallback_matches_float64(monkeypatch, shape, groups, kind, channels_last):
+    """auto's CUDA fallback (F.group_norm, scale-shift, SiLU by plain autograd), run here on CPU tensors.
+
+    Groups of one element are left out: PyTorch's CPU F.group_norm is off by ~1e-4 there in fp32 (its
+    variance is not exactly 0), which says nothing about the fallback's composition."""
+    monkeypatch.setattr(backends, "resolve_group_norm", lambda x: backends.NATIVE)
+    check_group_norm_family(
+        (torch.float64, torch.float32, torch.bfloat16), shape, groups, kind, channels_last
+    )
+
+
+def check_group_norm_family(dtypes, shape, groups, kind, channels_last):
+    """Outputs and every gradient of the op ``kind`` against float64, in each of ``dtypes``."""
+    for dtype in dtypes:
         c = shape[1]
         x = (torch.randn(shape) * 3 + 2).to(dtype)
         if channels_last:
@@ -253,9 +276,17 @@ def test_forced_backend_that_cannot_serve_says_why(monkeypatch):
     monkeypatch.setattr(backends, "CPP_IMPORT_ERROR", "not built in this test")
     with ops.use_backend("cpp"), pytest.raises(ops.BackendUnavailableError, match="not built in this test"):
         ops.group_norm(torch.randn(2, 4, 3), 2, None, None)
-    monkeypatch.setattr(backends, "TRITON_INTERPRET", False)
-    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match="CUDA tensors"):
+    monkeypatch.setattr(backends, "TRITON_VERSION", (2, 1))
+    with (
+        ops.use_backend("triton"),
+        pytest.raises(ops.BackendUnavailableError, match=r"triton 2\.1 is too old"),
+    ):
         ops.qkv_attention(torch.randn(1, 6, 3), 1)
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match=r"triton >= 3\.4"):
+        ops.group_norm(torch.randn(2, 4, 3), 2, None, None)
+    monkeypatch.setattr(backends, "HAS_TRITON", False)
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match="not installed"):
+        ops.group_norm_silu(torch.randn(2, 4, 3), 2, None, None)
 
 
 def test_auto_backend_choice(monkeypatch):
@@ -266,6 +297,58 @@ def test_auto_backend_choice(monkeypatch):
     assert backends.resolve_group_norm(x) == "cpp"
     assert backends.resolve_group_norm(x.to("meta")) == "torch"  # not a CPU tensor: the reference serves it
     assert backends.resolve_attention(x, 64) == "cpp"
+
+
+class FakeCudaTensor:
+    """What the backend choice reads of a CUDA tensor (device, dtype, sizes), on a machine without CUDA."""
+
+    def __init__(self, shape, dtype=torch.float32):
+        self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device("cuda", 1)
+
+    def dim(self):
+        return len(self.shape)
+
+    def numel(self):
+        return math.prod(self.shape)
+
+    def __getitem__(self, index):
+        assert index == slice(None, 1)
+        return FakeCudaTensor((min(1, self.shape[0]), *self.shape[1:]), self.dtype)
+
+
+def test_group_norm_on_cuda_falls_back_to_native_once_with_a_warning(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    x = FakeCudaTensor((2, 64, 8, 8))
+    assert backends.resolve_group_norm(x) == "triton"
+    with pytest.warns(
+        UserWarning, match=r"group_norm on CUDA falls back to PyTorch's F\.group_norm.*float64"
+    ):
+        assert backends.resolve_group_norm(FakeCudaTensor((2, 64, 8), torch.float64)) == backends.NATIVE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert backends.resolve_group_norm(FakeCudaTensor((2, 64, 8), torch.float64)) == backends.NATIVE
+    with pytest.warns(UserWarning, match="fewer than 2\\*\\*31"):
+        assert backends.resolve_group_norm(FakeCudaTensor((2, 2**16, 2**15))) == backends.NATIVE
+    monkeypatch.setattr(backends, "TRITON_VERSION", (3, 1))
+    with pytest.warns(UserWarning, match=r"triton 3\.1 is too old"):
+        assert backends.resolve_group_norm(x) == backends.NATIVE
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match="too old"):
+        backends.resolve_group_norm(x)
+    monkeypatch.setattr(backends, "HAS_TRITON", False)
+    with pytest.warns(UserWarning, match="triton is not installed"):
+        assert backends.resolve_group_norm(x) == backends.NATIVE
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match="not installed"):
+        backends.resolve_group_norm(x)
+    assert "triton" not in backends.available_backends()
+
+
+def test_backend_refusal_answers_the_cli_check():
+    assert backends.backend_refusal("auto", torch.device("cpu")) == ""
+    assert backends.backend_refusal("torch", torch.device("cuda", 0)) == ""
+    assert "CPU tensors only" in backends.backend_refusal("cpp", torch.device("cuda", 0))
+    assert backends.backend_refusal("triton", torch.device("cpu")) == ""  # the interpreter
+    if not torch.cuda.is_available():
+        assert backends.backend_refusal("triton", torch.device("cuda")) == "no CUDA device is available"
 
 
 def test_use_backend_restores_and_env_is_validated(monkeypatch):

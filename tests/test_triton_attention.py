@@ -1,51 +1,81 @@
-"""Triton flash attention (fastdiff.kernels.attention) against a float64 reference, under TRITON_INTERPRET=1.
+"""Triton flash attention (fastdiff.kernels.attention) against a float64 reference.
 
-Inputs are views of one qkv activation [B, 3*H*D, T] in both channel orders (and plain [B, H, T, D]
-tensors); outputs and gradients land in views of NaN-filled buffers, so an element left unwritten fails.
-Inputs come from torch's global generator, which tests/conftest.py seeds afresh each session.
+Kernel tests take the ``kernel_device`` fixture (tests/conftest.py): CPU tensors under Triton's
+interpreter, and CUDA tensors compiled (skipped without a GPU). Inputs are views of one qkv activation
+[B, 3*H*D, T] in both channel orders (q views of [B, H*D, Tq] and k, v views of one [B, 2*H*D, Tk] when
+the lengths differ) and plain [B, H, T, D] tensors; outputs and gradients land in views of NaN-filled
+buffers, so an element left unwritten fails. Inputs come from torch's global generator, which
+tests/conftest.py seeds afresh each session.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernels run on CPU tensors
+import types
 
 import pytest
 import torch
 from fastdiff.kernels import attention as attn
+from fastdiff.kernels import launch
 from fastdiff.kernels.attention import MAX_HEAD_DIM, attention_backward, attention_forward
+
+from fastdiff import ops
+from fastdiff.ops import backend as backends
 
 # Max error allowed, relative to the largest magnitude of the reference (at least 1).
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def _heads_of(channels: torch.Tensor, num_heads: int, order: str) -> tuple[torch.Tensor, ...]:
-    """q, k, v as [B, H, T, D] views (T the unit stride) of ``channels`` [B, 3*H*D, T]."""
+def _heads_of(channels: torch.Tensor, num_heads: int, order: str, parts: int = 3) -> tuple[torch.Tensor, ...]:
+    """``parts`` [B, H, T, D] views (T the unit stride) of ``channels`` [B, parts*H*D, T]: q, k, v (3) or
+    k, v (2) of one activation."""
     B, width, T = channels.shape
-    D = width // (3 * num_heads)
+    D = width // (parts * num_heads)
     if order == "legacy":  # per head: its q, k, v channels side by side
-        parts = channels.reshape(B * num_heads, 3 * D, T).split(D, dim=1)
+        views = channels.reshape(B * num_heads, parts * D, T).split(D, dim=1)
     else:  # "split": all q channels, then all k, then all v
-        parts = [part.reshape(B * num_heads, D, T) for part in channels.chunk(3, dim=1)]
-    return tuple(part.view(B, num_heads, D, T).transpose(2, 3) for part in parts)
+        views = [view.reshape(B * num_heads, D, T) for view in channels.chunk(parts, dim=1)]
+    return tuple(view.view(B, num_heads, D, T).transpose(2, 3) for view in views)
 
 
-def _make_case(B: int, H: int, T: int, D: int, dtype: torch.dtype, layout: str):
-    """Inputs, dout and NaN-poisoned destinations for one layout ("legacy" | "split" | "bthd")."""
+def _make_case(
+    B: int,
+    H: int,
+    T: int,
+    D: int,
+    dtype: torch.dtype,
+    layout: str,
+    T_k: int | None = None,
+    device: torch.device | str = "cpu",
+):
+    """Inputs, dout and NaN-poisoned destinations for one layout ("legacy" | "split" | "bthd").
+
+    q has T queries, k and v ``T_k`` keys (T when None). In the UNet layouts q, k, v are views of one
+    [B, 3*H*D, T] activation when T_k == T, else q views [B, H*D, T] and k, v view one [B, 2*H*D, T_k].
+    """
+    T_k = T if T_k is None else T_k
 
     def randn(*shape: int, spread: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape) * spread).to(dtype)
+        return (torch.randn(*shape) * spread).to(dtype).to(device)
+
+    def nans(*shape: int) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     if layout == "bthd":
-        q, k, v = (randn(B, H, T, D, spread=1.5) for _ in range(3))
+        q = randn(B, H, T, D, spread=1.5)
+        k, v = (randn(B, H, T_k, D, spread=1.5) for _ in range(2))
         dout = randn(B, H, T, D)
-        out = torch.full((B, H, T, D), float("nan"), dtype=dtype)
-        grads = tuple(torch.full((B, H, T, D), float("nan"), dtype=dtype) for _ in range(3))
-    else:
-        # spread 1.5: scale * q.k has a standard deviation of about 2, so each softmax row is peaked
+        return (q, k, v), dout, nans(B, H, T, D), (nans(B, H, T, D), *(nans(B, H, T_k, D) for _ in range(2)))
+    dout = randn(B, H * D, T).view(B, H, D, T).transpose(2, 3)
+    out = nans(B, H * D, T).view(B, H, D, T).transpose(2, 3)
+    # spread 1.5: scale * q.k has a standard deviation of about 2, so each softmax row is peaked
+    if T_k == T:
         q, k, v = _heads_of(randn(B, 3 * H * D, T, spread=1.5), H, layout)
-        dout = randn(B, H * D, T).view(B, H, D, T).transpose(2, 3)
-        out = torch.full((B, H * D, T), float("nan"), dtype=dtype).view(B, H, D, T).transpose(2, 3)
-        grads = _heads_of(torch.full((B, 3 * H * D, T), float("nan"), dtype=dtype), H, layout)
+        grads = _heads_of(nans(B, 3 * H * D, T), H, layout)
+    else:
+        (q,) = _heads_of(randn(B, H * D, T, spread=1.5), H, layout, parts=1)
+        k, v = _heads_of(randn(B, 2 * H * D, T_k, spread=1.5), H, layout, parts=2)
+        grads = (
+            *_heads_of(nans(B, H * D, T), H, layout, 1),
+            *_heads_of(nans(B, 2 * H * D, T_k), H, layout, 2),
+        )
     return (q, k, v), dout, out, grads
 
 
@@ -69,31 +99,55 @@ def _assert_close(
     assert error <= bound, f"{what}: max error {error:.3e} > {bound:.3e}"
 
 
-# (dtype, head dim, T, layout): every head dim and dtype, each dtype in every layout and with T = 1;
-# T odd / not a multiple of any block, and above 64 so that several query and key blocks are visited.
+# (dtype, head dim, Tq, Tk, layout): every head dim bucket and dtype, each dtype in every layout and with
+# Tq = 1 and Tk = 1; T odd / not a multiple of any block, and above 64 so that several query and key
+# blocks are visited; Tk below and above Tq. Head dims above 128 (bucket 256) in every dtype.
 CASES = [
-    (torch.float32, 16, 1, "legacy"),
-    (torch.float32, 40, 37, "split"),
-    (torch.float32, 96, 70, "bthd"),
-    (torch.float32, 128, 45, "legacy"),
-    (torch.float16, 32, 70, "legacy"),
-    (torch.float16, 48, 17, "bthd"),
-    (torch.float16, 64, 67, "split"),
-    (torch.float16, 128, 1, "split"),
-    (torch.bfloat16, 64, 70, "legacy"),
-    (torch.bfloat16, 80, 29, "split"),
-    (torch.bfloat16, 16, 1, "bthd"),
-    (torch.bfloat16, 128, 33, "legacy"),
+    (torch.float32, 16, 1, 1, "legacy"),
+    (torch.float32, 40, 37, 37, "split"),
+    (torch.float32, 96, 70, 70, "bthd"),
+    (torch.float32, 128, 45, 45, "legacy"),
+    (torch.float16, 32, 70, 70, "legacy"),
+    (torch.float16, 48, 17, 17, "bthd"),
+    (torch.float16, 64, 67, 67, "split"),
+    (torch.float16, 128, 1, 1, "split"),
+    (torch.bfloat16, 64, 70, 70, "legacy"),
+    (torch.bfloat16, 80, 29, 29, "split"),
+    (torch.bfloat16, 16, 1, 1, "bthd"),
+    (torch.bfloat16, 128, 33, 33, "legacy"),
+    # Tq != Tk (cross-attention)
+    (torch.float32, 64, 1, 70, "legacy"),
+    (torch.float32, 40, 70, 1, "bthd"),
+    (torch.float32, 24, 19, 83, "split"),
+    (torch.float16, 64, 19, 83, "split"),
+    (torch.float16, 32, 83, 19, "bthd"),
+    (torch.float16, 128, 35, 67, "legacy"),
+    (torch.bfloat16, 16, 70, 1, "split"),
+    (torch.bfloat16, 96, 21, 50, "bthd"),
+    # head dims 160, 192, 256
+    (torch.float32, 160, 37, 37, "legacy"),
+    (torch.float32, 192, 20, 45, "bthd"),
+    (torch.float32, 256, 33, 1, "split"),
+    (torch.float16, 160, 29, 70, "bthd"),
+    (torch.float16, 192, 33, 33, "split"),
+    (torch.float16, 256, 40, 1, "legacy"),
+    (torch.bfloat16, 160, 45, 19, "split"),
+    (torch.bfloat16, 192, 1, 37, "legacy"),
+    (torch.bfloat16, 256, 17, 17, "bthd"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("dtype", "head_dim", "T", "layout"),
-    [pytest.param(*case, id=f"{str(case[0])[6:]}-d{case[1]}-T{case[2]}-{case[3]}") for case in CASES],
+    ("dtype", "head_dim", "T", "T_k", "layout"),
+    [
+        pytest.param(*case, id=f"{str(case[0])[6:]}-d{case[1]}-Tq{case[2]}-Tk{case[3]}-{case[4]}")
+        for case in CASES
+    ],
 )
-def test_forward_and_backward_match_float64(dtype, head_dim, T, layout):
-    B, H = 2, 2
-    (q, k, v), dout, out_buf, (dq_buf, dk_buf, dv_buf) = _make_case(B, H, T, head_dim, dtype, layout)
+def test_forward_and_backward_match_float64(kernel_device, dtype, head_dim, T, T_k, layout):
+    B, H = (2, 2) if head_dim <= 128 else (1, 2)
+    case = _make_case(B, H, T, head_dim, dtype, layout, T_k, kernel_device)
+    (q, k, v), dout, out_buf, (dq_buf, dk_buf, dv_buf) = case
     scale = head_dim**-0.5
 
     out, lse = attention_forward(q, k, v, scale, out=out_buf)
@@ -111,12 +165,12 @@ def test_forward_and_backward_match_float64(dtype, head_dim, T, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_allocates_outputs_in_the_inputs_layout(dtype):
-    (q, k, v), dout, _, _ = _make_case(1, 3, 21, 24, dtype, "legacy")
+def test_allocates_outputs_in_the_inputs_layout(kernel_device, dtype):
+    (q, k, v), dout, _, _ = _make_case(1, 3, 21, 24, dtype, "legacy", 30, kernel_device)
     out, lse = attention_forward(q, k, v, 0.3)
     dq, dk, dv = attention_backward(dout, q, k, v, out, lse, 0.3)
-    for tensor in (out, dq, dk, dv):
-        assert tensor.shape == q.shape and tensor.dtype == dtype and tensor.stride(2) == 1
+    for tensor, like in ((out, q), (dq, q), (dk, k), (dv, v)):
+        assert tensor.shape == like.shape and tensor.dtype == dtype and tensor.stride(2) == 1
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = _reference(q, k, v, 0.3, dout)
     for name, actual, expected in zip(
         ("out", "lse", "dq", "dk", "dv"),
@@ -127,46 +181,41 @@ def test_allocates_outputs_in_the_inputs_layout(dtype):
         _assert_close(actual, expected, TOLERANCE[dtype], name)
 
 
-def _single_config_cases():
-    """(table, key, config) for every launch config other than the first of its list (the default)."""
+def _config_cases():
+    """(kernel_device, kernel, config) for every entry of every attention config list on CUDA; under the
+    interpreter, which ignores warps and stages, every entry with tiles not seen before in its list."""
     cases = []
-    for table in ("FORWARD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS"):
+    for kernel in attn.KERNELS.values():
         seen = set()
-        for key, configs in getattr(attn, table).items():
-            for config in configs:
-                tiles = (key, config.block_m, config.block_n)
-                if tiles not in seen:
-                    seen.add(tiles)
-                    if config is not configs[0]:
-                        cases.append(
-                            pytest.param(table, key, config, id=f"{table}-{key[0]}-d{key[1]}-{config.tag}")
-                        )
+        for index, config in enumerate(kernel.configs):
+            tag = f"{kernel.name}-{index}-{attn._tag(config)}"
+            cases.append(pytest.param("cuda", kernel, config, id=f"cuda-{tag}"))
+            if config.tiles not in seen:
+                seen.add(config.tiles)
+                cases.append(pytest.param("cpu-interpreter", kernel, config, id=f"cpu-{tag}"))
     return cases
 
 
-@pytest.mark.parametrize(("table", "key", "config"), _single_config_cases())
-def test_every_tile_shape_is_correct(monkeypatch, table, key, config):
-    """The autotuner may pick any config on a GPU: each tile shape must give right answers too."""
-    monkeypatch.setitem(getattr(attn, table), key, (config,))
-    precision, bucket = key
+@pytest.mark.parametrize(("kernel_device", "kernel", "config"), _config_cases(), indirect=["kernel_device"])
+def test_every_config_of_every_list_is_correct(kernel_device, kernel, config):
+    """Whatever the fixed rule or the autotuner picks on a GPU must give right answers: each config,
+    forced, over several blocks along both axes (the last one partial), with Tq != Tk."""
+    (_, precision, bucket), *_ = (key for key, k in attn.KERNELS.items() if k is kernel)
     dtype = torch.float32 if precision == "fp32" else torch.float16
     head_dim = bucket - bucket // 4  # below the bucket: the padded D lanes are masked
-    T = 2 * max(config.block_m, config.block_n) + 3  # several blocks on both axes, the last one partial
-    (q, k, v), dout, _, grads = _make_case(1, 1, T, head_dim, dtype, "legacy")
+    T, T_k = 2 * config.meta["BLOCK_M"] + 3, 2 * config.meta.get("BLOCK_N", 16) + 5
+    (q, k, v), dout, _, grads = _make_case(1, 1, T, head_dim, dtype, "legacy", T_k, kernel_device)
     scale = head_dim**-0.5
-    out, lse = attention_forward(q, k, v, scale)
-    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = _reference(q, k, v, scale, dout)
+    with launch.force_config(kernel.name, config):
+        out, lse = attention_forward(q, k, v, scale)
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, scale, *grads)
+    assert launch.last_config(kernel.name) == config
     tolerance = TOLERANCE[dtype]
-    if table == "FORWARD_CONFIGS":
-        _assert_close(out, ref_out, tolerance, "out")
-        _assert_close(lse, ref_lse, 1e-5, "lse")
-        return
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, scale, *grads)
-    if table == "DKDV_CONFIGS":
-        _assert_close(dk, ref_dk, tolerance, "dk")
-        _assert_close(dv, ref_dv, tolerance, "dv")
-    else:
-        _assert_close(dq, ref_dq, tolerance, "dq")
+    expected = _reference(q, k, v, scale, dout)
+    for what, actual, reference in zip(
+        ("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), expected, strict=True
+    ):
+        _assert_close(actual, reference, 1e-5 if what == "lse" else tolerance, what)
 
 
 # The dK/dV kernel lets padded key rows overflow (they are never stored); NumPy warns about them.
@@ -194,22 +243,43 @@ def test_rows_whose_scores_are_all_very_negative():
         _assert_close(actual, expected, TOLERANCE[torch.float32], name, conditioning)
 
 
-def test_gradients_are_bitwise_reproducible():
-    (q, k, v), dout, out_buf, _ = _make_case(2, 2, 70, 64, torch.bfloat16, "split")
+def test_gradients_are_bitwise_reproducible(kernel_device):
+    (q, k, v), dout, out_buf, _ = _make_case(2, 2, 70, 64, torch.bfloat16, "split", device=kernel_device)
     out, lse = attention_forward(q, k, v, 0.125, out=out_buf)
     first = attention_backward(dout, q, k, v, out, lse, 0.125)
-    grads = _heads_of(torch.full((2, 3 * 2 * 64, 70), float("nan"), dtype=torch.bfloat16), 2, "split")
-    second = attention_backward(dout, q, k, v, out, lse, 0.125, *grads)
+    nans = torch.full((2, 3 * 2 * 64, 70), float("nan"), dtype=torch.bfloat16, device=kernel_device)
+    second = attention_backward(dout, q, k, v, out, lse, 0.125, *_heads_of(nans, 2, "split"))
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
 def test_head_dim_above_the_maximum_raises():
+    assert MAX_HEAD_DIM == backends.MAX_TRITON_HEAD_DIM == 256
     q = torch.zeros(1, 1, 4, MAX_HEAD_DIM + 1)
-    with pytest.raises(ValueError, match=str(MAX_HEAD_DIM + 1)):
+    with pytest.raises(ValueError, match=f"head dim .*{MAX_HEAD_DIM + 1}"):
         attention_forward(q, q, q, 0.1)
     with pytest.raises(ValueError, match=str(MAX_HEAD_DIM + 1)):
         attention_backward(q, q, q, q, q, torch.zeros(1, 1, 4), 0.1)
+
+
+def test_bad_inputs_name_the_argument():
+    q, k = torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 7, 16)
+    with pytest.raises(ValueError, match="k has no keys"):
+        attention_forward(q, k[:, :, :0], k[:, :, :0], 0.1)
+    with pytest.raises(TypeError, match=r"same dtype, got torch.float32, torch.float16"):
+        attention_forward(q, k.half(), k, 0.1)
+    with pytest.raises(ValueError, match="v is on meta but q is on cpu"):
+        attention_forward(q, k, k.to("meta"), 0.1)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        attention_forward(q, k, k[:, :, :3], 0.1)
+    with pytest.raises(ValueError, match="agree in B, H and D"):
+        attention_forward(q, k[..., :8], k[..., :8], 0.1)
+    # Tq = 0: nothing to compute, and k, v get zero gradients (no query reads them)
+    empty = q[:, :, :0]
+    out, lse = attention_forward(empty, k, k, 0.1)
+    assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
+    dq, dk, dv = attention_backward(empty, empty, k, k, out, lse, 0.1)
+    assert dq.shape == empty.shape and not dk.any() and not dv.any() and dk.shape == k.shape
 
 
 def test_wrong_destination_raises():
@@ -228,26 +298,134 @@ def test_empty_batch_gives_empty_results():
     assert all(g.shape == q.shape for g in grads)
 
 
+def test_every_attention_list_is_registered_with_the_launch_layer():
+    lists = launch.config_lists()
+    for (kind, precision, bucket), kernel in attn.KERNELS.items():
+        assert kernel.family == "attention" and lists[kernel.name] == list(kernel.configs)
+        assert kernel.name == attn.kernel_name(kind, precision, bucket)
+    buckets, kinds = len(attn.HEAD_DIM_BUCKETS), 3 * len(attn.PRECISIONS) + 1  # + delta
+    assert len([name for name in lists if name.startswith("attention_")]) == buckets * kinds
+
+
+def test_fixed_rule_fills_the_gpu_and_is_a_function_of_the_shape():
+    kernel = attn.KERNELS[("fwd", "half", 64)]
+
+    def pick(rows: int, length: int) -> launch.Config:
+        sizes = {"rows": rows, "owned_length": length}
+        return kernel.rule(launch.Problem(sizes, {}, torch.float16, (9, 0)))
+
+    assert pick(64, 4096) == kernel.configs[0]  # enough programs: the list's first config
+    small = pick(1, 100)  # too few programs for any config: the smallest query block
+    assert small.meta["BLOCK_M"] == min(c.meta["BLOCK_M"] for c in kernel.configs)
+    assert pick(1, 100) == small
+
+
+def test_autotune_key_tells_layouts_and_key_lengths_apart(monkeypatch):
+    """A config autotuned for one layout or key length must not serve another: their keys differ."""
+    keys = []
+    original = launch.run
+
+    def recording(kernel, grid, args, constexprs, **kwargs):
+        keys.append(launch.autotune_key(kernel, args, constexprs, kwargs.get("sizes") or {}))
+        return original(kernel, grid, args, constexprs, **kwargs)
+
+    monkeypatch.setattr(launch, "run", recording)
+    for layout, T_k in (("legacy", 20), ("bthd", 20), ("bthd", 300)):
+        (q, k, v), *_ = _make_case(1, 2, 20, 32, torch.float16, layout, T_k)
+        attention_forward(q, k, v, 0.1)
+    assert len(keys) == 3 and len(set(keys)) == 3
+    assert all(key.startswith("attention_fwd[half,d32]|") for key in keys)
+
+
 def test_compile_specs_cover_every_kernel_dtype_bucket_and_config():
     specs = attn.compile_specs()
     names = {spec.name for spec in specs}
     assert len(names) == len(specs)
     expected = 0
-    for table in (attn.FORWARD_CONFIGS, attn.DKDV_CONFIGS, attn.DQ_CONFIGS):
-        expected += sum(len(table[("fp32", b)]) + 2 * len(table[("half", b)]) for b in attn.HEAD_DIM_BUCKETS)
-    expected += 3 * len(attn.HEAD_DIM_BUCKETS)  # delta: one config per dtype and bucket
+    for (_, precision, _), kernel in attn.KERNELS.items():
+        dtypes = {"fp32": 1, "half": 2, "": 3}[precision]  # half: fp16 and bf16; delta: every dtype
+        expected += dtypes * len(kernel.configs)
     assert len(specs) == expected * len(attn.LAYOUTS)
+    assert any(",d256," in name for name in names)
     for spec in specs:
         dtype = spec.name.split("[")[1].split(",")[0]
         assert list(spec.signature) == list(spec.fn.arg_names)
         assert {n for n, t in spec.signature.items() if t == "constexpr"} == set(spec.constexprs)
         assert spec.signature.get("Q", f"*{dtype}") == f"*{dtype}"
+        assert spec.signature.get("LSE", "*fp32") == "*fp32"
         assert spec.constexprs["BLOCK_D"] in attn.HEAD_DIM_BUCKETS
 
 
 def test_backward_loop_blocks_are_fixed_per_list():
-    """Determinism across autotuner picks: the block a backward kernel loops over never varies."""
+    """Determinism whatever config runs: the block a backward kernel loops over never varies."""
     for key, configs in attn.DKDV_CONFIGS.items():
-        assert len({c.block_m for c in configs}) == 1, key
+        assert len({c.meta["BLOCK_M"] for c in configs}) == 1, key
     for key, configs in attn.DQ_CONFIGS.items():
-        assert len({c.block_n for c in configs}) == 1, key
+        assert len({c.meta["BLOCK_N"] for c in configs}) == 1, key
+
+
+# --- fastdiff.ops.flash_attention: every backend, Tq != Tk, and auto's CUDA fallback ---------------
+
+
+@pytest.mark.parametrize(("T", "T_k", "head_dim"), [(9, 1, 16), (5, 23, 40), (17, 6, 160)])
+def test_flash_attention_with_other_key_length_matches_float64(backend, T, T_k, head_dim):
+    q = torch.randn(2, 2, T, head_dim, requires_grad=True)
+    k, v = (torch.randn(2, 2, T_k, head_dim, requires_grad=True) for _ in range(2))
+    dout = torch.randn(2, 2, T, head_dim)
+    out = ops.flash_attention(q, k, v, scale=0.3)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_out, _, *ref_grads = _reference(q, k, v, 0.3, dout)
+    for what, actual, reference in zip(
+        ("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True
+    ):
+        _assert_close(actual.detach(), reference, TOLERANCE[torch.float32], f"{backend} {what}")
+
+
+def test_flash_attention_bad_input():
+    q, k = torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 7, 16)
+    with pytest.raises(ValueError, match="k has no keys"):
+        ops.flash_attention(q, k[:, :, :0], k[:, :, :0])
+    with pytest.raises(TypeError, match="same dtype"):
+        ops.flash_attention(q, k, k.double())
+    with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
+        ops.flash_attention(q, k.to("meta"), k.to("meta"))
+    with pytest.raises(ValueError, match="agree in B, H and D"):
+        ops.flash_attention(q, k[:1, :1], k[:1, :1])
+
+
+def test_auto_falls_back_to_sdpa_on_cuda_once_and_forced_triton_says_why(monkeypatch):
+    def on_cuda(dtype: torch.dtype) -> types.SimpleNamespace:  # resolve_attention reads device and dtype
+        return types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)
+
+    monkeypatch.setattr(backends, "_warned", set())
+    with ops.use_backend("auto"):
+        assert backends.resolve_attention(on_cuda(torch.bfloat16), 256) == "triton"
+        with pytest.warns(UserWarning, match="scaled_dot_product_attention.*head dim 320"):
+            assert backends.resolve_attention(on_cuda(torch.bfloat16), 320) == backends.NATIVE
+        assert backends.resolve_attention(on_cuda(torch.bfloat16), 320) == backends.NATIVE  # warned once
+        with pytest.warns(UserWarning, match="float64"):
+            assert backends.resolve_attention(on_cuda(torch.float64), 64) == backends.NATIVE
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match="head dim 320"):
+        backends.resolve_attention(on_cuda(torch.float16), 320)
+
+
+def test_native_fallback_matches_float64(monkeypatch):
+    """What auto runs on CUDA where Triton cannot: F.scaled_dot_product_attention under torch's autograd
+    (run here on CPU tensors), for flash_attention (Tq != Tk) and qkv_attention."""
+    q = torch.randn(1, 2, 7, 24, requires_grad=True)
+    k, v = (torch.randn(1, 2, 3, 24, requires_grad=True) for _ in range(2))
+    qkv = torch.randn(2, 3 * 2 * 8, 11, requires_grad=True)
+    dout = torch.randn(1, 2, 7, 24)
+    ref_out, _, *ref_grads = _reference(q, k, v, 24**-0.5, dout)
+    with ops.use_backend("torch"):
+        qkv_reference = ops.qkv_attention(qkv.double(), 2, "split")
+    monkeypatch.setattr(backends, "resolve_attention", lambda q, head_dim: backends.NATIVE)
+    out = ops.flash_attention(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for what, actual, reference in zip(
+        ("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True
+    ):
+        _assert_close(actual.detach(), reference, TOLERANCE[torch.float32], f"flash_attention {what}")
+    out = ops.qkv_attention(qkv, 2, "split")
+    assert out.shape == (2, 2 * 8, 11)
+    _assert_close(out.detach(), qkv_reference.detach(), TOLERANCE[torch.float32], "qkv_attention out")

@@ -1,13 +1,13 @@
 """Triton GroupNorm kernels (fastdiff.kernels.group_norm) against a float64 reference written here.
 
-Runs under TRITON_INTERPRET=1 on CPU tensors. Every buffer the host code allocates is filled with NaN
-first, so an element a kernel forgets to write (or a workspace slot it reads before writing) fails.
+Every kernel test runs twice through the ``kernel_device`` fixture (tests/conftest.py): on CPU tensors
+under Triton's interpreter, and compiled on CUDA tensors (skipped, with the reason, without a GPU).
+Every buffer the host code allocates is filled with NaN first, so an element a kernel forgets to write
+(or a workspace slot it reads before writing) fails. References are float64 on the CPU.
 """
 
 import math
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -20,15 +20,12 @@ except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from fastdiff.kernels import group_norm as gn
+from fastdiff.kernels import launch
 from fastdiff.kernels.traffic import count_traffic
 
 # The interpreter evaluates SiLU's exp(-z) in numpy, which warns when it overflows to inf (the right value).
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRETING else "cuda"
-if not INTERPRETING and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # Max error allowed, relative to max(1, max |reference|), by the dtype the result is stored in.
@@ -104,8 +101,8 @@ def reference_grads(dy, x, num_groups, weight, bias, scale, shift, eps, silu):
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
-    assert not torch.isnan(actual).any(), f"{what}: NaN (an element was not written)"
-    error = (actual.double() - expected).abs().max().item()
+    assert not torch.isnan(actual).any().item(), f"{what}: NaN (an element was not written)"
+    error = (actual.double().cpu() - expected).abs().max().item()
     bound = TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
     assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g}"
 
@@ -125,9 +122,17 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def make_inputs(
-    shape, dtype, layout="contiguous", affine=True, scale_shift=True, param_dtypes=None, loc=0.0, std=1.0
+    shape,
+    dtype,
+    layout="contiguous",
+    affine=True,
+    scale_shift=True,
+    param_dtypes=None,
+    loc=0.0,
+    std=1.0,
+    device="cpu",
 ):
-    """x in ``dtype`` and ``layout``; random weight, bias (not 1/0) and scale, shift [N, C]."""
+    """x in ``dtype`` and ``layout``; random weight, bias (not 1/0) and scale, shift [N, C]; on ``device``."""
     n, c = shape[:2]
     w_dtype, b_dtype, s_dtype, t_dtype = param_dtypes or (F32, F32, dtype, dtype)
     x = to_layout((torch.randn(shape, dtype=torch.float64) * std + loc).to(dtype), layout)
@@ -135,7 +140,12 @@ def make_inputs(
     bias = (0.5 * torch.randn(c)).to(b_dtype) if affine else None
     scale = (0.5 * torch.randn(n, c)).to(s_dtype) if scale_shift else None
     shift = (0.5 * torch.randn(n, c)).to(t_dtype) if scale_shift else None
-    return x, weight, bias, scale, shift
+    return tuple(None if t is None else t.to(device) for t in (x, weight, bias, scale, shift))
+
+
+def cpu(*tensors):
+    """The tensors on the CPU (None stays None), for the float64 references."""
+    return [None if t is None else t.cpu() for t in tensors]
 
 
 def check_against_reference(
@@ -152,25 +162,28 @@ def check_against_reference(
     loc=0.0,
     std=1.0,
     dy_layout=None,
+    device="cpu",
 ):
     x, weight, bias, scale, shift = make_inputs(
-        shape, dtype, layout, affine, scale_shift, param_dtypes, loc, std
+        shape, dtype, layout, affine, scale_shift, param_dtypes, loc, std, device
     )
     eps = 1e-5
     y, mean, rstd = gn.group_norm_forward(x, groups, weight, bias, scale, shift, eps, silu, tuning=tuning)
-    ref_y, ref_mean, ref_rstd = reference_forward(x, groups, weight, bias, scale, shift, eps, silu)
+    ref_y, ref_mean, ref_rstd = reference_forward(
+        *cpu(x), groups, *cpu(weight, bias, scale, shift), eps, silu
+    )
     assert_matches(y, ref_y, dtype, "y")
     layout_strides = x.contiguous().stride() if layout == "spatial_transposed" else x.stride()
     assert y.stride() == layout_strides, "y must have x's memory format"
     assert_matches(mean, ref_mean, F32, "mean")
     assert rstd.dtype == F32 and rstd.shape == ref_rstd.shape
-    torch.testing.assert_close(rstd.double(), ref_rstd, rtol=1e-4, atol=0)
+    torch.testing.assert_close(rstd.double().cpu(), ref_rstd, rtol=1e-4, atol=0)
 
-    dy = to_layout(torch.randn(shape, dtype=torch.float64).to(dtype), dy_layout or layout)
+    dy = to_layout(torch.randn(shape, dtype=torch.float64).to(dtype), dy_layout or layout).to(device)
     grads = gn.group_norm_backward(
         dy, x, groups, weight, bias, scale, shift, mean, rstd, silu, ALL_GRADS, tuning=tuning
     )
-    expected = reference_grads(dy, x, groups, weight, bias, scale, shift, eps, silu)
+    expected = reference_grads(*cpu(dy, x), groups, *cpu(weight, bias, scale, shift), eps, silu)
     names = ("dx", "dweight", "dbias", "dscale", "dshift")
     for name, grad, ref, like in zip(names, grads, expected, (x, weight, bias, scale, shift), strict=True):
         if like is None:
@@ -200,8 +213,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(("shape", "groups", "dtype", "layout", "silu", "affine", "scale_shift"), CASES)
-def test_matches_float64_reference(shape, groups, dtype, layout, silu, affine, scale_shift):
-    check_against_reference(shape, groups, dtype, layout, silu, affine, scale_shift)
+def test_matches_float64_reference(shape, groups, dtype, layout, silu, affine, scale_shift, kernel_device):
+    check_against_reference(shape, groups, dtype, layout, silu, affine, scale_shift, device=kernel_device)
 
 
 @pytest.mark.parametrize(
@@ -212,37 +225,49 @@ def test_matches_float64_reference(shape, groups, dtype, layout, silu, affine, s
         ((1, 6, 37), 3, F16, "contiguous"),
     ],
 )
-def test_split_groups_match_float64_reference(shape, groups, dtype, layout):
+def test_split_groups_match_float64_reference(shape, groups, dtype, layout, kernel_device):
     geometry = gn._geometry(shape[0] * groups, shape[1] // groups, math.prod(shape[2:]), 1, TINY_SPLIT)
     assert not geometry.fused and geometry.num_chunks > TINY_SPLIT.block_p
-    check_against_reference(shape, groups, dtype, layout, True, True, True, tuning=TINY_SPLIT)
-
-
-def test_independent_parameter_dtypes():
-    """x fp16 with weight bf16, bias fp32, scale fp32, shift bf16: each gradient in its input's dtype."""
     check_against_reference(
-        (2, 6, 5, 5), 3, F16, "contiguous", True, True, True, param_dtypes=(BF16, F32, F32, BF16)
+        shape, groups, dtype, layout, True, True, True, tuning=TINY_SPLIT, device=kernel_device
     )
 
 
-def test_dy_layout_differs_from_x():
-    check_against_reference((2, 6, 5, 7), 3, BF16, "channels_last", True, True, True, dy_layout="contiguous")
-    check_against_reference((2, 6, 5, 7), 3, F32, "contiguous", True, True, True, dy_layout="channels_last")
+def test_independent_parameter_dtypes(kernel_device):
+    """x fp16 with weight bf16, bias fp32, scale fp32, shift bf16: each gradient in its input's dtype."""
+    dtypes = (BF16, F32, F32, BF16)
+    check_against_reference(
+        (2, 6, 5, 5), 3, F16, "contiguous", True, True, True, param_dtypes=dtypes, device=kernel_device
+    )
+
+
+def test_dy_layout_differs_from_x(kernel_device):
+    for dtype, layout, dy_layout in (
+        (BF16, "channels_last", "contiguous"),
+        (F32, "contiguous", "channels_last"),
+    ):
+        check_against_reference(
+            (2, 6, 5, 7), 3, dtype, layout, True, True, True, dy_layout=dy_layout, device=kernel_device
+        )
 
 
 @pytest.mark.parametrize("tuning", [gn.DEFAULT_TUNING, TINY_SPLIT], ids=["fused", "split"])
-def test_large_mean_keeps_precision(tuning):
+def test_large_mean_keeps_precision(tuning, kernel_device):
     """mean 1e3, std 1: a one-pass E[x^2] - E[x]^2 loses every digit of the variance here."""
-    check_against_reference((2, 6, 6, 6), 3, F32, "contiguous", True, True, True, tuning=tuning, loc=1e3)
+    check_against_reference(
+        (2, 6, 6, 6), 3, F32, "contiguous", True, True, True, tuning=tuning, loc=1e3, device=kernel_device
+    )
 
 
 @pytest.mark.parametrize("tuning", [gn.DEFAULT_TUNING, TINY_SPLIT], ids=["fused", "split"])
-def test_fp16_values_whose_squares_overflow_fp16(tuning):
-    check_against_reference((2, 4, 6, 6), 2, F16, "contiguous", True, True, True, tuning=tuning, std=3000.0)
+def test_fp16_values_whose_squares_overflow_fp16(tuning, kernel_device):
+    check_against_reference(
+        (2, 4, 6, 6), 2, F16, "contiguous", True, True, True, tuning=tuning, std=3000.0, device=kernel_device
+    )
 
 
-def test_empty_batch():
-    x, weight, bias, scale, shift = make_inputs((0, 6, 4, 4), BF16)
+def test_empty_batch(kernel_device):
+    x, weight, bias, scale, shift = make_inputs((0, 6, 4, 4), BF16, device=kernel_device)
     y, mean, rstd = gn.group_norm_forward(x, 3, weight, bias, scale, shift, 1e-5, True)
     assert y.shape == x.shape and y.dtype == BF16
     assert mean.shape == (0, 3) and rstd.shape == (0, 3) and mean.dtype == F32
@@ -251,14 +276,14 @@ def test_empty_batch():
     )
     assert grads[0].shape == x.shape
     for grad, like in zip(grads[1:], (weight, bias, scale, shift), strict=True):
-        assert grad.shape == like.shape and grad.dtype == like.dtype and not grad.any()
+        assert grad.shape == like.shape and grad.dtype == like.dtype and not grad.any().item()
 
 
-def test_only_requested_gradients():
-    x, weight, bias, scale, shift = make_inputs((2, 6, 5, 5), F32)
+def test_only_requested_gradients(kernel_device):
+    x, weight, bias, scale, shift = make_inputs((2, 6, 5, 5), F32, device=kernel_device)
     _, mean, rstd = gn.group_norm_forward(x, 3, weight, bias, scale, shift, 1e-5, True)
     dy = torch.randn_like(x)
-    expected = reference_grads(dy, x, 3, weight, bias, scale, shift, 1e-5, True)
+    expected = reference_grads(*cpu(dy, x), 3, *cpu(weight, bias, scale, shift), 1e-5, True)
     for needs in [(True, False, False, False, False), (False, True, False, False, True), (False,) * 5]:
         grads = gn.group_norm_backward(dy, x, 3, weight, bias, scale, shift, mean, rstd, True, needs)
         for need, grad, ref in zip(needs, grads, expected, strict=True):
@@ -269,8 +294,8 @@ def test_only_requested_gradients():
 
 
 @pytest.mark.parametrize("tuning", [gn.DEFAULT_TUNING, TINY_SPLIT], ids=["fused", "split"])
-def test_bitwise_deterministic(tuning):
-    x, weight, bias, scale, shift = make_inputs((1, 6, 5, 7), BF16, "channels_last")
+def test_bitwise_deterministic(tuning, kernel_device):
+    x, weight, bias, scale, shift = make_inputs((1, 6, 5, 7), BF16, "channels_last", device=kernel_device)
     dy = torch.randn_like(x)
     runs = []
     for _ in range(2):
@@ -283,28 +308,63 @@ def test_bitwise_deterministic(tuning):
         assert torch.equal(first.contiguous().view(torch.uint8), second.contiguous().view(torch.uint8))
 
 
-@pytest.mark.parametrize("tunable", gn.TUNABLES, ids=lambda t: t.name)
-def test_launch_configurations_fit_their_register_budget(tunable):
-    """The heuristic config and every config the autotuner keeps hold at most the per-thread element
-    budget the compile report proved spill-free, for every tile the host can ask for."""
-    tuned = gn._autotuned(tunable)
-    assert [(c.num_warps, c.kwargs.get("TILE")) for c in tuned.configs] == [
-        (c["num_warps"], c.get("TILE")) for c in tunable.configs
-    ]
-    fused = "BLOCK_S" in tunable.fn.arg_names
+@pytest.mark.parametrize("kernel", gn.KERNELS, ids=lambda k: k.name)
+def test_fixed_rule_picks_from_the_list_within_the_register_budget(kernel):
+    """The fixed rule's config is one of the kernel's list and holds at most the per-thread element budget
+    the compile report proved spill-free, for every tile the host can ask for, with few and many programs."""
+    fused = "BLOCK_S" in launch.constexpr_names(kernel.fn)
     limit = (
         gn.DEFAULT_TUNING.fused_max_forward
-        if tunable is gn.FWD_FUSED
+        if kernel is gn.FWD_FUSED
         else gn.DEFAULT_TUNING.fused_max_backward
     )
-    tiles = (
-        [(c, limit // c) for c in (1, 4, 32)] + [(1, 1), (2, 8)] if fused else [(c, None) for c in (1, 4, 32)]
-    )
-    for block_c, block_s in tiles:
-        meta = {"BLOCK_C": block_c} | ({"BLOCK_S": block_s} if fused else {})
-        kept = gn._prune(tunable)(tuned.configs, {}, **meta)
-        assert kept and all(tunable.fits({**c.kwargs, "num_warps": c.num_warps}, meta) for c in kept)
-        assert tunable.fits(tunable.heuristic(meta, None), meta)
+    for programs in (1, 64, 100_000):
+        if fused:
+            cases = [({"BLOCK_C": c, "BLOCK_S": limit // c}, {"tile": limit}) for c in (1, 4, 32)]
+            cases += [
+                ({"BLOCK_C": 1, "BLOCK_S": 1}, {"tile": 1}),
+                ({"BLOCK_C": 2, "BLOCK_S": 8}, {"tile": 16}),
+            ]
+        else:
+            cases = [({"BLOCK_C": c}, {"chunk_spatial": s}) for c in (1, 4, 32) for s in (1, 7, 64, 2048)]
+        for constexprs, sizes in cases:
+            problem = launch.Problem({**sizes, "programs": programs}, constexprs, BF16, (9, 0))
+            config = kernel.rule(problem)
+            assert config in kernel.configs
+            assert kernel.fits(problem, config), (constexprs, sizes, config)
+
+
+# TINY_SPLIT without its tile override, so that the launch layer's choice (or force_config) sets TILE.
+TINY_SPLIT_LISTED_TILES = gn.GroupNormTuning(
+    fused_always=1, fused_max_forward=1, fused_max_backward=1, chunk_elements=24, min_chunk_elements=24,
+    target_programs=1, max_block_c=4, block_p=2,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", gn.KERNELS, ids=lambda k: k.name)
+def test_every_config_of_every_list_runs(kernel, kernel_device):
+    """Each entry of the kernel's config list, forced in turn, gives float64-close outputs and gradients
+    (fused kernels at a fused shape, split kernels at a split shape)."""
+    fused = kernel in (gn.FWD_FUSED, gn.BWD_FUSED)
+    tuning = gn.DEFAULT_TUNING if fused else TINY_SPLIT_LISTED_TILES
+    shape = (1, 4, 3, 5)
+    assert gn.launch_path(shape, 2, kernel is gn.BWD_FUSED, tuning) == ("fused" if fused else "split")
+    for config in kernel.configs:
+        with launch.force_config(kernel.name, config):
+            check_against_reference(
+                shape, 2, BF16, "channels_last", True, True, True, tuning=tuning, device=kernel_device
+            )
+        assert launch.last_config(kernel.name) == config
+
+
+@pytest.mark.parametrize("spatial", [2**20, 2**30, 2**31 - 1])
+def test_huge_groups_fit_the_grid(spatial):
+    """Chunks grow rather than outnumber a CUDA grid axis (65535), and still cover every position."""
+    for group_channels in (1, 3):
+        geometry = gn._geometry(2, group_channels, spatial, 1, gn.DEFAULT_TUNING)
+        assert not geometry.fused and 1 <= geometry.num_chunks <= gn.MAX_GRID_Y
+        assert (geometry.num_chunks - 1) * geometry.chunk_spatial < spatial
+        assert geometry.num_chunks * geometry.chunk_spatial >= spatial
 
 
 def test_rejects_unsupported_dtypes():
@@ -326,7 +386,6 @@ def _bytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-@pytest.mark.skipif(not INTERPRETING, reason="traffic is counted by the Triton interpreter")
 @pytest.mark.parametrize(
     ("path", "tuning", "forward_bound", "backward_bound"),
     [
@@ -358,7 +417,6 @@ def test_traffic_near_floor(path, tuning, forward_bound, backward_bound):
     assert backward_floor * 0.99 <= backward.bytes_total <= backward_bound * backward_floor
 
 
-@pytest.mark.skipif(not INTERPRETING, reason="traffic is counted by the Triton interpreter")
 def test_traffic_counter_counts_active_lanes_only():
     x = torch.randn(3, 5, 7)  # fp32; 35 elements per group of one sample
     with count_traffic() as traffic:

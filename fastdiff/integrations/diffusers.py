@@ -7,11 +7,10 @@
   ``time_embedding_norm="scale_shift"`` the second pair with the FiLM step runs as
   ``group_norm_scale_shift_silu``. The rest of the forward is diffusers' own, step for step (up/down
   sampling, time embedding, dropout, ``conv_shortcut``, ``output_scale_factor``).
-* each self-attention ``Attention`` whose processor is diffusers' ``AttnProcessor2_0`` gets a
+* each self- and cross-attention ``Attention`` whose processor is diffusers' ``AttnProcessor2_0`` gets a
   :class:`FastdiffAttnProcessor`: that processor's steps with ``fastdiff.ops.flash_attention`` in place
-  of ``scaled_dot_product_attention``. Cross-attention keeps its processor (keys and values come from
-  ``encoder_hidden_states``, of another length than the queries, and ``flash_attention`` takes q, k, v of
-  one shape); it is reported as skipped.
+  of ``scaled_dot_product_attention`` (cross-attention: keys and values from ``encoder_hidden_states``,
+  of another length than the queries). A call with an ``attention_mask`` runs the replaced processor.
 * every other ``nn.GroupNorm`` (attention ``group_norm``, ``Transformer2DModel.norm``, ``conv_norm_out``)
   goes through :func:`fastdiff.patch.fuse_group_norm`'s rewrite.
 
@@ -256,9 +255,10 @@ class ClassSwap(Change):
 class FastdiffAttnProcessor:
     """diffusers attention processor: ``AttnProcessor2_0``'s steps with fastdiff's flash attention.
 
-    Serves self-attention without a mask: ``hidden_states [B, T, C]`` or ``[B, C, H, W]`` -> same shape.
-    A call with ``encoder_hidden_states`` or ``attention_mask`` goes to ``fallback`` (the processor this
-    one replaced), with a warning the first time; ``fallback_calls`` counts such calls.
+    Serves self- and cross-attention without a mask: ``hidden_states [B, T, C]`` or ``[B, C, H, W]`` ->
+    same shape, keys and values from ``encoder_hidden_states [B, T_enc, C_enc]`` when given. A call with
+    an ``attention_mask`` goes to ``fallback`` (the processor this one replaced), with a warning the
+    first time; ``fallback_calls`` counts such calls.
     """
 
     def __init__(self, fallback: AttnProcessor2_0) -> None:
@@ -284,9 +284,8 @@ class FastdiffAttnProcessor:
         *args,
         **kwargs,
     ) -> Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            given = "encoder_hidden_states" if encoder_hidden_states is not None else "attention_mask"
-            self._fall_back(f"{given} given, which flash_attention does not take")
+        if attention_mask is not None:
+            self._fall_back("attention_mask given, which flash_attention does not take")
             return self.fallback(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
             )
@@ -307,8 +306,14 @@ class FastdiffAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
+
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -321,7 +326,8 @@ class FastdiffAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        hidden_states = ops.flash_attention(query, key, value)  # [B, heads, T, head_dim], scale 1/sqrt(D)
+        # [B, heads, T, head_dim], keys [B, heads, T_enc, head_dim]; scale 1/sqrt(head_dim)
+        hidden_states = ops.flash_attention(query, key, value)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -349,12 +355,6 @@ def attention_refusal(attn: nn.Module) -> str:
     why = mirror_refusal("AttnProcessor2_0.__call__")
     if why:
         return why
-    if attn.is_cross_attention:
-        return (
-            "cross-attention: keys and values come from encoder_hidden_states, whose length differs from "
-            "the queries', and fastdiff's flash_attention takes q, k, v of one shape; diffusers' processor "
-            "is kept"
-        )
     if attn.to_k is None or attn.to_v is None or attn.added_kv_proj_dim is not None:
         return "added key/value projections (only_cross_attention / added_kv_proj_dim)"
     if attn.inner_kv_dim != attn.inner_dim:

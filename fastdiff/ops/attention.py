@@ -2,6 +2,10 @@
 
 ``qkv_attention`` reads q, k, v as strided views of the UNet's ``[B, 3*H*D, T]`` tensor and writes the
 output and the qkv gradient in that layout, so no reshape or copy surrounds the kernel.
+
+Where ``auto`` resolves to ``native`` (a CUDA call the Triton kernels cannot serve, see
+``backend.resolve_attention``), both functions run ``F.scaled_dot_product_attention`` with PyTorch's own
+autograd instead of a ``fastdiff::`` op.
 """
 
 import importlib
@@ -9,11 +13,12 @@ import math
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from fastdiff.ops import backend as backends
 from fastdiff.ops import cpu_attention, reference, registry
 from fastdiff.ops.reference import compute_dtype
-from fastdiff.ops.validate import check_float_tensor, check_positive_int
+from fastdiff.ops.validate import check_float_tensor, check_positive_int, check_same_device
 
 Tensor = torch.Tensor
 
@@ -157,6 +162,10 @@ def qkv_attention(qkv: Tensor, num_heads: int, order: str = "legacy") -> Tensor:
     if width == 0 or width % (3 * num_heads):
         raise ValueError(f"qkv width {width} must be a positive multiple of 3 * num_heads = {3 * num_heads}")
     backend = backends.resolve_attention(qkv, width // (3 * num_heads))
+    if backend == backends.NATIVE:
+        q, k, v = qkv_views(qkv.contiguous(), num_heads, order)
+        b, _, t = qkv.shape
+        return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, width // 3, t)
     out, _ = _qkv_attention_fwd(qkv.contiguous(), num_heads, order, backend)
     return out
 
@@ -188,9 +197,9 @@ _attention_fwd = registry.define(
 def _attention_bwd_kernel(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if q.numel() == 0:  # no query reads any key (Tq = 0) or nothing at all
+        return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-    if q.numel() == 0:
-        return dq, dk, dv
     _implementation(backend).attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv)
     return dq, dk, dv
 
@@ -232,28 +241,39 @@ _attention_fwd.register_autograd(_AttentionFunction)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
-    """Non-causal attention softmax(scale * q k^T) v for q, k, v ``[B, H, T, D]`` of any strides.
+    """Non-causal attention ``softmax(scale * q k^T) v`` per (batch, head), inputs of any strides.
 
-    ``scale`` defaults to ``1/sqrt(D)``. Softmax in fp32; output ``[B, H, T, D]`` in q's dtype.
+    q: ``[B, H, Tq, D]``; k, v: ``[B, H, Tk, D]`` (Tk may differ from Tq: cross-attention), one dtype and
+    device. ``scale`` defaults to ``1/sqrt(D)``. Softmax in fp32; returns ``[B, H, Tq, D]`` in q's dtype.
+    Tk = 0 with Tq > 0 is a ValueError (a softmax over zero keys is undefined).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, H, T, D], got shape {tuple(t.shape)}")
-    if not q.shape == k.shape == v.shape:
+    if k.shape != v.shape:
         raise ValueError(
-            "q, k and v must have the same shape [B, H, T, D], "
-            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            f"k and v must have the same shape [B, H, Tk, D], got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            "q [B, H, Tq, D] and k, v [B, H, Tk, D] must agree in B, H and D, "
+            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.device == k.device == v.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_same_device("q", q, k=k, v=v)
+    if k.shape[2] == 0 and q.numel() > 0:
+        raise ValueError(
+            f"k has no keys (Tk = 0, shape {tuple(k.shape)}): a softmax over zero keys is undefined"
+        )
     head_dim = q.shape[-1]
     if scale is None:
         scale = head_dim**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     backend = backends.resolve_attention(q, head_dim)
+    if backend == backends.NATIVE:
+        return F.scaled_dot_product_attention(q, k, v, scale=float(scale))
     out, _ = _attention_fwd(q, k, v, float(scale), backend)
     return out

@@ -1,28 +1,63 @@
-"""Which implementation serves an op: ``triton`` | ``cpp`` | ``torch``, chosen per call from the device.
+"""Which implementation serves an op, chosen per call from the tensors' device and dtype: the contract.
 
-``auto`` (the default, or ``FASTDIFF_BACKEND``): CUDA tensors -> triton, CPU tensors -> cpp when the C++
-extension is built, else the torch reference. A forced backend that cannot serve a call raises
-:class:`BackendUnavailableError` saying why; ``auto`` falls back silently (or once, with a warning, where
-the fallback costs speed on a GPU).
+Backends (what ``use_backend`` / ``FASTDIFF_BACKEND`` / ``--kernels`` name):
+
+* ``triton``: fastdiff's Triton kernels. CUDA tensors run compiled; CPU tensors run the same kernels
+  under Triton's interpreter (slow; for tests, and only when ``triton`` is forced). Needs Triton
+  >= ``MIN_TRITON`` and float32/float16/bfloat16.
+* ``cpp``: CPU tensors: fastdiff's C++ GroupNorm kernels (``fastdiff._C``); for attention PyTorch's fused
+  C++ flash-attention CPU kernel.
+* ``torch``: the float32 reference (``fastdiff.ops.reference``), any device: the executable spec the
+  kernels are tested against. Served only when forced, or for devices no kernel serves (e.g. meta).
+* ``auto`` (default): CUDA -> triton, CPU -> cpp (the reference when the extension is not built).
+
+Fallback policy (one for every op family, ``auto_cuda``): where Triton cannot serve a CUDA call under
+``auto`` (Triton missing or older than ``MIN_TRITON``, a dtype or size the kernels do not take), the op
+runs ``native``, PyTorch's own CUDA kernels (GroupNorm: ``F.group_norm`` then scale-shift and SiLU;
+attention: ``F.scaled_dot_product_attention``), and warns once saying so and why. It never falls back to
+the reference on CUDA. A forced backend that cannot serve a call raises :class:`BackendUnavailableError`
+saying why. ``backend_refusal`` answers the same question for the training CLI's ``--kernels`` check.
 
 Availability is decided once at import, so resolving a backend inside ``torch.compile`` is plain Python
-over constants and the tensor's device and dtype.
+over constants and the tensor's device, dtype and sizes.
 """
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 import warnings
 from collections.abc import Iterator
 
 import torch
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
+NATIVE = "native"
+"""What ``auto`` resolves to on CUDA when Triton cannot serve a call: PyTorch's own CUDA kernels."""
+
+MIN_TRITON = (3, 4)
+"""Oldest Triton the kernels take (the launch layer reads ``triton.knobs``); the tests run 3.9."""
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-"""Triton's interpreter is on: Triton kernels also run on CPU tensors (slowly; used by the tests)."""
+"""Triton's interpreter is on for every kernel (``TRITON_INTERPRET=1`` set before Triton is imported)."""
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+def _triton_version() -> tuple[int, ...] | None:
+    """Installed Triton's (major, minor); None when it is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout without metadata
+        import triton
+
+        version = triton.__version__
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+TRITON_VERSION = _triton_version()
+HAS_TRITON = TRITON_VERSION is not None
 
 try:
     from fastdiff import _C as cpp_extension
@@ -34,6 +69,8 @@ else:
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPP_GROUP_NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_TRITON_SAMPLE_ELEMENTS = 2**31
+"""The GroupNorm kernels index inside one sample with 32-bit offsets (the sample index is 64-bit)."""
 
 
 class BackendUnavailableError(RuntimeError):
@@ -70,24 +107,64 @@ def use_backend(name: str) -> Iterator[None]:
         _state["backend"] = previous
 
 
+def _triton_missing() -> str:
+    """Why Triton cannot run at all here ('' when it can)."""
+    if not HAS_TRITON:
+        return "triton is not installed (pip install triton)"
+    if TRITON_VERSION < MIN_TRITON:
+        found = ".".join(map(str, TRITON_VERSION))
+        wanted = ".".join(map(str, MIN_TRITON))
+        return f"triton {found} is too old: the kernels need triton >= {wanted}"
+    return ""
+
+
+def backend_refusal(name: str, device: torch.device) -> str:
+    """Why backend ``name`` cannot serve tensors on ``device`` at all in this process ('' when it can
+    serve some calls there); what the training CLI's ``--kernels`` check asks."""
+    device = torch.device(device)
+    if name in ("auto", "torch"):
+        return ""
+    if name == "cpp":
+        return _cpp_group_norm_refusal(device, torch.float32)
+    if name == "triton":
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return _triton_refusal(device, torch.float32)
+    return f"unknown backend {name!r}"
+
+
+def set_autotune(enabled: bool) -> None:
+    """Autotune the Triton kernels' launch configs on CUDA (picks persisted per GPU and Triton version),
+    or keep the fixed rule (False). ``torch.use_deterministic_algorithms(True)`` always keeps the rule.
+    Enabling it without a usable Triton is a ValueError."""
+    missing = _triton_missing()
+    if missing:
+        if enabled:
+            raise ValueError(f"autotuning needs the Triton kernels: {missing}")
+        return
+    from fastdiff.kernels import launch
+
+    launch.set_autotune(enabled)
+
+
 def available_backends() -> list[str]:
-    """Backend names this process can serve for at least one device: always ``auto`` and ``torch``."""
+    """Backend names this process can serve for at least one device: always ``auto`` and ``torch``
+    (``triton`` whenever a new enough Triton is installed: on the CPU it runs the interpreter)."""
     names = ["auto", "torch"]
     if cpp_extension is not None:
         names.append("cpp")
-    if HAS_TRITON and (torch.cuda.is_available() or TRITON_INTERPRET):
+    if not _triton_missing():
         names.append("triton")
     return names
 
 
 def _triton_refusal(device: torch.device, dtype: torch.dtype) -> str:
-    """Why the Triton kernels cannot run on this device/dtype ('' when they can)."""
-    if not HAS_TRITON:
-        return "triton is not installed (pip install triton)"
-    if device.type == "cpu" and not TRITON_INTERPRET:
-        return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to interpret them on the CPU)"
+    """Why the Triton kernels cannot run on this device/dtype ('' when they can; CPU: the interpreter)."""
+    missing = _triton_missing()
+    if missing:
+        return missing
     if device.type not in ("cuda", "cpu"):
-        return f"Triton kernels run on CUDA tensors, got device {device}"
+        return f"Triton kernels run on CUDA tensors (or CPU tensors, interpreted), got device {device}"
     if dtype not in TRITON_DTYPES:
         return f"Triton kernels take float32, float16 or bfloat16, got {dtype}"
     return ""
@@ -98,7 +175,7 @@ def _cpp_group_norm_refusal(device: torch.device, dtype: torch.dtype) -> str:
     if cpp_extension is None:
         return f"the C++ extension fastdiff._C is not built ({CPP_IMPORT_ERROR})"
     if device.type != "cpu":
-        return f"the C++ kernels run on CPU tensors, got device {device}"
+        return f"the C++ kernels serve CPU tensors only, got device {device}"
     if dtype not in CPP_GROUP_NORM_DTYPES:
         return f"the C++ kernels take float16, bfloat16, float32 or float64, got {dtype}"
     return ""
@@ -106,7 +183,7 @@ def _cpp_group_norm_refusal(device: torch.device, dtype: torch.dtype) -> str:
 
 def _cpp_attention_refusal(device: torch.device, dtype: torch.dtype) -> str:
     if device.type != "cpu":
-        return f"the CPU attention kernel runs on CPU tensors, got device {device}"
+        return f"the CPU attention kernel serves CPU tensors only, got device {device}"
     return ""
 
 
@@ -115,22 +192,6 @@ def _forced(op: str, name: str, why: str) -> str:
         raise BackendUnavailableError(f"backend {name!r} cannot run {op}: {why}")
     return name
 
-
-def resolve_group_norm(x: torch.Tensor) -> str:
-    """The backend that runs a GroupNorm-family op on ``x``."""
-    name = get_backend()
-    if name == "triton":
-        return _forced("group_norm", name, _triton_refusal(x.device, x.dtype))
-    if name == "cpp":
-        return _forced("group_norm", name, _cpp_group_norm_refusal(x.device, x.dtype))
-    if name == "torch":
-        return name
-    if x.device.type == "cuda":
-        return "torch" if _triton_refusal(x.device, x.dtype) else "triton"
-    return "torch" if _cpp_group_norm_refusal(x.device, x.dtype) else "cpp"
-
-
-MAX_TRITON_HEAD_DIM = 128
 
 _warned: set[str] = set()
 
@@ -141,25 +202,65 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def auto_cuda(op: str, triton_why: str, native: str) -> str:
+    """The fallback policy of ``auto`` for a CUDA call of ``op``: ``triton`` when ``triton_why`` is empty,
+    else ``NATIVE`` (PyTorch's ``native`` kernels), warning once why."""
+    if not triton_why:
+        return "triton"
+    _warn_once(
+        f"fastdiff: {op} on CUDA falls back to PyTorch's {native} "
+        f"(slower than fastdiff's kernels): {triton_why}"
+    )
+    return NATIVE
+
+
+def _triton_group_norm_refusal(x: torch.Tensor) -> str:
+    why = _triton_refusal(x.device, x.dtype)
+    if not why and x.dim() > 1 and x[:1].numel() >= MAX_TRITON_SAMPLE_ELEMENTS:
+        why = f"one sample of x has {x[:1].numel()} elements, the kernels take fewer than 2**31"
+    return why
+
+
+def resolve_group_norm(x: torch.Tensor) -> str:
+    """The backend that runs a GroupNorm-family op on ``x``: ``triton``, ``cpp``, ``torch`` or ``native``."""
+    name = get_backend()
+    if name == "triton":
+        return _forced("group_norm", name, _triton_group_norm_refusal(x))
+    if name == "cpp":
+        return _forced("group_norm", name, _cpp_group_norm_refusal(x.device, x.dtype))
+    if name == "torch":
+        return name
+    if x.device.type == "cuda":
+        return auto_cuda("group_norm", _triton_group_norm_refusal(x), "F.group_norm (+ scale-shift, SiLU)")
+    return "torch" if _cpp_group_norm_refusal(x.device, x.dtype) else "cpp"
+
+
+MAX_TRITON_HEAD_DIM = 256
+"""Largest head dim the Triton attention takes (fp16, bf16 and fp32; D is padded to a power of two)."""
+
+
+def _triton_attention_refusal(q: torch.Tensor, head_dim: int) -> str:
+    why = _triton_refusal(q.device, q.dtype)
+    if not why and head_dim > MAX_TRITON_HEAD_DIM:
+        why = f"head dim {head_dim} is over the Triton kernel's maximum of {MAX_TRITON_HEAD_DIM}"
+    return why
+
+
 def resolve_attention(q: torch.Tensor, head_dim: int) -> str:
-    """The backend that runs attention on ``q`` (``[B, H, T, D]`` or qkv) with head dim ``head_dim``.
+    """The backend that runs attention on ``q`` (``[B, H, T, D]`` or qkv) with head dim ``head_dim``:
+    ``triton``, ``cpp``, ``torch`` or ``native`` (``F.scaled_dot_product_attention``, auto's CUDA fallback).
 
     ``cpp`` for attention is PyTorch's fused C++ flash-attention CPU kernel (fastdiff's own C++ kernels
     cover the GroupNorm family).
     """
     name = get_backend()
-    triton_why = _triton_refusal(q.device, q.dtype)
-    if not triton_why and head_dim > MAX_TRITON_HEAD_DIM:
-        triton_why = f"head dim {head_dim} is over the kernel's maximum of {MAX_TRITON_HEAD_DIM}"
     if name == "triton":
-        return _forced("attention", name, triton_why)
+        return _forced("attention", name, _triton_attention_refusal(q, head_dim))
     if name == "cpp":
         return _forced("attention", name, _cpp_attention_refusal(q.device, q.dtype))
     if name == "torch":
         return name
     if q.device.type == "cuda":
-        if triton_why:
-            _warn_once(f"fastdiff: attention falls back to the torch reference: {triton_why}")
-            return "torch"
-        return "triton"
-    return "cpp"
+        why = _triton_attention_refusal(q, head_dim)
+        return auto_cuda("attention", why, "F.scaled_dot_product_attention")
+    return "cpp" if q.device.type == "cpu" else "torch"

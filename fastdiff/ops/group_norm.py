@@ -4,7 +4,8 @@ One pair of ops in the ``fastdiff`` library (``fastdiff::group_norm_fwd`` / ``fa
 see ``registry``) serves all three; the backend name is resolved in Python before the call, so
 ``torch.compile`` sees it as a constant and the ops stay opaque to the tracer. In plain eager mode on the
 ``cpp`` backend a call is instead one C++ autograd node (``fastdiff._C.group_norm_autograd``) running
-the same kernels.
+the same kernels. Where Triton cannot serve a CUDA call under ``auto``, the ``native`` fallback runs
+PyTorch's own kernels (``F.group_norm``, then scale-shift and SiLU) under plain autograd.
 """
 
 import importlib
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from fastdiff.ops import backend as backends
 from fastdiff.ops import reference, registry
@@ -213,12 +215,38 @@ def _group_norm(
         shift = _check_scale_shift("shift", shift, x)
     check_same_device("x", x, weight=weight, bias=bias, scale=scale, shift=shift)
     backend = backends.resolve_group_norm(x)
+    if backend == backends.NATIVE:
+        return native_group_norm(x, num_groups, weight, bias, scale, shift, float(eps), silu)
     args = (_dense(x), num_groups, weight, bias, scale, shift, float(eps), silu)
     if backend == "cpp" and registry.plain_eager(args):
         # one C++ autograd node: no Python in the backward, ~70 us less per call than the op's Function
         return backends.cpp_extension.group_norm_autograd(*args)
     y, _, _ = _group_norm_fwd(*args, backend)
     return y
+
+
+def native_group_norm(
+    x: Tensor,
+    num_groups: int,
+    weight: OptTensor,
+    bias: OptTensor,
+    scale: OptTensor,
+    shift: OptTensor,
+    eps: float,
+    silu: bool,
+) -> Tensor:
+    """The GroupNorm family from PyTorch's own kernels: ``F.group_norm``, then ``* (1 + scale) + shift``
+    and SiLU, each in x's dtype (statistics are fp32 inside ``F.group_norm``); differentiable by plain
+    autograd. Output in x's dtype and memory format. The CUDA fallback of ``auto`` (see ``backend``)."""
+    with torch.autocast(x.device.type, enabled=False):
+        weight, bias = (None if t is None else t.to(x.dtype) for t in (weight, bias))
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+        if scale is not None:
+            per_sample = x.shape[:2] + (1,) * (x.dim() - 2)
+            y = y * (1 + scale.to(x.dtype).reshape(per_sample)) + shift.to(x.dtype).reshape(per_sample)
+        if silu:
+            y = F.silu(y)
+    return y.contiguous(memory_format=memory_format(x))
 
 
 def group_norm(x: Tensor, num_groups: int, weight: OptTensor, bias: OptTensor, eps: float = 1e-5) -> Tensor:

@@ -1,0 +1,331 @@
+"""The launch layer (fastdiff.kernels.launch): configs, config choice, autotune cache, device guard."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import triton
+except ImportError:
+    if os.environ.get("FASTDIFF_REQUIRE_BACKENDS") == "1":
+        raise
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from fastdiff.kernels import group_norm as gn
+from fastdiff.kernels import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_is_data():
+    config = launch.Config(num_warps=4, tiles={"TILE": 1024, "BLOCK_C": 8})
+    assert config.tiles == (("BLOCK_C", 8), ("TILE", 1024))
+    assert config.meta == {"BLOCK_C": 8, "TILE": 1024}
+    assert config.tag == "BLOCK_C=8,TILE=1024,w4,s1"
+    assert launch.Config.from_json(json.loads(json.dumps(config.to_json()))) == config
+    assert hash(config) == hash(launch.Config(4, 1, {"TILE": 1024, "BLOCK_C": 8}))
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        launch.Config(num_warps=3)
+    with pytest.raises(ValueError, match="num_stages"):
+        launch.Config(num_stages=0)
+
+
+def test_config_lists_hold_every_group_norm_kernel():
+    lists = launch.config_lists()
+    for kernel in gn.KERNELS:
+        assert lists[kernel.name] == list(kernel.configs)
+        assert launch.kernels("group_norm").count(kernel) == 1
+
+
+def test_check_same_device_names_both_arguments():
+    cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
+    assert launch.check_same_device(x=cpu, weight=None, bias=cpu) == torch.device("cpu")
+    assert launch.check_same_device(a=None) is None
+    with pytest.raises(ValueError, match=r"bias is on meta but x is on cpu"):
+        launch.check_same_device(x=cpu, weight=None, bias=meta)
+
+
+def test_group_norm_kernels_reject_tensors_on_two_devices():
+    x = torch.randn(2, 4, 3)
+    weight = torch.ones(4, device="meta")
+    with pytest.raises(ValueError, match=r"weight is on meta but x is on cpu"):
+        gn.group_norm_forward(x, 2, weight, None, None, None, 1e-5, False)
+    mean, rstd = torch.zeros(2, 2), torch.ones(2, 2)
+    with pytest.raises(ValueError, match=r"x is on cpu but dy is on meta"):
+        gn.group_norm_backward(x.to("meta"), x, 2, None, None, None, None, mean, rstd, False, (True,) * 5)
+
+
+def test_device_guard_makes_the_tensors_device_current(monkeypatch):
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    with launch.device_guard(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)]
+    with launch.device_guard(torch.device("cpu")):
+        pass
+    assert entered == [torch.device("cuda", 1)], "no CUDA guard for CPU tensors"
+
+
+def test_run_launches_inside_the_guard_of_like_device(monkeypatch):
+    """run() enters device_guard(like.device) around the launch itself (a fake kernel records it)."""
+    events = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        events.append(("enter", device))
+        yield
+        events.append(("exit", device))
+
+    class FakeKernelFn:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: events.append(("launch", grid, kwargs["num_warps"]))
+
+    config = launch.Config(num_warps=2)
+    fake = launch.Kernel("fake", "test", FakeKernelFn(), (config,), lambda p: config, {})
+    monkeypatch.setattr(launch, "device_guard", guard)
+    monkeypatch.setattr(launch, "interprets", lambda t: False)
+    like = torch.zeros(1, device="meta")
+    assert launch.run(fake, (3,), (), {}, like=like) == config
+    assert events == [("enter", like.device), ("launch", (3,), 2), ("exit", like.device)]
+    assert launch.last_config("fake") == config
+
+
+def test_force_config_overrides_the_rule_and_is_checked():
+    kernel = gn.FWD_SPLIT_APPLY
+    x = torch.randn(1, 4, 6, 6)
+    split = gn.GroupNormTuning(fused_always=1, fused_max_forward=1, chunk_elements=32, min_chunk_elements=32)
+    geometry = gn._geometry(2, 2, 36, 1, split)
+    assert not geometry.fused and geometry.num_chunks > 1
+    for config in kernel.configs:
+        with launch.force_config(kernel.name, config):
+            gn.group_norm_forward(x, 2, None, None, None, None, 1e-5, True, tuning=split)
+            assert launch.last_config(kernel.name) == config
+    gn.group_norm_forward(x, 2, None, None, None, None, 1e-5, True, tuning=split)
+    sizes = {"chunk_spatial": geometry.chunk_spatial, "programs": 2 * geometry.num_chunks}
+    problem = launch.Problem(sizes, {"BLOCK_C": geometry.block_c}, x.dtype, None)
+    assert launch.last_config(kernel.name) == kernel.rule(problem)
+    with pytest.raises(ValueError, match="no kernel named"), launch.force_config("nope", kernel.configs[0]):
+        pass
+    not_listed = launch.Config(num_warps=1, tiles={"TILE": 8})
+    with (
+        pytest.raises(ValueError, match="not in the config list"),
+        launch.force_config(kernel.name, not_listed),
+    ):
+        pass
+
+
+def test_autotune_switches(monkeypatch):
+    monkeypatch.delenv(launch.AUTOTUNE_ENV, raising=False)
+    launch.set_autotune(None)
+    assert not launch.autotune_enabled()
+    monkeypatch.setenv(launch.AUTOTUNE_ENV, "1")
+    assert launch.autotune_enabled()
+    launch.set_autotune(False)
+    assert not launch.autotune_enabled()
+    launch.set_autotune(True)
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not launch.autotune_enabled(), "deterministic algorithms always get the fixed rule"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        launch.set_autotune(None)
+
+
+def test_autotune_key_holds_what_changes_the_kernel():
+    x = torch.randn(2, 8, 16)
+    base = launch.autotune_key(gn.FWD_FUSED, (x, 8, 1), {"SILU": True, "BLOCK_C": 4}, {"tile": 100})
+    variants = [
+        launch.autotune_key(gn.FWD_FUSED, (x, 8, 1), {"SILU": False, "BLOCK_C": 4}, {"tile": 100}),
+        launch.autotune_key(gn.FWD_FUSED, (x.half(), 8, 1), {"SILU": True, "BLOCK_C": 4}, {"tile": 100}),
+        launch.autotune_key(gn.FWD_FUSED, (x, 8, 16), {"SILU": True, "BLOCK_C": 4}, {"tile": 100}),  # layout
+        launch.autotune_key(gn.FWD_FUSED, (x, 8, 1), {"SILU": True, "BLOCK_C": 4}, {"tile": 200}),
+        launch.autotune_key(gn.BWD_FUSED, (x, 8, 1), {"SILU": True, "BLOCK_C": 4}, {"tile": 100}),
+    ]
+    assert len({base, *variants}) == 6
+    same_bucket = launch.autotune_key(gn.FWD_FUSED, (x, 8, 1), {"BLOCK_C": 4, "SILU": True}, {"tile": 120})
+    assert same_bucket == base
+
+
+def test_autotune_cache_persists_and_survives_bad_files(tmp_path):
+    path = tmp_path / "autotune" / "GPU-triton.json"
+    configs = [launch.Config(num_warps=w) for w in (1, 2, 4)]
+    timings = {1: 3.0, 2: 1.0, 4: 2.0}
+    measured = []
+
+    def measure(config):
+        measured.append(config)
+        return timings[config.num_warps]
+
+    cache = launch.AutotuneCache("GPU A", path)
+    assert cache.pick("k", configs, measure) == configs[1]
+    assert len(measured) == 3
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")], "atomic write leaves no temp"
+    # a new process reuses the pick without measuring
+    assert launch.AutotuneCache("GPU A", path).pick("k", configs, measure) == configs[1]
+    assert len(measured) == 3
+    # another GPU's file: ignored with a warning, then replaced
+    with pytest.warns(UserWarning, match="written for GPU 'GPU A'"):
+        other = launch.AutotuneCache("GPU B", path)
+    assert other.get("k") is None
+    # a corrupt file: ignored with a warning, never a crash
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable autotune cache"):
+        corrupt = launch.AutotuneCache("GPU A", path)
+    assert corrupt.pick("k", configs, measure) == configs[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert launch.AutotuneCache("GPU A", path).get("k") == configs[1]
+
+
+def test_autotune_cache_path_is_per_gpu_and_triton(monkeypatch, tmp_path):
+    monkeypatch.setenv(launch.CACHE_DIR_ENV, str(tmp_path))
+    path = launch.autotune_cache_path("NVIDIA H100 80GB HBM3")
+    assert path.parent == tmp_path / "autotune"
+    assert path.name == f"NVIDIA_H100_80GB_HBM3-triton{triton.__version__}.json"
+
+
+def test_arg_types_are_explicit_and_complete():
+    with pytest.raises(ValueError, match="must list exactly its runtime arguments"):
+        launch.arg_types(gn._gn_fwd_partial_stats_kernel, storage=("x_ptr",))
+    with pytest.raises(ValueError, match="listed twice"):
+        launch.arg_types(gn._gn_fwd_partial_stats_kernel, storage=("x_ptr",), i32=("x_ptr",))
+    spec = launch.compile_spec(
+        gn.FWD_PARTIAL_STATS, "t", "bf16", gn.SPLIT_CONFIGS[0], {"BLOCK_C": 4}, ("stride_xs",)
+    )
+    assert spec.signature["x_ptr"] == "*bf16" and spec.signature["part_m2_ptr"] == "*fp32"
+    assert spec.signature["stride_xs"] == "constexpr" and spec.constexprs["stride_xs"] == 1
+    assert spec.signature["TILE"] == "constexpr" and spec.constexprs["TILE"] == 512
+    assert spec.num_warps == gn.SPLIT_CONFIGS[0].num_warps
+
+
+def test_compiled_and_interpreted_kernels_coexist_without_triton_interpret():
+    """In a process without TRITON_INTERPRET (as on a GPU machine) the kernels are JITFunctions and CPU
+    tensors run their interpreted twins: results match float64, tl's jit functions are restored after."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from triton.runtime.jit import JITFunction
+        import triton.language as tl
+        from fastdiff.kernels import group_norm as gn
+        assert isinstance(gn.FWD_FUSED.fn, JITFunction)
+        split = gn.GroupNormTuning(fused_always=1, fused_max_forward=1, fused_max_backward=1,
+                                   chunk_elements=24, min_chunk_elements=24, target_programs=1,
+                                   max_block_c=4, block_p=2, split_tile=8)
+        for tuning in (gn.DEFAULT_TUNING, split):
+            x = torch.randn(2, 6, 3, 5, dtype=torch.float64)
+            w, b, s, t = torch.randn(6), torch.randn(6), torch.randn(2, 6), torch.randn(2, 6)
+            y, mean, rstd = gn.group_norm_forward(x.float(), 3, w, b, s, t, 1e-5, True, tuning=tuning)
+            xd = x.requires_grad_()
+            g = xd.reshape(2, 3, -1)
+            z = ((g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt())
+            z = z.reshape(x.shape) * w.double()[:, None, None] + b.double()[:, None, None]
+            z = z * (1 + s.double()[..., None, None]) + t.double()[..., None, None]
+            ref = z * torch.sigmoid(z)
+            assert (y.double() - ref).abs().max() < 1e-4, (y.double() - ref).abs().max()
+            dy = torch.randn_like(y)
+            dx = gn.group_norm_backward(dy, x.float().detach(), 3, w, b, s, t, mean, rstd, True,
+                                        (True, False, False, False, False), tuning=tuning)[0]
+            (ref_dx,) = torch.autograd.grad(ref, xd, dy.double())
+            assert (dx.double() - ref_dx).abs().max() < 1e-3 * max(1, ref_dx.abs().max())
+        assert isinstance(tl.sum, JITFunction) and isinstance(gn._channel_affine, JITFunction)
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_run_autotunes_on_cuda_only_when_asked(monkeypatch, tmp_path):
+    """The CUDA path of run() with a fake kernel and a fake stopwatch: the fastest fitting config wins, is
+    cached on disk and reused without timing; deterministic algorithms get the fixed rule."""
+    import triton.testing
+
+    configs = tuple(launch.Config(num_warps=w) for w in (1, 2, 4, 8))
+    times = {1: 4.0, 2: 3.0, 4: 1.0, 8: 0.5}
+    launched, timed = [], []
+
+    class FakeKernelFn:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs["num_warps"])
+
+    def fake_bench(fn, **kwargs):
+        fn()
+        timed.append(launched[-1])
+        return times[launched[-1]]
+
+    fake = launch.Kernel(
+        "fake_tuned",
+        "test",
+        FakeKernelFn(),
+        configs,
+        rule=lambda p: configs[0],
+        arg_types={},
+        fits=lambda p, c: c.num_warps <= 4,  # 8 warps never tried
+    )
+    cache = launch.AutotuneCache("Fake GPU", tmp_path / "fake.json")
+    monkeypatch.setattr(launch, "interprets", lambda t: False)
+    monkeypatch.setattr(launch, "_cache_for", lambda device: cache)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    like = torch.zeros(4)
+
+    launch.set_autotune(False)
+    try:
+        assert launch.run(fake, (1,), (like,), {"SILU": True}, like=like, sizes={"n": 4}) == configs[0]
+        assert timed == []
+        launch.set_autotune(True)
+        assert launch.run(fake, (1,), (like,), {"SILU": True}, like=like, sizes={"n": 4}) == configs[2]
+        assert sorted(timed) == [1, 2, 4]
+        assert launch.run(fake, (1,), (like,), {"SILU": True}, like=like, sizes={"n": 3}) == configs[2]
+        assert len(timed) == 3, "same key (sizes bucketed): the cached pick, no timing"
+        assert launch.AutotuneCache("Fake GPU", tmp_path / "fake.json").picks, "persisted"
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert launch.run(fake, (1,), (like,), {"SILU": True}, like=like, sizes={"n": 4}) == configs[0]
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert launch.run(fake, (1,), (like,), {"SILU": False}, like=like, sizes={"n": 4}) == configs[2]
+        assert len(timed) == 6, "SILU changes the key: timed again"
+    finally:
+        launch.set_autotune(None)
+    assert launched[-1] == 4
+
+
+def test_train_flag_autotune_goes_through_the_backend(monkeypatch):
+    """``--autotune True`` calls fastdiff.training.cli.check_autotune -> backend.set_autotune."""
+    from fastdiff.ops import backend as backends
+    from fastdiff.training.cli import check_autotune
+
+    monkeypatch.delenv(launch.AUTOTUNE_ENV, raising=False)
+    try:
+        check_autotune(True)
+        assert launch.autotune_enabled()
+        check_autotune(False)
+        assert not launch.autotune_enabled()
+        monkeypatch.setattr(backends, "HAS_TRITON", False)
+        with pytest.raises(ValueError, match="autotuning needs the Triton kernels: triton is not installed"):
+            check_autotune(True)
+        check_autotune(False)  # nothing to turn off
+    finally:
+        launch.set_autotune(None)
