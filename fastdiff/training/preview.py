@@ -55,23 +55,50 @@ class SamplePreview:
     def write(self, ema: ParameterEMA, log_dir: str, step: int) -> str:
         """Sample with the EMA weights and write ``samples_{step}.png`` in ``log_dir``; returns its path."""
         ema.copy_to(self.model, 0)
-        chunks = []
-        devices = [self.noise.device] if self.noise.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.precision.autocast():
-            torch.manual_seed(derive_seed(self.seed, 0x5A4))
-            for start in range(0, self.noise.shape[0], self.batch_size):
-                noise = self.noise[start : start + self.batch_size]
-                kwargs = {} if self.labels is None else {"y": self.labels[start : start + self.batch_size]}
-                sample = sample_batch(
-                    self.model,
-                    self.diffusion,
-                    tuple(noise.shape),
-                    noise=noise,
-                    clip_denoised=True,
-                    model_kwargs=kwargs,
-                    **self.sampling,
-                )
-                chunks.append(to_uint8_nhwc(sample).cpu())
+        images = sample_from_noise(
+            self.model,
+            self.diffusion,
+            self.noise,
+            self.labels,
+            self.sampling,
+            self.precision,
+            derive_seed(self.seed, 0x5A4),
+            self.batch_size,
+        )
         path = os.path.join(log_dir, preview_filename(step))
-        save_image_grid(torch.cat(chunks).numpy(), path)
+        save_image_grid(images.numpy(), path)
         return path
+
+
+@torch.no_grad()
+def sample_from_noise(
+    model: torch.nn.Module,
+    diffusion,
+    noise: torch.Tensor,
+    labels: torch.Tensor | None,
+    sampling: dict,
+    precision: Precision,
+    seed: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """uint8 samples ``[K, S, S, 3]`` (CPU) from the starting ``noise`` ``[K, 3, S, S]`` and class ``labels``
+    ``[K]`` (or None), by sample_batch with ``sampling``'s options, ``batch_size`` at a time. Any noise the
+    sampler draws comes from ``seed``; the global RNGs are left as they were."""
+    chunks = []
+    devices = [noise.device] if noise.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), precision.autocast():
+        torch.manual_seed(seed)
+        for start in range(0, noise.shape[0], batch_size):
+            part = noise[start : start + batch_size]
+            kwargs = {} if labels is None else {"y": labels[start : start + batch_size]}
+            sample = sample_batch(
+                model,
+                diffusion,
+                tuple(part.shape),
+                noise=part,
+                clip_denoised=True,
+                model_kwargs=kwargs,
+                **sampling,
+            )
+            chunks.append(to_uint8_nhwc(sample).cpu())
+    return torch.cat(chunks)

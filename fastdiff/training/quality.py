@@ -20,14 +20,13 @@ import numpy as np
 import torch
 
 from fastdiff import dist_util
-from fastdiff.diffusion.sampling import sample_batch
 from fastdiff.evaluation.features import extract_features, reference_stats
 from fastdiff.evaluation.inception import load_feature_network
 from fastdiff.evaluation.stats import ReferenceStats, is_stats_file, load_stats, score
 from fastdiff.training.checkpoint import atomic_save
 from fastdiff.training.ema import ParameterEMA
-from fastdiff.training.image_grid import to_uint8_nhwc
 from fastdiff.training.precision import Precision
+from fastdiff.training.preview import sample_from_noise
 from fastdiff.training.rng import derive_seed
 
 METRIC_NAMES = ("fid", "kid", "kid_std", "precision", "recall")
@@ -130,24 +129,18 @@ class TrainingEvaluation:
     def _samples(self, ema: ParameterEMA) -> np.ndarray:
         """``num_samples`` uint8 EMA samples ``[K, S, S, 3]``, gathered from every rank."""
         ema.copy_to(self.model, 0)
-        chunks = []
-        devices = [self.noise.device] if self.noise.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.precision.autocast():
-            torch.manual_seed(derive_seed(self.seed, 0xE7A2, self.ctx.rank))
-            for start in range(0, self.noise.shape[0], self.batch_size):
-                noise = self.noise[start : start + self.batch_size]
-                kwargs = {} if self.labels is None else {"y": self.labels[start : start + self.batch_size]}
-                sample = sample_batch(
-                    self.model,
-                    self.diffusion,
-                    tuple(noise.shape),
-                    noise=noise,
-                    clip_denoised=True,
-                    model_kwargs=kwargs,
-                    **self.sampling,
-                )
-                chunks.append(to_uint8_nhwc(sample).cpu().numpy())
-        parts = dist_util.all_gather_object(np.concatenate(chunks))
+        seed = derive_seed(self.seed, 0xE7A2, self.ctx.rank)
+        images = sample_from_noise(
+            self.model,
+            self.diffusion,
+            self.noise,
+            self.labels,
+            self.sampling,
+            self.precision,
+            seed,
+            self.batch_size,
+        )
+        parts = dist_util.all_gather_object(images.numpy())
         return np.concatenate(parts)[: self.num_samples]
 
     def run(self, ema: ParameterEMA, model: torch.nn.Module, step: int) -> dict[str, float]:
