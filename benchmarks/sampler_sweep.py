@@ -1,0 +1,117 @@
+"""Sample quality of one trained model against the sampler, its number of model calls, and guidance.
+
+Every row samples ``--num_samples`` images from the checkpoint with ``fastdiff.evaluate`` (the same
+starting noise for every row: one ``--seed``) and scores them against ``--ref`` (a statistics file, e.g.
+the ``fid_reference_*.npz`` that training with ``--eval_interval`` caches in its log dir, or ``shapes``).
+
+    python -m benchmarks.sampler_sweep --model_path runs/fastdiff/ema_0.99_001500.pt \\
+        --ref runs/fastdiff/fid_reference_16px_256.npz --out benchmarks/results/sampler_sweep.json
+    python -m benchmarks.sampler_sweep --model_path runs/cfg/ema_0.99_001500.pt --ref ... --guidance True
+
+Rows: ddpm and ddim on uniform grids, dpmpp_2m on uniform and Karras grids, heun on Karras grids, at about
+``--calls`` model calls each (heun makes 2N - 1 calls for N steps); with ``--guidance True``, dpmpp_2m at
+``--guidance_steps`` steps for each ``--scales`` value, scored per class too. Writes the rows as JSON and
+prints a markdown table. Small sample counts bias FID upwards (compare rows, not papers); KID is unbiased.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+from fastdiff import evaluate
+
+SAMPLER_ROWS = (("ddpm", "uniform"), ("ddim", "uniform"), ("dpmpp_2m", "uniform"), ("dpmpp_2m", "karras"))
+HEUN_ROW = ("heun", "karras")
+
+
+def steps_for_calls(sampler: str, calls: int) -> int:
+    """The step count whose model calls come closest to ``calls`` without exceeding it."""
+    return (calls + 1) // 2 if sampler == "heun" else calls
+
+
+def score(model_path: str, ref: str, num_samples: int, seed: int, options: dict[str, str]) -> dict:
+    """fastdiff.evaluate's JSON result for one sampling configuration, with its wall time."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "result.json")
+        argv = ["--ref", ref, "--samples", model_path, "--num_samples", str(num_samples)]
+        argv += ["--batch_size", str(num_samples), "--seed", str(seed), "--out", out, "--out_dir", folder]
+        for name, value in options.items():
+            argv += [f"--{name}", str(value)]
+        start = time.perf_counter()
+        code = evaluate.main(argv)
+        if code != 0:
+            raise RuntimeError(f"fastdiff.evaluate {' '.join(argv)} exited with {code}")
+        with open(out) as handle:
+            result = json.load(handle)
+    return {**options, **result, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """Every row's options and metrics."""
+    rows = []
+    if args.guidance:
+        for scale in (float(value) for value in args.scales.split(",")):
+            options = {"sampler": "dpmpp_2m", "steps": args.guidance_steps, "guidance_scale": scale}
+            rows.append(
+                score(args.model_path, args.ref, args.num_samples, args.seed, {**options, "per_class": True})
+            )
+        return rows
+    for calls in (int(value) for value in args.calls.split(",")):
+        for sampler, spacing in (*SAMPLER_ROWS, HEUN_ROW):
+            steps = steps_for_calls(sampler, calls)
+            options = {"sampler": sampler, "steps": steps, "timestep_spacing": spacing}
+            row = score(args.model_path, args.ref, args.num_samples, args.seed, options)
+            row["model_calls"] = 2 * steps - 1 if sampler == "heun" else steps
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table."""
+    columns = [
+        name
+        for name in ("sampler", "timestep_spacing", "steps", "model_calls", "guidance_scale")
+        if name in rows[0]
+    ]
+    columns += ["fid", "kid", "kid_std", "precision", "recall", "seconds"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        cells = [f"{row[name]:.4g}" if isinstance(row[name], float) else str(row[name]) for name in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+        if "per_class" in row:
+            per_class = ", ".join(
+                f"{label}: {value['fid']:.1f}" if "fid" in value else f"{label}: n/a"
+                for label, value in row["per_class"].items()
+            )
+            lines.append(f"| per-class FID: {per_class} |" + " |" * (len(columns) - 1))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sampler_sweep", description=__doc__)
+    parser.add_argument("--model_path", required=True, help="a model*.pt or ema_*.pt checkpoint")
+    parser.add_argument(
+        "--ref", required=True, help="fastdiff.evaluate's --ref (a statistics file is fastest)"
+    )
+    parser.add_argument("--num_samples", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calls", default="10,20,50,100", help="model calls per sample, comma-separated")
+    parser.add_argument("--guidance", type=lambda text: text.lower() in ("1", "true", "yes"), default=False)
+    parser.add_argument("--scales", default="0,1,2,4", help="guidance scales, comma-separated")
+    parser.add_argument("--guidance_steps", type=int, default=20)
+    parser.add_argument("--out", default="", help="write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    rows = sweep(args)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"model_path": args.model_path, "ref": args.ref, "rows": rows}, handle, indent=1)
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
