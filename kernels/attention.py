@@ -32,6 +32,7 @@ from fastdiff.kernels import launch
 from fastdiff.kernels.compile_spec import CompileSpec
 
 from fastdiff.ops.backend import MAX_TRITON_HEAD_DIM as MAX_HEAD_DIM
+from fastdiff.ops.validate import check_attention_shapes
 
 # Module constants read inside the kernels must be tl.constexpr.
 _LOG2E = tl.constexpr(math.log2(math.e))
@@ -604,20 +605,7 @@ def _launch(kind: str, like: torch.Tensor, t_q: int, t_k: int, args: tuple, **co
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise unless q [B, H, Tq, D], k and v [B, H, Tk, D] (Tk >= 1) share dtype and device and the
     Triton kernels can run them (ValueError / TypeError naming the argument)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, T, D], got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape [B, H, Tk, D], got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q [B, H, Tq, D] and k, v [B, H, Tk, D] must agree in B, H and D, "
-            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
-        )
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_shapes(q, k, v)
     if q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"q, k and v must be float16, bfloat16 or float32, got {q.dtype}")
     launch.check_same_device(q=q, k=k, v=v)

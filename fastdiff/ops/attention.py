@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from fastdiff.ops import backend as backends
 from fastdiff.ops import cpu_attention, reference, registry
 from fastdiff.ops.reference import compute_dtype
-from fastdiff.ops.validate import check_float_tensor, check_positive_int, check_same_device
+from fastdiff.ops.validate import (
+    check_attention_shapes,
+    check_float_tensor,
+    check_positive_int,
+    check_same_device,
+)
 
 Tensor = torch.Tensor
 
@@ -249,19 +254,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None)
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, T, D], got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape [B, H, Tk, D], got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            "q [B, H, Tq, D] and k, v [B, H, Tk, D] must agree in B, H and D, "
-            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
-        )
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_shapes(q, k, v)
     check_same_device("q", q, k=k, v=v)
     if k.shape[2] == 0 and q.numel() > 0:
         raise ValueError(
