@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastdiff import ops
-from fastdiff.nn import GroupNorm32, GroupNorm32SiLU, QKVAttention, ScaleShiftGroupNormSiLU
+from fastdiff.nn import count_op_calls
 from fastdiff.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -25,13 +24,6 @@ from fastdiff.script_util import (
 
 KERNELS = ("group_norm", "group_norm_silu", "group_norm_scale_shift_silu", "qkv_attention")
 """Benchmarked ops, named as in ``fastdiff.ops``."""
-
-_MODULE_KERNEL = {
-    GroupNorm32: "group_norm",
-    GroupNorm32SiLU: "group_norm_silu",
-    ScaleShiftGroupNormSiLU: "group_norm_scale_shift_silu",
-    QKVAttention: "qkv_attention",
-}
 
 
 @dataclass(frozen=True)
@@ -169,20 +161,12 @@ def unet_kernel_calls(config: UNetConfig) -> list[KernelCall]:
     """
     with torch.device("meta"):
         model, _ = config.create()
+    x, kwargs = config.model_inputs(1, "meta")
     seen: Counter = Counter()
-
-    def record(module: nn.Module, args: tuple) -> None:
-        heads = module.num_heads if isinstance(module, QKVAttention) else 0
-        seen[(_MODULE_KERNEL[type(module)], tuple(args[0].shape[1:]), heads)] += 1
-
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if type(m) in _MODULE_KERNEL]
-    try:
-        x, kwargs = config.model_inputs(1, "meta")
-        with ops.use_backend("torch"), torch.no_grad():
-            model(x, torch.zeros(1, device="meta"), **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    for (kernel, shape, groups), count in count_op_calls(
+        model, x, torch.zeros(1, device="meta"), **kwargs
+    ).items():
+        seen[(kernel, shape, groups if kernel == "qkv_attention" else 0)] += count  # heads; 0 for norms
     return [KernelCall(kernel, shape, heads, count) for (kernel, shape, heads), count in seen.items()]
 
 

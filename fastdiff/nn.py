@@ -8,6 +8,7 @@ input's dtype and memory format (contiguous or channels_last).
 """
 
 import math
+from collections import Counter
 from typing import TypeVar
 
 import torch
@@ -111,6 +112,37 @@ class FlashAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
+
+
+OP_OF_MODULE: dict[type[nn.Module], str] = {
+    GroupNorm32: "group_norm",
+    GroupNorm32SiLU: "group_norm_silu",
+    ScaleShiftGroupNormSiLU: "group_norm_scale_shift_silu",
+    QKVAttention: "qkv_attention",
+}
+"""The ``fastdiff.ops`` op each drop-in module calls."""
+
+
+def count_op_calls(model: nn.Module, *args, **kwargs) -> Counter:
+    """One forward ``model(*args, **kwargs)`` (torch backend, no grad), counting the op calls of its
+    drop-in modules by ``(op name, per-sample input shape, num_groups or num_heads)``, in first-call order.
+
+    Build the model and inputs on the ``meta`` device to count without allocating or computing anything.
+    """
+    seen: Counter = Counter()
+
+    def record(module: nn.Module, inputs: tuple) -> None:
+        groups = module.num_heads if isinstance(module, QKVAttention) else module.num_groups
+        seen[(OP_OF_MODULE[type(module)], tuple(inputs[0].shape[1:]), groups)] += 1
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if type(m) in OP_OF_MODULE]
+    try:
+        with ops.use_backend("torch"), torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def _check_dims(dims: int) -> int:

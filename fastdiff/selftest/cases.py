@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff import ops
-from fastdiff.nn import GroupNorm32, GroupNorm32SiLU, QKVAttention, ScaleShiftGroupNormSiLU
+from fastdiff.nn import count_op_calls
 from fastdiff.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -31,13 +31,6 @@ MODELS: dict[str, tuple[dict, bool]] = {  # name -> (flags, super-resolution)
 }
 """improved-diffusion's published runs (its README): flags over ``model_and_diffusion_defaults`` (or the
 super-resolution defaults for the 64->256 upsampler, whose attention has 768 channels / 4 heads = 192)."""
-
-_MODULE_OP = {
-    GroupNorm32: "group_norm",
-    GroupNorm32SiLU: "group_norm_silu",
-    ScaleShiftGroupNormSiLU: "group_norm_scale_shift_silu",
-    QKVAttention: "qkv_attention",
-}
 
 
 @dataclass(frozen=True)
@@ -136,13 +129,6 @@ def unet_calls(model: str) -> list[tuple[str, tuple[int, ...], int]]:
     factory = sr_create_model_and_diffusion if super_res else create_model_and_diffusion
     with torch.device("meta"):
         unet, _ = factory(**{**defaults, **flags})
-    seen: dict[tuple[str, tuple[int, ...], int], None] = {}
-
-    def record(module: torch.nn.Module, args: tuple) -> None:
-        groups = module.num_heads if isinstance(module, QKVAttention) else module.num_groups
-        seen[(_MODULE_OP[type(module)], tuple(args[0].shape[1:]), groups)] = None
-
-    handles = [m.register_forward_pre_hook(record) for m in unet.modules() if type(m) in _MODULE_OP]
     size = defaults["large_size"] if super_res else flags["image_size"]
     kwargs = {}
     if super_res:
@@ -150,13 +136,8 @@ def unet_calls(model: str) -> list[tuple[str, tuple[int, ...], int]]:
         kwargs["low_res"] = torch.zeros(1, 3, small, small, device="meta")
     if flags.get("class_cond"):
         kwargs["y"] = torch.zeros(1, dtype=torch.long, device="meta")
-    try:
-        with ops.use_backend("torch"), torch.no_grad():
-            unet(torch.zeros(1, 3, size, size, device="meta"), torch.zeros(1, device="meta"), **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(seen)
+    x = torch.zeros(1, 3, size, size, device="meta")
+    return list(count_op_calls(unet, x, torch.zeros(1, device="meta"), **kwargs))
 
 
 def unet_cases(batch: int, dtypes: tuple[torch.dtype, ...]) -> Iterator[OpCase]:
