@@ -8,10 +8,11 @@ the ``fid_reference_*.npz`` that training with ``--eval_interval`` caches in its
         --ref runs/fastdiff/fid_reference_16px_256.npz --out benchmarks/results/sampler_sweep.json
     python -m benchmarks.sampler_sweep --model_path runs/cfg/ema_0.99_001500.pt --ref ... --guidance True
 
-Rows: ddpm and ddim on uniform grids, dpmpp_2m on uniform and Karras grids, heun on Karras grids, at about
-``--calls`` model calls each (heun makes 2N - 1 calls for N steps); with ``--guidance True``, dpmpp_2m at
-``--guidance_steps`` steps for each ``--scales`` value, scored per class too. Writes the rows as JSON and
-prints a markdown table. Small sample counts bias FID upwards (compare rows, not papers); KID is unbiased.
+Rows: ddpm and ddim on uniform grids, dpmpp_2m on uniform, Karras and log-SNR grids, heun on Karras grids,
+at about ``--calls`` model calls each (heun makes 2N - 1 calls for N steps); with ``--guidance True``,
+dpmpp_2m at ``--guidance_steps`` steps on the log-SNR grid for each ``--scales`` value, scored per class
+too. ``--rows dpmpp_2m:logsnr,...`` keeps only those rows. Writes the rows as JSON and prints a markdown
+table. Small sample counts bias FID upwards (compare rows, not papers); KID is unbiased.
 """
 
 import argparse
@@ -24,7 +25,13 @@ from collections.abc import Sequence
 
 from fastdiff import evaluate
 
-SAMPLER_ROWS = (("ddpm", "uniform"), ("ddim", "uniform"), ("dpmpp_2m", "uniform"), ("dpmpp_2m", "karras"))
+SAMPLER_ROWS = (
+    ("ddpm", "uniform"),
+    ("ddim", "uniform"),
+    ("dpmpp_2m", "uniform"),
+    ("dpmpp_2m", "karras"),
+    ("dpmpp_2m", "logsnr"),
+)
 HEUN_ROW = ("heun", "karras")
 
 
@@ -55,13 +62,25 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     rows = []
     if args.guidance:
         for scale in (float(value) for value in args.scales.split(",")):
-            options = {"sampler": "dpmpp_2m", "steps": args.guidance_steps, "guidance_scale": scale}
+            options = {
+                "sampler": "dpmpp_2m",
+                "steps": args.guidance_steps,
+                "timestep_spacing": "logsnr",
+                "guidance_scale": scale,
+            }
             rows.append(
                 score(args.model_path, args.ref, args.num_samples, args.seed, {**options, "per_class": True})
             )
         return rows
+    chosen = [*SAMPLER_ROWS, HEUN_ROW]
+    if args.rows:
+        picked = [tuple(item.split(":", 1)) for item in args.rows.split(",")]
+        unknown = [row for row in picked if row not in chosen]
+        if unknown:
+            raise ValueError(f"--rows takes sampler:spacing pairs of {chosen}, got {unknown}")
+        chosen = picked
     for calls in (int(value) for value in args.calls.split(",")):
-        for sampler, spacing in (*SAMPLER_ROWS, HEUN_ROW):
+        for sampler, spacing in chosen:
             steps = steps_for_calls(sampler, calls)
             options = {"sampler": sampler, "steps": steps, "timestep_spacing": spacing}
             row = score(args.model_path, args.ref, args.num_samples, args.seed, options)
@@ -103,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance", type=lambda text: text.lower() in ("1", "true", "yes"), default=False)
     parser.add_argument("--scales", default="0,1,2,4", help="guidance scales, comma-separated")
     parser.add_argument("--guidance_steps", type=int, default=20)
+    parser.add_argument("--rows", default="", help="sampler:spacing pairs, comma-separated (default: all)")
     parser.add_argument("--out", default="", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = sweep(args)

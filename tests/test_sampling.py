@@ -23,7 +23,9 @@ from fastdiff.diffusion.sampling import (
     GuidedModel,
     NoiseSchedule,
     check_sampling_options,
+    resolve_spacing,
     sample_batch,
+    sampling_defaults,
     sampling_grid,
     step_indices,
 )
@@ -147,18 +149,21 @@ def _exact_ode_end(diffusion, noise, last):
     return gaussian_x0(last.alpha * y_min, last.alpha, last.sigma)
 
 
-ORDERS = {
-    # sampler: (spacing, steps, theoretical order)
-    "ddim": ("uniform", [8, 16, 32, 64], 1),
-    "euler": ("karras", [8, 16, 32, 64], 1),
-    "heun": ("karras", [16, 32, 64, 128], 2),
-    "dpmpp_2m": ("karras", [32, 64, 128, 256], 2),
-}
+ORDERS = [
+    # (sampler, spacing, steps, theoretical order)
+    ("ddim", "uniform", [8, 16, 32, 64], 1),
+    ("euler", "karras", [8, 16, 32, 64], 1),
+    ("euler", "logsnr", [8, 16, 32, 64], 1),
+    ("heun", "karras", [16, 32, 64, 128], 2),
+    ("dpmpp_2m", "karras", [32, 64, 128, 256], 2),
+    ("dpmpp_2m", "logsnr", [16, 32, 64, 128], 2),
+]
 
 
-@pytest.mark.parametrize("sampler", list(ORDERS))
-def test_ode_samplers_converge_at_their_order(sampler):
-    spacing, steps, order = ORDERS[sampler]
+@pytest.mark.parametrize(
+    ("sampler", "spacing", "steps", "order"), ORDERS, ids=[f"{r[0]}-{r[1]}" for r in ORDERS]
+)
+def test_ode_samplers_converge_at_their_order(sampler, spacing, steps, order):
     diffusion = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
     model, noise = exact_model(diffusion), start_noise(64)
     schedule = NoiseSchedule.from_diffusion(diffusion)
@@ -180,9 +185,30 @@ def test_euler_is_ddim_on_trained_steps():
     model, noise = exact_model(diffusion), start_noise(8)
     ddim = sample_batch(model, diffusion, (8, 2), sampler="ddim", steps=10, clip_denoised=False, noise=noise)
     euler = sample_batch(
-        model, diffusion, (8, 2), sampler="euler", steps=10, clip_denoised=False, noise=noise
-    )
+        model, diffusion, (8, 2), sampler="euler", steps=10, timestep_spacing="uniform", clip_denoised=False,
+        noise=noise,
+    )  # fmt: skip
     torch.testing.assert_close(euler, ddim, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_spacing_is_uniform_for_ddpm_ddim_and_logsnr_for_the_ode_samplers():
+    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine")
+    model, noise = exact_model(diffusion), start_noise(8)
+    assert sampling_defaults()["timestep_spacing"] == "auto"
+    for sampler, spacing in {"ddpm": "uniform", "ddim": "uniform", "euler": "logsnr", "dpmpp_2m": "logsnr",
+                             "heun": "logsnr"}.items():  # fmt: skip
+        assert resolve_spacing(sampler, "auto") == spacing
+        assert resolve_spacing(sampler, "quadratic") == "quadratic"
+        torch.manual_seed(0)
+        auto = sample_batch(
+            model, diffusion, (8, 2), sampler=sampler, steps=10, clip_denoised=False, noise=noise
+        )
+        torch.manual_seed(0)
+        explicit = sample_batch(
+            model, diffusion, (8, 2), sampler=sampler, steps=10, timestep_spacing=spacing,
+            clip_denoised=False, noise=noise,
+        )  # fmt: skip
+        assert torch.equal(auto, explicit), sampler
 
 
 def test_model_calls_per_sampler():
@@ -332,6 +358,25 @@ def test_grids():
     ]
     np.testing.assert_allclose(sigmas, expected, rtol=1e-12)
     assert all(a.t > b.t for a, b in itertools.pairwise(karras))
+    logsnr = sampling_grid(schedule, 9, "logsnr")
+    log_s = np.log([p.sigma / p.alpha for p in logsnr])
+    np.testing.assert_allclose(log_s, np.linspace(np.log(edm[-1]), np.log(edm[0]), 9), rtol=1e-12, atol=1e-12)
+    assert logsnr[0] == schedule.point(999) and logsnr[-1] == schedule.point(0)  # exact trained ends
+    assert all(a.t > b.t for a, b in itertools.pairwise(logsnr))
+    middle = logsnr[4]  # between trained steps: alpha, sigma from s itself, a fractional timestep
+    assert middle.alpha**2 + middle.sigma**2 == pytest.approx(1.0, abs=1e-15)
+    assert not float(middle.t).is_integer()
+
+
+def test_logsnr_grid_makes_every_dpmpp_2m_step_equal():
+    """On the log-SNR grid every step has the same h, so the 2M correction is always 1.5 D_i - 0.5 D_{i-1}."""
+    schedule = NoiseSchedule.from_diffusion(create_gaussian_diffusion(steps=1000, noise_schedule="cosine"))
+    grid = sampling_grid(schedule, 20, "logsnr")
+    lambdas = [math.log(p.alpha / p.sigma) for p in grid]
+    np.testing.assert_allclose(np.diff(lambdas), np.diff(lambdas)[0], rtol=1e-9)
+    uniform = sampling_grid(schedule, 20, "uniform")
+    steps = np.diff([math.log(p.alpha / p.sigma) for p in uniform])
+    assert steps[-1] / steps[-2] > 2  # the uniform grid's last steps grow fast: what logsnr avoids
 
 
 ZERO_SNR_STEPS = {"ddpm": 1000, "ddim": 200, "euler": 200, "dpmpp_2m": 100, "heun": 50}
@@ -339,16 +384,20 @@ ZERO_SNR_STEPS = {"ddpm": 1000, "ddim": 200, "euler": 200, "dpmpp_2m": 100, "heu
 rescaled linear schedule), so the ODE samplers need more steps than on the usual schedule."""
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
-def test_zero_terminal_snr_samples_with_v_prediction(sampler):
+@pytest.mark.parametrize(
+    ("sampler", "spacing"), [(name, "uniform") for name in SAMPLERS] + [("dpmpp_2m", "logsnr")]
+)
+def test_zero_terminal_snr_samples_with_v_prediction(sampler, spacing):
     diffusion = create_gaussian_diffusion(
         steps=1000, noise_schedule="linear", predict_v=True, rescale_zero_terminal_snr=True
     )
     assert diffusion.alphas_cumprod[-1] == 0.0
+    grid = sampling_grid(NoiseSchedule.from_diffusion(diffusion), 20, spacing)
+    assert grid[0].alpha == 0.0 and all(p.alpha > 0 for p in grid[1:])  # pure noise first, then finite s
     torch.manual_seed(3)
     samples = sample_batch(
         exact_model(diffusion, "v"), diffusion, (4000, 2), sampler=sampler, steps=ZERO_SNR_STEPS[sampler],
-        clip_denoised=False, noise=start_noise(4000, 2),
+        timestep_spacing=spacing, clip_denoised=False, noise=start_noise(4000, 2),
     )  # fmt: skip
     assert torch.isfinite(samples).all()
     _assert_moments(samples, MEAN, COV, slack=0.02)
@@ -364,6 +413,7 @@ def test_bad_sampling_options():
         ("ddim", 0, "cosine", 1.0, "--timestep_spacing must be one of"),
         ("ddim", 0, "karras", 1.0, "karras"),
         ("ddpm", 10, "karras", 1.0, "karras"),
+        ("ddim", 10, "logsnr", 1.0, "logsnr places noise levels between trained steps"),
         ("heun", 51, "uniform", 1.0, "exceeds the 50 trained timesteps"),
         ("heun", 1, "karras", 1.0, "needs --steps >= 2"),
         ("dpmpp_2m", 1, "uniform", 1.0, "needs --steps >= 2"),

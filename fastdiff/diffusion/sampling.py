@@ -27,12 +27,21 @@ schedule it was trained with (the diffusion's alpha_bar at its discrete steps) a
 
 Grids (``timestep_spacing``) over the diffusion's K trained steps, N points from the noisiest step to step 0:
 ``uniform`` (improved-diffusion's even spacing, ``space_timesteps(K, [N])``), ``quadratic`` (step indices
-(K-1) (i/(N-1))^2, rounded and kept distinct) and ``karras`` (EDM's
+(K-1) (i/(N-1))^2, rounded and kept distinct), ``karras`` (EDM's
 s_i = (s_max^(1/7) + i/(N-1) (s_min^(1/7) - s_max^(1/7)))^7 between the schedule's extreme noise levels;
-ODE samplers only). uniform and quadratic land
-on trained steps. Karras noise levels between trained steps are mapped to a fractional timestep by linear
-interpolation of log s over the trained steps (the model is called with that fractional timestep, which the
-UNet's sinusoidal embedding takes as it is), and the schedule's alpha, sigma at that point come from s itself.
+ODE samplers only) and ``logsnr`` (log s, i.e. lambda = -log s, evenly spaced between the same extremes:
+DPM-Solver's "logSNR" grid, on which every dpmpp_2m step has the same h; ODE samplers only). uniform and
+quadratic land on trained steps. Noise levels between trained steps are mapped to a fractional timestep by
+linear interpolation of log s over the trained steps (the model is called with that fractional timestep,
+which the UNet's sinusoidal embedding takes as it is), and the schedule's alpha, sigma at that point come
+from s itself.
+
+Which grid: on a cosine schedule the uniform grid's last steps grow fast in lambda (h/h_prev ~ 3 at 20
+steps), where dpmpp_2m's extrapolation 1/(2r) amplifies the model's errors; ``logsnr`` keeps r = 1. On the
+embedded shapes model at 20 calls, the RMS distance of dpmpp_2m's samples from the converged ODE solution
+is 0.021 on ``logsnr``, 0.092 on ``karras`` and 0.100 on ``uniform`` (DDIM: 0.075 at 20 calls, 0.036 at 50);
+heun's and euler's errors are also smallest on ``logsnr``. The default, ``auto``, is ``uniform`` for ddpm and
+ddim (improved-diffusion's results) and ``logsnr`` for dpmpp_2m, heun and euler.
 
 Classifier-free guidance (Ho & Salimans 2022) with scale w: eps = eps_uncond + w (eps_cond - eps_uncond),
 applied to the model's mean output (epsilon, x_0 or v alike), both halves in one forward on a doubled batch;
@@ -54,7 +63,9 @@ from .gaussian_diffusion import GaussianDiffusion, Model, ModelMeanType, ModelVa
 from .respace import SpacedDiffusion, space_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun", "euler")
-SPACINGS = ("uniform", "quadratic", "karras")
+SPACINGS = ("auto", "uniform", "quadratic", "karras", "logsnr")
+FREE_SPACINGS = ("karras", "logsnr")
+"""Spacings whose noise levels fall between trained steps: ODE samplers only."""
 MIN_STEPS = {"ddpm": 1, "ddim": 1, "euler": 1, "dpmpp_2m": 2, "heun": 2}
 """Fewest grid points per sampler: the second-order ones need two to be second order."""
 KARRAS_RHO = 7.0
@@ -65,15 +76,17 @@ def sampling_defaults() -> dict[str, Any]:
 
     sampler: one of SAMPLERS, or "" for improved-diffusion's choice (ddim with --use_ddim, else ddpm).
     steps: grid points over the diffusion's steps (0: all of them; model calls per sampler in the module
-    docstring). timestep_spacing: one of SPACINGS. guidance_scale: classifier-free guidance w (1: off).
+    docstring). timestep_spacing: one of SPACINGS ("auto": :func:`resolve_spacing`). guidance_scale:
+    classifier-free guidance w (1: off).
     """
-    return dict(sampler="", steps=0, timestep_spacing="uniform", guidance_scale=1.0)
+    return dict(sampler="", steps=0, timestep_spacing="auto", guidance_scale=1.0)
 
 
 SAMPLING_HELP = dict(
     sampler="ddpm | ddim | dpmpp_2m | heun | euler ('' : ddim with --use_ddim, else ddpm)",
     steps="sampling grid points over the trained steps (0: all); heun makes 2N-1 model calls, others N",
-    timestep_spacing="uniform | quadratic | karras (karras: dpmpp_2m, heun, euler only)",
+    timestep_spacing="auto | uniform | quadratic | karras | logsnr (karras, logsnr: dpmpp_2m, heun, euler"
+    " only; auto: uniform for ddpm and ddim, logsnr for the others)",
     guidance_scale="classifier-free guidance w: eps_u + w (eps_c - eps_u); 1: conditional, 0: unconditional",
 )
 
@@ -162,20 +175,33 @@ def step_indices(num_steps: int, steps: int, spacing: str) -> list[int]:
     return raw
 
 
+def resolve_spacing(sampler: str, spacing: str) -> str:
+    """``spacing``, with "auto" resolved: uniform (improved-diffusion's grid) for ddpm and ddim, logsnr for
+    the ODE samplers (the grid they are most accurate on, see the module docstring)."""
+    if spacing != "auto":
+        return spacing
+    return "uniform" if sampler in ("ddpm", "ddim") else "logsnr"
+
+
 def sampling_grid(schedule: NoiseSchedule, steps: int, spacing: str) -> list[GridPoint]:
     """``steps`` grid points from the noisiest trained step down to step 0."""
-    if spacing != "karras":
+    if spacing not in FREE_SPACINGS:
         return [schedule.point(i) for i in reversed(step_indices(schedule.num_steps, steps, spacing))]
     sigmas = schedule.edm_sigmas()
     head: list[GridPoint] = []
-    if not math.isfinite(sigmas[-1]):  # zero terminal SNR: start at the pure-noise step, then Karras
+    if not math.isfinite(sigmas[-1]):  # zero terminal SNR: start at the pure-noise step, then the grid
         head, steps = [schedule.point(schedule.num_steps - 1)], steps - 1
     finite = np.flatnonzero(np.isfinite(sigmas))
     top, bottom = int(finite[-1]), 0
     if steps == 1:
         return [*head, schedule.point(top)]
-    s_max, s_min = sigmas[top] ** (1.0 / KARRAS_RHO), sigmas[bottom] ** (1.0 / KARRAS_RHO)
-    inner = [(s_max + i / (steps - 1) * (s_min - s_max)) ** KARRAS_RHO for i in range(1, steps - 1)]
+    fractions = [i / (steps - 1) for i in range(1, steps - 1)]
+    if spacing == "karras":
+        s_max, s_min = sigmas[top] ** (1.0 / KARRAS_RHO), sigmas[bottom] ** (1.0 / KARRAS_RHO)
+        inner = [(s_max + f * (s_min - s_max)) ** KARRAS_RHO for f in fractions]
+    else:
+        log_max, log_min = math.log(sigmas[top]), math.log(sigmas[bottom])
+        inner = [math.exp(log_max + f * (log_min - log_max)) for f in fractions]
     return [*head, schedule.point(top), *(schedule.point_at_sigma(s) for s in inner), schedule.point(bottom)]
 
 
@@ -255,10 +281,12 @@ def check_sampling_options(
         raise ValueError(f"{sampler_flag} must be one of {list(SAMPLERS)}, got {sampler!r}")
     if timestep_spacing not in SPACINGS:
         raise ValueError(f"{spacing_flag} must be one of {list(SPACINGS)}, got {timestep_spacing!r}")
-    if timestep_spacing == "karras" and sampler in ("ddpm", "ddim"):
+    timestep_spacing = resolve_spacing(sampler, timestep_spacing)
+    if timestep_spacing in FREE_SPACINGS and sampler in ("ddpm", "ddim"):
         raise ValueError(
-            f"{spacing_flag} karras places noise levels between trained steps, which {sampler_flag} "
-            f"{sampler} cannot step to: use uniform or quadratic, or a dpmpp_2m, heun or euler sampler"
+            f"{spacing_flag} {timestep_spacing} places noise levels between trained steps, which "
+            f"{sampler_flag} {sampler} cannot step to: use uniform or quadratic, or a dpmpp_2m, heun or "
+            "euler sampler"
         )
     trained = diffusion.num_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -302,7 +330,7 @@ def sample_batch(
     *,
     sampler: str = "ddpm",
     steps: int = 0,
-    timestep_spacing: str = "uniform",
+    timestep_spacing: str = "auto",
     guidance_scale: float = 1.0,
     eta: float = 0.0,
     clip_denoised: bool = True,
@@ -322,6 +350,7 @@ def sample_batch(
     :return: [N, C, ...] samples, computed without autograd.
     """
     count = check_sampling_options(diffusion, sampler, steps, timestep_spacing, guidance_scale, model, eta)
+    timestep_spacing = resolve_spacing(sampler, timestep_spacing)
     # The starting noise, on the model's device unless told otherwise (drawn as p_sample_loop draws it).
     x, device = GaussianDiffusion._initial_noise(model, shape, noise, device)
     if guidance_scale != 1.0:
