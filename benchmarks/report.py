@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import training_quality
 from benchmarks.compile_summary import family_summary
 
 JSON_NAME, MARKDOWN_NAME, PLOT_NAME = "latest.json", "latest.md", "latest.png"
@@ -336,44 +337,10 @@ def _quality_section(record: dict[str, Any] | None) -> list[str]:
     """Issue 12's quality-parity figure (``test_bench_quality.py``), when it ran."""
     if not record:
         return []
-    size = record["sizes"]
-
-    def spread(value: dict[str, float], digits: int) -> str:
-        low, high = f"{value['min']:.{digits}f}", f"{value['max']:.{digits}f}"
-        return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f} ({low}-{high})"
-
-    rows = []
-    for name, summary in record["summary"].items():
-        times = summary["time_to_eager_final_fid_s"]
-        reached = [t for t in times if t is not None]
-        rows.append(
-            [
-                name,
-                spread(summary["final_fid"], 2),
-                spread(summary["final_kid"], 4),
-                spread(summary["train_s"], 1),
-                f"{sum(reached) / len(reached):.1f} ({len(reached)}/{len(times)} runs)"
-                if reached
-                else "never",
-            ]
-        )
-    curves = [
-        [name, str(run["seed"]), " ".join(f"{step}:{fid:.1f}" for step, fid, _ in run["curve"])]
-        for name, runs in record["runs"].items()
-        for run in runs
-    ]
     return [
         "## Quality parity: fastdiff's kernels vs eager PyTorch (issue 12)",
         "",
-        f"The embedded job trained {size['steps']} steps per run, {size['seeds']} seeds per contestant, on "
-        f"{record['device']}; EMA checkpoints every {size['every']} steps scored with {size['samples']} "
-        f"samples ({size['sampling_steps']} DDPM steps) against {size['ref']} shapes images. Mean ± "
-        f"seed-to-seed std (min-max). fastdiff within 2 std of eager's final FID: "
-        f"{_met(record['fastdiff_within_eager_spread'])}.",
-        "",
-        *_table(["contestant", "final FID", "final KID", "train s", "s to eager's final FID"], rows),
-        "",
-        *_table(["contestant", "seed", "FID by step"], curves),
+        f"On {record['device']}. " + training_quality.markdown(record),
         "",
     ]
 
