@@ -126,7 +126,8 @@ def _score(checkpoint: Path, stats: Path, seed: int, size: dict, device: str) ->
 def run_one(job: tuple[str, int, dict, str, str, int]) -> dict:
     """Train and score one (variant, seed) in this process: its record (curve of (step, fid, kid)).
 
-    The record is saved in the run's folder; a later call with the same sizes returns it (resume)."""
+    The record is saved in the run's folder; a later call with the same sizes (the number of seeds aside)
+    returns it instead of training again."""
     variant, seed, size, work, device, threads = job
     import torch
 
@@ -134,9 +135,10 @@ def run_one(job: tuple[str, int, dict, str, str, int]) -> dict:
 
     log_dir = Path(work) / f"{variant}_seed{seed}"
     saved = log_dir / "record.json"
+    per_run = {name: value for name, value in size.items() if name != "seeds"}
     if saved.exists():
         record = json.loads(saved.read_text())
-        if record["size"] == size:
+        if {name: value for name, value in record["size"].items() if name != "seeds"} == per_run:
             return record
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -152,7 +154,7 @@ def run_one(job: tuple[str, int, dict, str, str, int]) -> dict:
     record = {
         "variant": variant,
         "seed": seed,
-        "size": size,
+        "size": per_run,
         "wall_s": wall,
         "threads": threads,
         "train_s": sum(s for _, s in seconds),
@@ -211,8 +213,10 @@ def reference_statistics(size: dict, work: Path, device: str) -> Path:
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Per variant: final FID/KID and training time over seeds; the parity verdict when both contestants
-    ran (fastdiff's mean final FID within two of eager's seed-to-seed standard deviations)."""
+    """Per variant: final FID/KID and training time over seeds. When both parity contestants ran, the
+    verdict (fastdiff's mean final FID within two of eager's seed-to-seed standard deviations) and, per
+    seed (same data order and noise), fastdiff's FID minus eager's at every scored step, eager's training
+    time over fastdiff's, and fastdiff's training seconds to reach that seed's eager final FID."""
     by_variant: dict[str, list[dict]] = {}
     for run in sorted(runs, key=lambda r: (r["variant"], r["seed"])):
         by_variant.setdefault(run["variant"], []).append(run)
@@ -225,15 +229,32 @@ def summarize(runs: list[dict]) -> dict:
             "train_s": spread([r["train_s"] for r in items]),
         }
     if all(name in by_variant for name in PARITY):
-        target = summary["variants"]["eager"]["final_fid"]["mean"]
         fd, eg = summary["variants"]["fastdiff"]["final_fid"], summary["variants"]["eager"]["final_fid"]
+        eager = {run["seed"]: run for run in by_variant["eager"]}
+        paired = []
+        for run in by_variant["fastdiff"]:
+            if run["seed"] not in eager:
+                continue
+            other = eager[run["seed"]]
+            target = other["curve"][-1][1]
+            paired.append(
+                {
+                    "seed": run["seed"],
+                    "steps": [step for step, _, _ in run["curve"]],
+                    "fid_difference": [
+                        a[1] - b[1] for a, b in zip(run["curve"], other["curve"], strict=True)
+                    ],
+                    "eager_over_fastdiff_train_s": other["train_s"] / run["train_s"],
+                    "eager_final_fid": target,
+                    "fastdiff_s_to_eager_final_fid": time_to(run["curve"], run["step_seconds"], target),
+                    "eager_train_s": other["train_s"],
+                }
+            )
         summary["parity"] = {
-            "eager_final_fid_mean": target,
             "fastdiff_within_eager_spread": abs(fd["mean"] - eg["mean"]) <= max(2 * eg["std"], 1e-12),
-            "time_to_eager_final_fid_s": {
-                name: [time_to(r["curve"], r["step_seconds"], target) for r in by_variant[name]]
-                for name in PARITY
-            },
+            "eager_final_fid_std": eg["std"],
+            "largest_paired_fid_difference": max(abs(d) for p in paired for d in p["fid_difference"]),
+            "paired": paired,
         }
     return summary
 
@@ -253,7 +274,6 @@ def measure(
     queue = [
         (name, seed, size, str(work), device, threads) for seed in range(size["seeds"]) for name in variants
     ]
-    started = time.perf_counter()
     if jobs == 1:
         runs = [run_one(job) for job in queue]
     else:
@@ -266,7 +286,6 @@ def measure(
         "jobs": jobs,
         "threads_per_job": threads,
         "sampler": " ".join(SAMPLER),
-        "wall_s": time.perf_counter() - started,
         "load_after": load_average(),
         "summary": summarize(runs),
         "runs": [{k: v for k, v in run.items() if k not in ("step_seconds", "size")} for run in runs],
@@ -296,13 +315,25 @@ def markdown(record: dict) -> str:
     if parity:
         lines += [
             "",
-            f"Parity: eager's mean final FID {parity['eager_final_fid_mean']:.1f}; fastdiff within 2 std of"
-            f" it: {parity['fastdiff_within_eager_spread']}. Training seconds to reach it (per seed, None:"
-            " not reached):",
+            "Parity: fastdiff's mean final FID within 2 std of eager's:"
+            f" {parity['fastdiff_within_eager_spread']}. Paired by seed (same data order and noise), the"
+            " largest |fastdiff - eager| FID at any scored step is"
+            f" {parity['largest_paired_fid_difference']:.2f}, against eager's seed-to-seed std of"
+            f" {parity['eager_final_fid_std']:.2f}.",
+            "",
+            "| seed | fastdiff - eager FID by step | eager / fastdiff training time"
+            " | fastdiff s to eager's final FID (eager: s) |",
+            "| --- | --- | --- | --- |",
         ]
-        for name, values in parity["time_to_eager_final_fid_s"].items():
-            shown = ", ".join("None" if v is None else f"{v:.0f}" for v in values)
-            lines.append(f"- {name}: {shown}")
+        for pair in parity["paired"]:
+            steps, differences = pair["steps"], pair["fid_difference"]
+            shown_differences = ", ".join(f"{s}: {d:+.2f}" for s, d in zip(steps, differences, strict=True))
+            reach = pair["fastdiff_s_to_eager_final_fid"]
+            shown = "not reached" if reach is None else f"{reach:.0f}"
+            lines.append(
+                f"| {pair['seed']} | {shown_differences} | {pair['eager_over_fastdiff_train_s']:.3f}x"
+                f" | {shown} ({pair['eager_train_s']:.0f}) |"
+            )
     lines += ["", "| variant | seed | curve (step: FID / KID) | wall s |", "| --- | --- | --- | --- |"]
     for run in record["runs"]:
         curve = ", ".join(f"{step}: {fid:.1f} / {kid:.4f}" for step, fid, kid in run["curve"])
