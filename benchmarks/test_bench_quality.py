@@ -4,8 +4,8 @@ The embedded main job is trained per seed by ``fastdiff`` (the default kernels) 
 UNet computing with improved-diffusion's eager code), then scored by FID/KID at every save
 (``benchmarks.training_quality``, which also runs the training-objective comparison of issue 13). Reported
 into the run's data under ``"quality"``: each contestant's final FID/KID per seed, their mean and
-seed-to-seed spread, training time, and the training time each takes to reach the eager run's mean final
-FID; never asserted.
+seed-to-seed spread, training time and, paired by seed, the FID difference at every save and the training
+time fastdiff takes to reach that seed's eager final FID; never asserted.
 
 It trains 2 x seeds models and samples thousands of images, an hour or more on a CPU, so it runs only when
 asked for with ``FASTDIFF_QUALITY=1``. Sizes come from the environment (defaults:

@@ -4,8 +4,9 @@ One machinery serves two figures:
 
 * issue 12's quality parity: ``fastdiff`` (the default kernels: cpp on CPU, triton on CUDA) against
   ``eager`` (the same UNet whose fused modules compute with improved-diffusion's eager code,
-  ``benchmarks.eager.eager_modules``, ``--kernels torch``): FID within the eager run's seed-to-seed spread,
-  and the training time each needs to reach the eager run's mean final FID;
+  ``benchmarks.eager.eager_modules``, ``--kernels torch``): FID within the eager run's seed-to-seed spread
+  and, paired by seed, the FID difference at every save and the training time fastdiff needs to reach
+  that seed's eager final FID;
 * issue 13's training objectives: ``predict_v``, ``min_snr_5`` (``--snr_gamma 5``),
   ``zero_terminal_snr_v`` (``--rescale_zero_terminal_snr`` with v-prediction, which it needs: with
   alpha_T = 0 an epsilon model cannot predict x_0 at the first step) and ``ema_warmup`` against the
@@ -21,7 +22,8 @@ every save (the curve gives the time to a FID, linearly interpolated between sav
 about 20% more throughput than one process on both cores); runs are queued seed by seed, so a seed's
 ``fastdiff`` and ``eager`` share the machine alike and their wall times stay comparable.
 
-    python -m benchmarks.training_quality --seeds 3 --out benchmarks/results/training_quality.json
+    python -m benchmarks.training_quality --variants fastdiff,eager --seeds 3 --jobs 2 \\
+        --out benchmarks/results/quality_parity.json
 """
 
 import argparse
@@ -46,7 +48,6 @@ VARIANTS: dict[str, list[str]] = {
     "ema_warmup": ["--ema_warmup", "True"],
 }
 PARITY = ("fastdiff", "eager")
-OBJECTIVES = ("fastdiff", "predict_v", "min_snr_5", "zero_terminal_snr_v", "ema_warmup")
 SAMPLER = ["--sampler", "ddim", "--steps", "50"]
 
 
