@@ -124,6 +124,11 @@ def _score(checkpoint: Path, stats: Path, seed: int, size: dict, device: str) ->
     return json.loads(out.read_text())
 
 
+def _per_run_size(size: dict) -> dict:
+    """The sizes one run depends on: all but the sweep's number of seeds."""
+    return {name: value for name, value in size.items() if name != "seeds"}
+
+
 def run_one(job: tuple[str, int, dict, str, str, int]) -> dict:
     """Train and score one (variant, seed) in this process: its record (curve of (step, fid, kid)).
 
@@ -136,10 +141,10 @@ def run_one(job: tuple[str, int, dict, str, str, int]) -> dict:
 
     log_dir = Path(work) / f"{variant}_seed{seed}"
     saved = log_dir / "record.json"
-    per_run = {name: value for name, value in size.items() if name != "seeds"}
+    per_run = _per_run_size(size)
     if saved.exists():
         record = json.loads(saved.read_text())
-        if {name: value for name, value in record["size"].items() if name != "seeds"} == per_run:
+        if _per_run_size(record["size"]) == per_run:
             return record
     torch.set_num_threads(threads)
     started = time.perf_counter()

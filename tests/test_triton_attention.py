@@ -88,13 +88,15 @@ def _reference(q, k, v, scale: float, dout, dtype: torch.dtype = torch.float64):
     return out.detach(), torch.logsumexp(scores, dim=-1).detach(), qr.grad, kr.grad, vr.grad
 
 
-def _flash_formula_error(q, k, v, scale: float, dout, out, lse, reference) -> tuple[float, float, float]:
-    """Max errors of dq, dk, dv computed in fp32 PyTorch by the flash backward formula from the
+def _flash_formula_conditioning(
+    q, k, v, scale: float, dout, out, lse, reference
+) -> tuple[float, float, float]:
+    """Twice the max errors of dq, dk, dv computed in fp32 PyTorch by the flash backward formula from the
     backward's own inputs (``out`` and ``lse`` included), against the float64 ``reference`` gradients.
 
     dS = P * (dO V^T - rowsum(dO * O)) subtracts two nearly equal fp32 sums when a row's softmax is
     peaked (exactly so with one key), so its rounding is the error any fp32 backward must be allowed.
-    Returned twice over: another summation order of the same cancellation lands up to 3.6x from this
+    Twice, because another summation order of the same cancellation lands up to 3.6x from this
     one (max of 700 draws with one key, head dim 40), and ``_assert_close`` allows 4x its conditioning.
     """
     qf, kf, vf, dof, of = (t.detach().float() for t in (q, k, v, dout, out))
@@ -175,9 +177,9 @@ def test_forward_and_backward_match_float64(kernel_device, dtype, head_dim, T, T
     tolerance = TOLERANCE[dtype]
     _assert_close(out, ref_out, tolerance, "out")
     _assert_close(lse, ref_lse, 1e-5, "lse")  # fp32 whatever the input dtype
-    formula_error = _flash_formula_error(q, k, v, scale, dout, out, lse, (ref_dq, ref_dk, ref_dv))
+    conditionings = _flash_formula_conditioning(q, k, v, scale, dout, out, lse, (ref_dq, ref_dk, ref_dv))
     for name, actual, expected, conditioning in zip(
-        ("dq", "dk", "dv"), (dq, dk, dv), (ref_dq, ref_dk, ref_dv), formula_error, strict=True
+        ("dq", "dk", "dv"), (dq, dk, dv), (ref_dq, ref_dk, ref_dv), conditionings, strict=True
     ):
         _assert_close(actual, expected, tolerance, name, conditioning)
 
