@@ -7,7 +7,6 @@ order, each rank taking its share; averages are taken over ranks. Rank 0 writes 
 not given are read from ``model_flags.json`` beside ``--model_path`` when fastdiff.train wrote one.
 """
 
-import argparse
 import os
 from collections.abc import Sequence
 
@@ -15,27 +14,13 @@ import numpy as np
 import torch
 
 from fastdiff import dist_util, ops
-from fastdiff.app import build_parser, output_dir, prepare_inference
+from fastdiff.cli import parse_command, run_main
+from fastdiff.config import NllCommand
 from fastdiff.data import BatchStream, build_dataset
-from fastdiff.script_util import model_and_diffusion_defaults
-from fastdiff.training.cli import explicit_flags, run_main
-from fastdiff.training.rng import seed_everything
-
-NLL_DEFAULTS = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
-"""improved-diffusion's image_nll.py flags, with its defaults."""
-
-EXTRA_DEFAULTS = dict(
-    out_dir="", seed=0, precision="fp32", kernels="auto", device="auto", num_workers=0, trust_checkpoint=False
-)
+from fastdiff.runtime.inference import output_dir, prepare_inference
+from fastdiff.runtime.rng import seed_everything
 
 TERMS = ("vb", "mse", "xstart_mse")
-
-
-def create_argparser() -> argparse.ArgumentParser:
-    """The evaluation flags: improved-diffusion's, fastdiff's additions, model and diffusion flags."""
-    return build_parser(
-        "fastdiff.nll", __doc__, {**NLL_DEFAULTS, **EXTRA_DEFAULTS, **model_and_diffusion_defaults()}
-    )
 
 
 def evaluate_bpd(model, diffusion, data: BatchStream, num_samples: int, clip_denoised: bool, ctx, precision):
@@ -61,39 +46,42 @@ def evaluate_bpd(model, diffusion, data: BatchStream, num_samples: int, clip_den
     }
 
 
+def parse_args(argv: Sequence[str] | None = None) -> tuple[NllCommand, set[str]]:
+    """The checked NLL config from ``argv`` and the flags given on it."""
+    return parse_command(NllCommand, argv, "fastdiff.nll", __doc__)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Evaluate with the flags in ``argv`` (``sys.argv`` when None); returns the exit status."""
-    args = create_argparser().parse_args(argv)
-    given = explicit_flags(create_argparser, argv)
-    if args.num_samples <= 0 or args.batch_size <= 0:
-        raise ValueError(
-            f"--num_samples and --batch_size must be positive, got {args.num_samples}, {args.batch_size}"
-        )
-    ctx = dist_util.setup_dist(args.device)
+    config, given = parse_args(argv)
+    nll = config.nll
+    ctx = dist_util.setup_dist(config.runtime.device)
     try:
-        setup = prepare_inference(args, given, ctx)
-        dataset = build_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
+        setup = prepare_inference(config, given, nll.model_path, ctx)
+        model_config = setup.config.model
+        dataset = build_dataset(nll.data_dir, model_config.image_size, class_cond=model_config.class_cond)
         data = BatchStream(
             dataset,
-            args.batch_size,
+            nll.batch_size,
             ctx.rank,
             ctx.world_size,
-            seed=args.seed,
+            seed=config.runtime.seed,
             shuffle=False,
-            class_cond=args.class_cond,
-            num_workers=args.num_workers,
+            class_cond=model_config.class_cond,
+            num_workers=nll.num_workers,
         )
-        seed_everything(args.seed, ctx.rank)
+        seed_everything(config.runtime.seed, ctx.rank)
+        clip_denoised = config.sampling.clip_denoised
         with torch.no_grad(), ops.use_backend(setup.kernels):
             bpd, terms = evaluate_bpd(
-                setup.model, setup.diffusion, data, args.num_samples, args.clip_denoised, ctx, setup.precision
+                setup.model, setup.diffusion, data, nll.num_samples, clip_denoised, ctx, setup.precision
             )
         data.close()
         if ctx.is_main:
-            out_dir = output_dir(args.out_dir, args.model_path)
+            out_dir = output_dir(nll.out_dir, nll.model_path)
             for name, values in terms.items():
                 np.savez(os.path.join(out_dir, f"{name}_terms.npz"), values)
-            print(f"bits/dim {bpd:.6f} over {args.num_samples} samples; terms saved in {out_dir}", flush=True)
+            print(f"bits/dim {bpd:.6f} over {nll.num_samples} samples; terms saved in {out_dir}", flush=True)
         dist_util.barrier()
         return 0
     finally:

@@ -11,7 +11,6 @@ Model and diffusion flags not given are read from ``model_flags.json`` beside ``
 fastdiff.train wrote one (improved-diffusion's files need the flags on the command line, as in its script).
 """
 
-import argparse
 import os
 from collections.abc import Sequence
 
@@ -19,134 +18,91 @@ import numpy as np
 import torch
 
 from fastdiff import dist_util, ops
-from fastdiff.app import build_parser, output_dir, prepare_inference
-from fastdiff.diffusion.sampling import (
-    SAMPLING_HELP,
-    check_sampling_options,
-    sample_batch,
-    sampling_defaults,
-    sampling_options,
-)
-from fastdiff.script_util import (
-    NUM_CLASSES,
-    model_and_diffusion_defaults,
-)
-from fastdiff.training.cli import explicit_flags, run_main
-from fastdiff.training.image_grid import save_image_grid, to_uint8_nhwc
-from fastdiff.training.rng import seed_everything
-
-SAMPLE_DEFAULTS = dict(
-    clip_denoised=True,
-    num_samples=10000,
-    batch_size=16,
-    use_ddim=False,
-    model_path="",
-)
-"""improved-diffusion's image_sample.py flags, with its defaults."""
-
-EXTRA_DEFAULTS = dict(
-    out_dir="",
-    sample_classes=0,
-    eta=0.0,
-    grid_samples=64,
-    seed=0,
-    precision="fp32",
-    kernels="auto",
-    device="auto",
-    trust_checkpoint=False,
-)
-
-FLAG_HELP = dict(
-    batch_size="samples per rank per batch",
-    out_dir="where to write the npz and PNG (default: the directory of --model_path)",
-    sample_classes="class-conditional: draw labels from [0, this) (0: the run's classes, else all 1000)",
-    eta="DDIM noise (0: deterministic)",
-    grid_samples="how many samples go into the PNG grid (0: no grid)",
-    precision="fp32 | bf16 | fp16 autocast for sampling (auto: bf16 on GPUs that have it)",
-)
+from fastdiff.builders import NUM_CLASSES
+from fastdiff.cli import parse_command, run_main
+from fastdiff.config import SampleCommand
+from fastdiff.diffusion.sampling import check_sampling_options, sample_batch
+from fastdiff.runtime.image_grid import save_image_grid, to_uint8_nhwc
+from fastdiff.runtime.inference import InferenceSetup, output_dir, prepare_inference
+from fastdiff.runtime.rng import seed_everything
 
 
-def create_argparser() -> argparse.ArgumentParser:
-    """The sampling flags: improved-diffusion's, fastdiff's additions, model and diffusion flags."""
-    defaults = {**SAMPLE_DEFAULTS, **EXTRA_DEFAULTS, **sampling_defaults(), **model_and_diffusion_defaults()}
-    return build_parser("fastdiff.sample", __doc__, defaults, {**SAMPLING_HELP, **FLAG_HELP})
+def parse_args(argv: Sequence[str] | None = None) -> tuple[SampleCommand, set[str]]:
+    """The checked sampling config from ``argv`` and the flags given on it."""
+    return parse_command(SampleCommand, argv, "fastdiff.sample", __doc__)
 
 
-def label_count(args: argparse.Namespace, class_names: list[str]) -> int:
-    if args.sample_classes < 0 or args.sample_classes > NUM_CLASSES:
-        raise ValueError(f"--sample_classes must be in [0, {NUM_CLASSES}], got {args.sample_classes}")
-    return args.sample_classes or len(class_names) or NUM_CLASSES
+def label_count(config: SampleCommand, class_names: list[str]) -> int:
+    """Labels are drawn from [0, this): --sample_classes, else the run's classes, else all 1000."""
+    if config.sample.sample_classes > NUM_CLASSES:
+        raise ValueError(
+            f"--sample_classes must be in [0, {NUM_CLASSES}], got {config.sample.sample_classes}"
+        )
+    return config.sample.sample_classes or len(class_names) or NUM_CLASSES
 
 
-def generate(
-    model, diffusion, args, ctx, precision, label_count: int
-) -> tuple[np.ndarray, np.ndarray | None]:
+def prepare(config: SampleCommand, given: set[str], model_path: str, ctx) -> InferenceSetup:
+    """The model, diffusion, precision and kernels fastdiff.sample draws with, the sampling options
+    checked against them."""
+    setup = prepare_inference(config, given, model_path, ctx)
+    check_sampling_options(setup.diffusion, model=setup.model, **_checked_options(setup.config))
+    return setup
+
+
+def _checked_options(config: SampleCommand) -> dict:
+    options = config.sampling.options()
+    del options["clip_denoised"]
+    return options
+
+
+def generate(setup: InferenceSetup, ctx) -> tuple[np.ndarray, np.ndarray | None]:
     """``num_samples`` images (uint8 NHWC) and labels, gathered from every rank in rank order per batch."""
-    shape = (args.batch_size, 3, args.image_size, args.image_size)
-    options = sampler_options(args)
+    config = setup.config
+    batch_size, num_samples = config.sample.batch_size, config.sample.num_samples
+    shape = (batch_size, 3, config.model.image_size, config.model.image_size)
+    num_labels = label_count(config, setup.class_names)
     images, labels = [], []
     produced = 0
-    while produced < args.num_samples:
+    while produced < num_samples:
         kwargs = {}
-        if args.class_cond:
-            kwargs["y"] = torch.randint(0, label_count, (args.batch_size,), device=ctx.device)
-        with precision.autocast():
+        if config.model.class_cond:
+            kwargs["y"] = torch.randint(0, num_labels, (batch_size,), device=ctx.device)
+        with setup.precision.autocast():
             sample = sample_batch(
-                model,
-                diffusion,
-                shape,
-                clip_denoised=args.clip_denoised,
-                model_kwargs=kwargs,
-                device=ctx.device,
-                **options,
-            )
+                setup.model, setup.diffusion, shape, model_kwargs=kwargs, device=ctx.device,
+                **config.sampling.options(),
+            )  # fmt: skip
         gathered = dist_util.all_gather_object(to_uint8_nhwc(sample).cpu().numpy())
         images.extend(gathered)
-        if args.class_cond:
+        if config.model.class_cond:
             labels.extend(dist_util.all_gather_object(kwargs["y"].cpu().numpy()))
-        produced += args.batch_size * ctx.world_size
+        produced += batch_size * ctx.world_size
         if ctx.is_main:
-            print(f"created {min(produced, args.num_samples)} of {args.num_samples} samples", flush=True)
-    array = np.concatenate(images)[: args.num_samples]
-    label_array = np.concatenate(labels)[: args.num_samples].astype(np.int64) if args.class_cond else None
+            print(f"created {min(produced, num_samples)} of {num_samples} samples", flush=True)
+    array = np.concatenate(images)[:num_samples]
+    label_array = np.concatenate(labels)[:num_samples].astype(np.int64) if config.model.class_cond else None
     return array, label_array
-
-
-def sampler_options(args: argparse.Namespace) -> dict:
-    """sample_batch's options from the flags: --sampler, --steps, --timestep_spacing, --guidance_scale, and
-    improved-diffusion's --use_ddim (ddim when no --sampler is given) and --eta."""
-    if args.use_ddim and args.sampler not in ("", "ddim"):
-        raise ValueError(
-            f"--use_ddim True asks for DDIM, but --sampler is {args.sampler!r}: give one of them"
-        )
-    return {**sampling_options(args, use_ddim=args.use_ddim), "eta": args.eta}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Sample with the flags in ``argv`` (``sys.argv`` when None); returns the exit status."""
-    args = create_argparser().parse_args(argv)
-    given = explicit_flags(create_argparser, argv)
-    if args.num_samples <= 0 or args.batch_size <= 0:
-        raise ValueError(
-            f"--num_samples and --batch_size must be positive, got {args.num_samples}, {args.batch_size}"
-        )
-    ctx = dist_util.setup_dist(args.device)
+    config, given = parse_args(argv)
+    model_path = config.sample.model_path
+    ctx = dist_util.setup_dist(config.runtime.device)
     try:
-        options = sampler_options(args)
-        setup = prepare_inference(args, given, ctx)
-        check_sampling_options(setup.diffusion, model=setup.model, **options)
-        num_labels = label_count(args, setup.class_names)
-        seed_everything(args.seed, ctx.rank)
+        setup = prepare(config, given, model_path, ctx)
+        seed_everything(config.runtime.seed, ctx.rank)
         with ops.use_backend(setup.kernels):
-            images, labels = generate(setup.model, setup.diffusion, args, ctx, setup.precision, num_labels)
+            images, labels = generate(setup, ctx)
         if ctx.is_main:
-            out_dir = output_dir(args.out_dir, args.model_path)
+            out_dir = output_dir(config.sample.out_dir, model_path)
             stem = os.path.join(out_dir, "samples_" + "x".join(str(side) for side in images.shape))
             arrays = (images,) if labels is None else (images, labels)
             np.savez(f"{stem}.npz", *arrays)
-            if args.grid_samples > 0:
-                save_image_grid(images[: args.grid_samples], f"{stem}.png")
-            print(f"saved {stem}.npz" + (f" and {stem}.png" if args.grid_samples > 0 else ""), flush=True)
+            grid = config.sample.grid_samples
+            if grid > 0:
+                save_image_grid(images[:grid], f"{stem}.png")
+            print(f"saved {stem}.npz" + (f" and {stem}.png" if grid > 0 else ""), flush=True)
         dist_util.barrier()
         return 0
     finally:

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from tiny_run import TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from fastdiff import dist_util, train
-from fastdiff.training import checkpoint
-from fastdiff.training.checkpoint import CheckpointWriteError
+from fastdiff.runtime import checkpoint
+from fastdiff.runtime.checkpoint import CheckpointWriteError
 
 ARGV = [*TINY_RUN_ARGV, "--batch_size", "2", "--sample_interval", "0", "--num_workers", "0"]
 

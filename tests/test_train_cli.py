@@ -14,7 +14,7 @@ from tiny_run import TINY_MODEL_FLAGS, TINY_RUN_ARGV, one_thread  # noqa: F401 (
 from fastdiff import train
 from fastdiff.data import ImageDataError
 from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from fastdiff.training import precision
+from fastdiff.runtime import precision
 
 TINY = [
     *TINY_RUN_ARGV,

@@ -11,7 +11,8 @@ from fastdiff import dist_util, train
 from fastdiff.data import BatchStream, ShapesDataset
 from fastdiff.diffusion import create_named_schedule_sampler
 from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from fastdiff.training import nonfinite, precision
+from fastdiff.runtime import precision
+from fastdiff.training import nonfinite
 from fastdiff.training.config import LoopSettings
 from fastdiff.training.loop import TrainLoop
 from fastdiff.training.nonfinite import NonFiniteStepsError

@@ -11,10 +11,11 @@ from fastdiff import dist_util
 from fastdiff.data import BatchStream, ShapesDataset
 from fastdiff.diffusion import create_named_schedule_sampler
 from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from fastdiff.training import checkpoint, precision
+from fastdiff.runtime import checkpoint, precision
 from fastdiff.training.cli import check_kernels
 from fastdiff.training.config import LoopSettings, resolve_batch_sizes, resolve_microbatch
-from fastdiff.training.ema import ParameterEMA, parse_ema_rates
+from fastdiff.config import parse_ema_rates
+from fastdiff.training.ema import ParameterEMA
 from fastdiff.training.loop import TrainLoop
 from fastdiff.training.metrics import IntervalMetrics
 from fastdiff.training.optim import annealed_lr, build_optimizer

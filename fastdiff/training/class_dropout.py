@@ -2,7 +2,7 @@
 
 import torch
 
-from fastdiff.training.rng import derive_seed
+from fastdiff.runtime.rng import derive_seed
 
 
 def drop_class_labels(
@@ -12,9 +12,8 @@ def drop_class_labels(
 
     Sample i's draw is the (first + i)-th uniform of one CPU generator seeded from (seed, step), so it
     depends on its position in the global batch only: not on ranks, microbatching, or what ran before.
+    ``prob`` is ``ModelConfig.class_dropout_prob``, checked there to lie in [0, 1).
     """
-    if not 0.0 <= prob < 1.0:
-        raise ValueError(f"class_dropout_prob must be in [0, 1), got {prob}")
     generator = torch.Generator().manual_seed(derive_seed(seed, step, 3))
     uniforms = torch.rand(first + y.shape[0], generator=generator)[first:].to(y.device)
     return torch.where(uniforms < prob, torch.full_like(y, null_label), y)

@@ -4,27 +4,7 @@ import math
 
 import torch
 
-from fastdiff.training.checkpoint import mismatched_keys
-
-
-def parse_ema_rates(rates: str | float | list[float]) -> list[float]:
-    """improved-diffusion's comma-separated rates (``"0.9999"``, ``"0.999,0.9999"``) as floats in [0, 1)."""
-    if isinstance(rates, (int, float)):
-        values = [float(rates)]
-    elif isinstance(rates, str):
-        try:
-            values = [float(part) for part in rates.split(",") if part.strip()]
-        except ValueError as error:
-            raise ValueError(f"ema_rate must be comma-separated numbers, got {rates!r}") from error
-    else:
-        values = [float(rate) for rate in rates]
-    if not values:
-        raise ValueError(f"ema_rate must name at least one rate, got {rates!r}")
-    for rate in values:
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"every ema_rate must be in [0, 1), got {rate}")
-    return values
-
+from fastdiff.runtime.checkpoint import mismatched_keys
 
 WARMUP_POWER = 2.0 / 3.0
 """Exponent of the power-function EMA warm-up (the choice of Karras et al.'s and diffusers' EMA)."""

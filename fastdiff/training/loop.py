@@ -13,10 +13,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from fastdiff import dist_util
+from fastdiff.config import RunConfig, write_run_config
 from fastdiff.data.loader import BatchStream
 from fastdiff.diffusion import LossAwareSampler
 from fastdiff.dist_util import DistContext
-from fastdiff.training.checkpoint import (
+from fastdiff.runtime.checkpoint import (
     atomic_save,
     ema_filename,
     load_model_state,
@@ -25,14 +26,13 @@ from fastdiff.training.checkpoint import (
     prune_states,
     state_filename,
 )
+from fastdiff.runtime.precision import Precision
+from fastdiff.runtime.rng import StepRandomness, capture_rng_state, restore_rng_state, seed_everything
 from fastdiff.training.class_dropout import drop_class_labels
-from fastdiff.training.config import LoopSettings
 from fastdiff.training.ema import ParameterEMA
 from fastdiff.training.metrics import IntervalMetrics, max_over_ranks, peak_memory_gib
-from fastdiff.training.model_flags import write_model_flags
 from fastdiff.training.nonfinite import NonFiniteSteps, inject_test_nan, is_bad, poison_nonfinite, step_unless
 from fastdiff.training.optim import annealed_lr, build_optimizer, set_lr
-from fastdiff.training.precision import Precision
 from fastdiff.training.preview import SamplePreview
 from fastdiff.training.quality import TrainingEvaluation
 from fastdiff.training.reporters import Reporter
@@ -43,7 +43,7 @@ from fastdiff.training.resume import (
     check_training_state,
     find_resume_source,
 )
-from fastdiff.training.rng import StepRandomness, capture_rng_state, restore_rng_state, seed_everything
+from fastdiff.training.state import StateRegistry
 from fastdiff.training.stop import StopRequest
 
 
@@ -53,32 +53,36 @@ def _cpu_copy(state: dict) -> dict:
 
 
 class TrainLoop:
-    """Trains ``model`` on ``data`` with ``diffusion``'s losses; see the module docstring for one step."""
+    """Trains ``model`` on ``data`` with ``diffusion``'s losses; see the module docstring for one step.
+
+    ``config`` is the run's whole config, ``config.train.batch_size`` the per-rank batch (resolved from
+    ``--global_batch_size`` by fastdiff.train).
+    """
 
     def __init__(
         self,
         *,
+        config: RunConfig,
         model: torch.nn.Module,
         diffusion,
         data: BatchStream,
         schedule_sampler,
-        settings: LoopSettings,
         ctx: DistContext,
         precision: Precision,
-        resume_checkpoint: str = "",
         preview: SamplePreview | None = None,
         evaluation: TrainingEvaluation | None = None,
     ) -> None:
+        self.config = config
+        self.settings = settings = config.train
         self.model = model
         self.diffusion = diffusion
         self.data = data
         self.schedule_sampler = schedule_sampler
-        self.settings = settings
         self.ctx = ctx
         self.precision = precision
-        self.resume_checkpoint = resume_checkpoint
         self.preview = preview
         self.evaluation = evaluation
+        self.microbatch = settings.microbatch_size(settings.batch_size)
         self.global_batch = settings.batch_size * ctx.world_size
 
         if settings.channels_last:
@@ -100,13 +104,16 @@ class TrainLoop:
         )
         self.scaler = torch.amp.GradScaler(ctx.device.type) if precision.uses_grad_scaler else None
         self.ema = ParameterEMA(self.model, settings.ema_rates, warmup=settings.ema_warmup)
-        self.randomness = StepRandomness(settings.seed, ctx.device)
+        self.randomness = StepRandomness(config.runtime.seed, ctx.device)
         self.metrics = IntervalMetrics(diffusion.num_timesteps, ctx.device)
         self.reporter = Reporter(settings.log_dir, ctx.is_main)
         self.step = 0
         self.nonfinite = NonFiniteSteps(settings.max_bad_steps)
         self.last_saved_step: int | None = None
         self.last_preview_step: int | None = None
+        self._rng_states: list = []
+        self._saved_world_size = ctx.world_size
+        self.state = self._state_registry()
 
     # ------------------------------------------------------------------ one step
 
@@ -127,8 +134,8 @@ class TrainLoop:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         seen_t, seen_losses = [], []
-        for start in range(0, batch, self.settings.microbatch):
-            end = min(start + self.settings.microbatch, batch)
+        for start in range(0, batch, self.microbatch):
+            end = min(start + self.microbatch, batch)
             losses, t, weights = self._forward_backward(images, cond, t_all, weights_all, start, end, first)
             self.metrics.add_losses(
                 t, {name: value.detach().float() * weights for name, value in losses.items()}
@@ -149,11 +156,16 @@ class TrainLoop:
         memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         micro = images[start:end].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         micro_cond = {name: value[start:end].to(device, non_blocking=True) for name, value in cond.items()}
-        if self.settings.class_dropout_prob > 0:
+        dropout = self.config.model.class_dropout_prob
+        if dropout > 0:
             micro_cond["y"] = drop_class_labels(
-                micro_cond["y"], self.settings.class_dropout_prob, self.model.null_label,
-                self.settings.seed, self.step, first + start,
-            )  # fmt: skip
+                micro_cond["y"],
+                dropout,
+                self.model.null_label,
+                self.config.runtime.seed,
+                self.step,
+                first + start,
+            )
         t, weights = t_all[start:end], weights_all[start:end]
         noise = self.randomness.noise(self.step, first + start, tuple(micro.shape), micro.dtype)
         noise = noise.contiguous(memory_format=memory_format)
@@ -196,9 +208,8 @@ class TrainLoop:
         """Resume if there is a state, train to the last step (or a stop signal); returns the step reached."""
         try:
             self.resume()
-            if self.ctx.is_main and "model_and_diffusion" in self.settings.run_config:
-                config = self.settings.run_config
-                write_model_flags(self.settings.log_dir, config["model_and_diffusion"], config["class_names"])
+            if self.ctx.is_main:
+                write_run_config(self.config, self.settings.log_dir)
             last = self.settings.last_step()
             if last is not None and self.step >= last:
                 self.reporter.message(
@@ -323,39 +334,79 @@ class TrainLoop:
             raise error
         self.last_saved_step = self.step
 
+    def _state_registry(self) -> StateRegistry:
+        """The parts of a full training state, each with how it saves and loads (see training/state.py)."""
+        registry = StateRegistry()
+        registry.register("step", lambda: self.step, self._set_step)
+        registry.register(
+            "skipped_steps", lambda: self.skipped_steps, self._set_skipped_steps, required=False
+        )
+        registry.register("world_size", lambda: self.ctx.world_size, self._set_saved_world_size)
+        registry.register("global_batch", lambda: self.global_batch, lambda _: None, required=False)
+        registry.register("run_config", self.config.to_dict, lambda _: None, required=False)
+        registry.register("model", lambda: _cpu_copy(self.model.state_dict()), self._load_model)
+        registry.register("optimizer", self.optimizer.state_dict, self.optimizer.load_state_dict)
+        registry.register("scaler", self._scaler_state, self._load_scaler, required=False)
+        registry.register("ema", self.ema.state_dict, self.ema.load_state_dict)
+        registry.register(
+            "schedule_sampler", self.schedule_sampler.state_dict, self.schedule_sampler.load_state_dict
+        )
+        registry.register("data", self.data.state_dict, self.data.load_state_dict)
+        registry.register("rng", lambda: self._rng_states, self._restore_rng)
+        if self.evaluation is not None:
+            registry.register(
+                "evaluation", self.evaluation.state_dict, self.evaluation.load_state_dict, False
+            )
+        return registry
+
+    def _set_step(self, step: int) -> None:
+        self.step = int(step)
+
+    def _set_skipped_steps(self, count: int) -> None:
+        self.nonfinite.skipped_steps = int(count)
+
+    def _set_saved_world_size(self, world_size: int) -> None:
+        self._saved_world_size = int(world_size)
+
+    def _load_model(self, state: dict) -> None:
+        self.model.load_state_dict(state, strict=True)
+
+    def _scaler_state(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def _load_scaler(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+    def _restore_rng(self, states: list) -> None:
+        """This rank's generators as saved, when the state has as many ranks as this run; else re-seeded."""
+        if self._saved_world_size == self.ctx.world_size:
+            restore_rng_state(states[self.ctx.rank], self.ctx.device)
+            return
+        seed_everything(self.config.runtime.seed + self.step, self.ctx.rank)
+        self.reporter.message(
+            f"note: the state was written by {self._saved_world_size} ranks, this run has "
+            f"{self.ctx.world_size}: data order and per-step noise continue exactly, dropout randomness is "
+            "re-seeded"
+        )
+
     def _write_checkpoint(self, rng_states: list) -> None:
         """Rank 0 writes this step's files (see checkpoint.py for the order)."""
         directory = self.settings.log_dir
-        model_state = _cpu_copy(self.model.state_dict())
-        atomic_save(model_state, f"{directory}/{model_filename(self.step)}")
+        self._rng_states = rng_states
+        state = {"format": STATE_FORMAT, "version": STATE_VERSION, **self.state.state_dict()}
+        atomic_save(state["model"], f"{directory}/{model_filename(self.step)}")
         for index, rate in enumerate(self.ema.rates):
             ema_state = _cpu_copy(self.ema.model_state_dict(self.model, index))
             atomic_save(ema_state, f"{directory}/{ema_filename(rate, self.step)}")
-        optimizer_state = self.optimizer.state_dict()
-        atomic_save(optimizer_state, f"{directory}/{opt_filename(self.step)}")
-        state = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-            "world_size": self.ctx.world_size,
-            "global_batch": self.global_batch,
-            "run_config": self.settings.run_config,
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "ema": self.ema.state_dict(),
-            "schedule_sampler": self.schedule_sampler.state_dict(),
-            "data": self.data.state_dict(),
-            "rng": rng_states,
-        }
+        atomic_save(state["optimizer"], f"{directory}/{opt_filename(self.step)}")
         atomic_save(state, f"{directory}/{state_filename(self.step)}")
         prune_states(directory, self.settings.keep_states)
         self.reporter.message(f"saved checkpoint for step {self.step} in {directory}")
 
     def resume(self) -> None:
         """Load the resume source, if any (an explicit path, else the newest full state in the log dir)."""
-        source = find_resume_source(self.resume_checkpoint, self.settings.log_dir, self.ema.rates)
+        source = find_resume_source(self.settings.resume_checkpoint, self.settings.log_dir, self.ema.rates)
         if source is None:
             return
         if source.kind == "state":
@@ -366,42 +417,26 @@ class TrainLoop:
         self.reporter.message(f"resumed from {source.path} at step {self.step}")
 
     def _load_state(self, path: str) -> None:
-        state = dist_util.load_file(path, trust=self.settings.trust_checkpoint)
+        state = dist_util.load_file(path, trust=self.config.runtime.trust_checkpoint)
         differences = check_training_state(
             path,
             state,
+            required=self.state.required,
             model=self.model,
             optimizer=self.optimizer,
             ema_rates=self.ema.rates,
             schedule_sampler=self.schedule_sampler,
             dataset_len=len(self.data.dataset),
-            model_flags=self.settings.run_config.get("model_and_diffusion", {}),
+            model_flags=self.config.model_flags(),
         )
         if differences:
             self.reporter.message(
                 f"warning: resuming with flags that differ from {path}: {'; '.join(differences)}"
             )
-        self.model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.ema.load_state_dict(state["ema"])
-        self.schedule_sampler.load_state_dict(state["schedule_sampler"])
-        self.data.load_state_dict(state["data"])
-        self.step = int(state["step"])
-        self.nonfinite.skipped_steps = int(state.get("skipped_steps", 0))
-        if state["world_size"] == self.ctx.world_size:
-            restore_rng_state(state["rng"][self.ctx.rank], self.ctx.device)
-        else:
-            seed_everything(self.settings.seed + self.step, self.ctx.rank)
-            self.reporter.message(
-                f"note: {path} was written by {state['world_size']} ranks, this run has "
-                f"{self.ctx.world_size}: "
-                "data order and per-step noise continue exactly, dropout randomness is re-seeded"
-            )
+        self.state.load_state_dict(state)
 
     def _load_model_files(self, source: ResumeSource) -> None:
-        trust = self.settings.trust_checkpoint
+        trust = self.config.runtime.trust_checkpoint
         load_model_state(self.model, dist_util.load_file(source.path, trust=trust), source.path)
         if source.opt_path:
             self.optimizer.load_state_dict(dist_util.load_file(source.opt_path, trust=trust))
@@ -420,4 +455,4 @@ class TrainLoop:
                 "dataset_len": len(self.data.dataset),
             }
         )
-        seed_everything(self.settings.seed + self.step, self.ctx.rank)
+        seed_everything(self.config.runtime.seed + self.step, self.ctx.rank)

@@ -5,11 +5,11 @@ import os
 
 import torch
 
-from fastdiff.diffusion.sampling import sample_batch
+from fastdiff.runtime.generate import sample_from_noise
+from fastdiff.runtime.image_grid import save_image_grid
+from fastdiff.runtime.precision import Precision
+from fastdiff.runtime.rng import derive_seed
 from fastdiff.training.ema import ParameterEMA
-from fastdiff.training.image_grid import save_image_grid, to_uint8_nhwc
-from fastdiff.training.precision import Precision
-from fastdiff.training.rng import derive_seed
 
 
 def preview_filename(step: int) -> str:
@@ -18,9 +18,9 @@ def preview_filename(step: int) -> str:
 
 
 class SamplePreview:
-    """Writes a PNG grid of ``num_samples`` EMA samples (rate index 0) with a respaced diffusion, by DDIM
-    (deterministic, eta 0) or by ancestral DDPM sampling (its noise drawn from a generator of its own), or
-    with ``sampling``: sample_batch's options (sampler, steps, timestep_spacing, guidance_scale).
+    """Writes a PNG grid of ``num_samples`` EMA samples (rate index 0) with a respaced diffusion and
+    ``sampling``: sample_batch's options (``SamplingConfig.options()``); any noise the sampler draws comes
+    from a generator of its own.
 
     The starting noise and the class labels (0, 1, ..., cycling over ``num_classes``) are fixed for the
     run, so successive grids show the same samples improving. The global RNGs are left as they were.
@@ -35,15 +35,13 @@ class SamplePreview:
         num_classes: int | None,
         seed: int,
         precision: Precision,
-        use_ddim: bool = True,
+        sampling: dict,
         batch_size: int = 64,
-        sampling: dict | None = None,
     ) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.diffusion = sampling_diffusion
         self.precision = precision
-        self.use_ddim = use_ddim
-        self.sampling = sampling or {"sampler": "ddim" if use_ddim else "ddpm"}
+        self.sampling = dict(sampling)
         self.seed = seed
         self.batch_size = batch_size
         device = next(self.model.parameters()).device
@@ -68,37 +66,3 @@ class SamplePreview:
         path = os.path.join(log_dir, preview_filename(step))
         save_image_grid(images.numpy(), path)
         return path
-
-
-@torch.no_grad()
-def sample_from_noise(
-    model: torch.nn.Module,
-    diffusion,
-    noise: torch.Tensor,
-    labels: torch.Tensor | None,
-    sampling: dict,
-    precision: Precision,
-    seed: int,
-    batch_size: int,
-) -> torch.Tensor:
-    """uint8 samples ``[K, S, S, 3]`` (CPU) from the starting ``noise`` ``[K, 3, S, S]`` and class ``labels``
-    ``[K]`` (or None), by sample_batch with ``sampling``'s options, ``batch_size`` at a time. Any noise the
-    sampler draws comes from ``seed``; the global RNGs are left as they were."""
-    chunks = []
-    devices = [noise.device] if noise.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), precision.autocast():
-        torch.manual_seed(seed)
-        for start in range(0, noise.shape[0], batch_size):
-            part = noise[start : start + batch_size]
-            kwargs = {} if labels is None else {"y": labels[start : start + batch_size]}
-            sample = sample_batch(
-                model,
-                diffusion,
-                tuple(part.shape),
-                noise=part,
-                clip_denoised=True,
-                model_kwargs=kwargs,
-                **sampling,
-            )
-            chunks.append(to_uint8_nhwc(sample).cpu())
-    return torch.cat(chunks)

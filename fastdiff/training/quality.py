@@ -23,11 +23,11 @@ from fastdiff import dist_util
 from fastdiff.evaluation.features import extract_features, reference_stats
 from fastdiff.evaluation.inception import load_feature_network
 from fastdiff.evaluation.stats import ReferenceStats, is_stats_file, load_stats, score
-from fastdiff.training.checkpoint import atomic_save
+from fastdiff.runtime.checkpoint import atomic_save
+from fastdiff.runtime.generate import sample_from_noise
+from fastdiff.runtime.precision import Precision
+from fastdiff.runtime.rng import derive_seed
 from fastdiff.training.ema import ParameterEMA
-from fastdiff.training.precision import Precision
-from fastdiff.training.preview import sample_from_noise
-from fastdiff.training.rng import derive_seed
 
 METRIC_NAMES = ("fid", "kid", "kid_std", "precision", "recall")
 PR_K = 3
@@ -117,6 +117,13 @@ class TrainingEvaluation:
         if self.ctx.is_main:
             stats.save(path)
         return stats
+
+    def state_dict(self) -> dict[str, float]:
+        """The best FID so far (saved in every full training state)."""
+        return {"best_fid": float(self.best_fid)}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best_fid = float(state["best_fid"])
 
     def _read_best_fid(self) -> float:
         path = os.path.join(self.log_dir, best_filenames(self.ema_rate)[1])

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from fastdiff import dist_util
-from fastdiff.training.checkpoint import (
+from fastdiff.config import RunConfig
+from fastdiff.runtime.checkpoint import (
     config_differences,
     ema_filename,
     find_latest_state,
@@ -24,11 +25,11 @@ from fastdiff.training.checkpoint import (
 )
 
 STATE_FORMAT = "fastdiff-training-state"
-STATE_VERSION = 2
-"""Version 2 keeps only tensors and plain Python values (loads with ``weights_only=True``); version 1
-held numpy's generator state as an array (loads with ``--trust_checkpoint`` only)."""
-
-STATE_KEYS = ("step", "world_size", "model", "optimizer", "ema", "schedule_sampler", "data", "rng")
+STATE_VERSION = 3
+"""Version 3 saves the run config as ``run_config.json`` holds it and the in-training evaluation's best FID;
+version 2 (still read) kept the model and diffusion flags flat under ``run_config["model_and_diffusion"]``
+and only tensors and plain Python values (loads with ``weights_only=True``); version 1 held numpy's
+generator state as an array (loads with ``--trust_checkpoint`` only)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def check_training_state(
     path: str,
     state: Any,
     *,
+    required: tuple[str, ...],
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     ema_rates: list[float],
@@ -102,10 +104,10 @@ def check_training_state(
             f"{path} has state format version {version!r}; this fastdiff reads versions up to "
             f"{STATE_VERSION}: resume it with the fastdiff that wrote it (or a newer one)"
         )
-    missing = [key for key in STATE_KEYS if key not in state]
+    missing = [key for key in required if key not in state]
     if missing:
         raise ValueError(f"{path} is incomplete: it lacks {', '.join(missing)}")
-    differences = config_differences(state.get("run_config", {}).get("model_and_diffusion", {}), model_flags)
+    differences = config_differences(saved_model_flags(state.get("run_config") or {}, path), model_flags)
     problems = mismatched_keys(model.state_dict(), state["model"])
     if problems:
         flags = f" Flags that differ: {'; '.join(differences)}." if differences else ""
@@ -131,6 +133,13 @@ def check_training_state(
             f"{path}: its timestep sampler state does not fit --schedule_sampler: {error}"
         ) from error
     return differences
+
+
+def saved_model_flags(run_config: dict, path: str) -> dict[str, Any]:
+    """The flat model and diffusion flags of a state's ``run_config`` (version 3's layout or version 2's)."""
+    if not run_config:
+        return {}
+    return RunConfig.from_dict(run_config, f"{path} (its run_config)").model_flags()
 
 
 def _check_optimizer(path: str, saved: Any, optimizer: torch.optim.Optimizer) -> None:
