@@ -37,6 +37,7 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth")
 def parse_args(argv: Sequence[str] | None = None) -> tuple[EvaluateCommand, set[str]]:
     """The checked evaluation config from ``argv`` and the flags given on it."""
     config, given = parse_command(EvaluateCommand, argv, "fastdiff.evaluate", __doc__)
+    sample.check_sampler(config)
     if not config.evaluate.ref or not config.evaluate.samples:
         raise ValueError("pass both --ref REF and --samples SAMPLES (see --help for the kinds)")
     return config, given

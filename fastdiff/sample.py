@@ -20,7 +20,7 @@ import torch
 from fastdiff import dist_util, ops
 from fastdiff.builders import NUM_CLASSES
 from fastdiff.cli import parse_command, run_main
-from fastdiff.config import SampleCommand
+from fastdiff.config import ConfigError, SampleCommand
 from fastdiff.diffusion.sampling import check_sampling_options, sample_batch
 from fastdiff.runtime.image_grid import save_image_grid, to_uint8_nhwc
 from fastdiff.runtime.inference import InferenceSetup, output_dir, prepare_inference
@@ -29,7 +29,17 @@ from fastdiff.runtime.rng import seed_everything
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[SampleCommand, set[str]]:
     """The checked sampling config from ``argv`` and the flags given on it."""
-    return parse_command(SampleCommand, argv, "fastdiff.sample", __doc__)
+    config, given = parse_command(SampleCommand, argv, "fastdiff.sample", __doc__)
+    check_sampler(config)
+    return config, given
+
+
+def check_sampler(config: SampleCommand) -> None:
+    """``--use_ddim True`` with another ``--sampler`` is a conflict (ValueError naming the flag)."""
+    try:
+        config.sampling.check_use_ddim()
+    except ConfigError as error:
+        raise ValueError(f"--{error}") from None
 
 
 def label_count(config: SampleCommand, class_names: list[str]) -> int:

@@ -15,6 +15,7 @@ from tiny_run import TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: an aut
 from fastdiff import dist_util, train
 from fastdiff.runtime import checkpoint
 from fastdiff.runtime.checkpoint import CheckpointWriteError
+from fastdiff.training.resume import STATE_VERSION
 
 ARGV = [*TINY_RUN_ARGV, "--batch_size", "2", "--sample_interval", "0", "--num_workers", "0"]
 
@@ -93,7 +94,7 @@ def test_an_old_state_with_numpy_arrays_loads_only_when_trusted(trained, tmp_pat
         run_train(run, "--max_steps", "3")
     assert run_train(run, "--max_steps", "3", "--trust_checkpoint", "True") == 0
     assert "resumed from" in (run / "log.txt").read_text()
-    assert torch.load(run / "state000003.pt", weights_only=True)["version"] == 2
+    assert torch.load(run / "state000003.pt", weights_only=True)["version"] == STATE_VERSION
 
 
 def test_truncated_newer_and_incomplete_states_are_named_and_nothing_loads(trained, tmp_path):

@@ -313,9 +313,9 @@ def test_run_autotunes_on_cuda_only_when_asked(monkeypatch, tmp_path):
 
 
 def test_train_flag_autotune_goes_through_the_backend(monkeypatch):
-    """``--autotune True`` calls fastdiff.training.cli.check_autotune -> backend.set_autotune."""
+    """``--autotune True`` calls fastdiff.runtime.backends.check_autotune -> backend.set_autotune."""
     from fastdiff.ops import backend as backends
-    from fastdiff.training.cli import check_autotune
+    from fastdiff.runtime.backends import check_autotune
 
     monkeypatch.delenv(launch.AUTOTUNE_ENV, raising=False)
     try:

@@ -28,7 +28,7 @@ def test_sample_writes_improved_diffusions_npz_and_a_grid(run_dir, tmp_path, use
     args = ["--model_path", str(run_dir / "ema_0.9999_000002.pt"), "--num_samples", "5", "--batch_size", "2"]
     args += ["--use_ddim", str(use_ddim), "--timestep_respacing", "ddim5" if use_ddim else "5"]
     assert sample.main([*args, "--out_dir", str(tmp_path)]) == 0
-    assert "model flags from model_flags.json" in capsys.readouterr().out
+    assert "model flags from run_config.json" in capsys.readouterr().out
     arrays = np.load(tmp_path / "samples_5x8x8x3.npz")
     assert sorted(arrays.files) == ["arr_0", "arr_1"]
     assert arrays["arr_0"].dtype == np.uint8 and arrays["arr_0"].shape == (5, 8, 8, 3)
@@ -40,7 +40,7 @@ def test_sample_writes_improved_diffusions_npz_and_a_grid(run_dir, tmp_path, use
 
 
 def test_sample_loads_improved_diffusion_files_with_flags_on_the_command_line(tmp_path):
-    """A plain state_dict with no model_flags.json beside it (as improved-diffusion writes them)."""
+    """A plain state_dict with no run config beside it (as improved-diffusion writes them)."""
     flags = {**model_and_diffusion_defaults(), **TINY_MODEL_FLAGS}
     model, _ = create_model_and_diffusion(**flags)
     torch.save(model.state_dict(), tmp_path / "model000100.pt")
@@ -83,7 +83,17 @@ def test_nll_on_an_image_folder_and_its_errors(run_dir, tmp_path):
         nll.main([*args, "--data_dir", str(tmp_path / "absent")])
 
 
-def test_model_flags_file_is_json_with_the_runs_flags(run_dir):
-    content = json.loads((run_dir / "model_flags.json").read_text())
-    assert content["model_and_diffusion"]["diffusion_steps"] == 50
-    assert content["model_and_diffusion"]["class_cond"] is True
+def test_an_earlier_fastdiffs_model_flags_json_still_loads(run_dir, tmp_path, capsys):
+    """Runs written before run_config.json have model_flags.json: sample reads it the same way."""
+    config = json.loads((run_dir / "run_config.json").read_text())
+    legacy = tmp_path / "old_run"
+    legacy.mkdir()
+    flags = {**config["model"], **config["diffusion"]}
+    (legacy / "model_flags.json").write_text(
+        json.dumps({"model_and_diffusion": flags, "class_names": config["class_names"]})
+    )
+    (legacy / "ema_0.9999_000002.pt").write_bytes((run_dir / "ema_0.9999_000002.pt").read_bytes())
+    args = ["--model_path", str(legacy / "ema_0.9999_000002.pt"), "--num_samples", "2", "--batch_size", "2"]
+    assert sample.main([*args, "--timestep_respacing", "5", "--out_dir", str(tmp_path)]) == 0
+    assert "model flags from model_flags.json" in capsys.readouterr().out
+    assert set(np.load(tmp_path / "samples_2x8x8x3.npz")["arr_1"].tolist()) <= {0, 1, 2, 3}

@@ -13,8 +13,8 @@ from tiny_run import TINY_MODEL_FLAGS, TINY_RUN_ARGV, one_thread  # noqa: F401 (
 
 from fastdiff import train
 from fastdiff.data import ImageDataError
-from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from fastdiff.runtime import precision
+from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 TINY = [
     *TINY_RUN_ARGV,
@@ -91,9 +91,10 @@ def test_progress_csv_log_and_sample_grid(trained_run):
     assert "step 4 | loss" in log and "saved checkpoint for step 4" in log
     with Image.open(trained_run / "samples_000004.png") as grid:
         assert grid.mode == "RGB" and min(grid.size) >= 256
-    flags = json.loads((trained_run / "model_flags.json").read_text())
-    assert flags["model_and_diffusion"]["num_channels"] == 32
-    assert flags["class_names"] == ["disc", "square", "triangle", "stripes"]
+    config = json.loads((trained_run / "run_config.json").read_text())
+    assert config["model"]["num_channels"] == 32 and config["train"]["ema_rate"] == "0.9,0.99"
+    assert config["class_names"] == ["disc", "square", "triangle", "stripes"]
+    assert not (trained_run / "model_flags.json").exists(), "one file holds the run's config"
 
 
 def test_a_finished_run_does_not_train_again(trained_run, capsys):
@@ -102,15 +103,20 @@ def test_a_finished_run_does_not_train_again(trained_run, capsys):
 
 
 def test_embedded_profile_fills_only_what_is_not_given():
-    args, _ = train.parse_args([])
-    assert (args.image_size, args.num_channels, args.class_cond, args.batch_size) == (16, 32, True, 32)
-    assert args.max_steps > 0 and args.sample_interval > 0
-    args, _ = train.parse_args(["--lr", "0.001", "--max_steps", "7"])
-    assert args.image_size == 16 and args.lr == 0.001 and args.max_steps == 7
-    args, _ = train.parse_args(["--image_size", "32"])
-    assert (args.num_channels, args.batch_size, args.lr) == (128, 1, 1e-4), "improved-diffusion's defaults"
-    args, _ = train.parse_args(["--data_dir", "somewhere"])
-    assert args.image_size == 64 and args.ema_rate == "0.9999"
+    config, _ = train.parse_args([])
+    model, training = config.model, config.train
+    assert (model.image_size, model.num_channels, model.class_cond, training.batch_size) == (16, 32, True, 32)
+    assert training.max_steps > 0 and training.sample_interval > 0
+    config, _ = train.parse_args(["--lr", "0.001", "--max_steps", "7"])
+    assert config.model.image_size == 16 and config.train.lr == 0.001 and config.train.max_steps == 7
+    config, _ = train.parse_args(["--image_size", "32"])
+    assert (config.model.num_channels, config.train.batch_size, config.train.lr) == (128, 1, 1e-4), (
+        "improved-diffusion's defaults"
+    )
+    config, _ = train.parse_args(["--data_dir", "somewhere"])
+    assert config.model.image_size == 64 and config.train.ema_rate == "0.9999"
+    config, _ = train.parse_args(["--predict_v", "True", "--rescale_zero_terminal_snr", "True"])
+    assert config.model.image_size == 16 and config.diffusion.predict_v, "objective flags keep the profile"
 
 
 def test_global_batch_size_derives_the_per_rank_batch(tmp_path):

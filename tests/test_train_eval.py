@@ -11,9 +11,9 @@ from test_eval_inception import require_inception
 from tiny_run import TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from fastdiff import train
+from fastdiff.builders import build_diffusion
 from fastdiff.data import build_dataset
 from fastdiff.evaluation import inception
-from fastdiff.script_util import args_to_dict, model_and_diffusion_defaults
 
 EVAL = ["--eval_interval", "2", "--eval_samples", "4", "--eval_ref", "4", "--preview_steps", "3"]
 RUN = ["--batch_size", "2", "--save_interval", "2", "--sample_interval", "0", "--num_workers", "0"]
@@ -62,13 +62,12 @@ def test_eval_interval_without_the_feature_network_fails_before_training(tmp_pat
 
 def test_the_embedded_profile_trains_without_evaluation_when_the_network_is_missing(monkeypatch, capsys):
     monkeypatch.setattr(inception, "PACKAGE", "fastdiff_no_such_package")
-    args, given = train.parse_args([])
-    assert args.eval_interval == args.sample_interval and "eval_interval" not in given
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    sampling = (train.sampling_diffusion(flags, args.preview_steps, args.preview_ddim), {"sampler": "ddim"})
+    config, given = train.parse_args([])
+    assert config.evaluation.eval_interval == config.train.sample_interval and "eval_interval" not in given
+    previews = (build_diffusion(config.diffusion, "10"), {"sampler": "ddim"})
     ctx = SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device("cpu"))
-    dataset = build_dataset("", args.image_size, args.class_cond)
-    assert train.build_evaluation(args, given, None, sampling, dataset, None, ctx, 0.99) is None
+    dataset = build_dataset("", config.model.image_size, config.model.class_cond)
+    assert train.build_evaluation(config, given, None, previews, dataset, None, ctx) is None
     assert (
         "note: no sample-quality evaluation (the FID feature network is not installed"
         in capsys.readouterr().out

@@ -5,16 +5,10 @@ import os
 
 import pytest
 import torch
-from tiny_run import TINY_MODEL_FLAGS, TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: autouse)
+from tiny_run import TINY_MODEL_FLAGS, TINY_RUN_ARGV, one_thread, tiny_loop  # noqa: F401 (one_thread: autouse)
 
 from fastdiff import dist_util, train
-from fastdiff.data import BatchStream, ShapesDataset
-from fastdiff.diffusion import create_named_schedule_sampler
-from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from fastdiff.runtime import precision
 from fastdiff.training import nonfinite
-from fastdiff.training.config import LoopSettings
-from fastdiff.training.loop import TrainLoop
 from fastdiff.training.nonfinite import NonFiniteStepsError
 
 
@@ -26,18 +20,7 @@ def ctx():
 
 
 def make_loop(ctx, tmp_path, precision_name):
-    torch.manual_seed(0)
-    model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY_MODEL_FLAGS})
-    settings = LoopSettings(batch_size=4, microbatch=2, lr=1e-3, ema_rates=[0.9], log_dir=str(tmp_path))
-    return TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=BatchStream(ShapesDataset(8, length=64), 4, seed=0),
-        schedule_sampler=create_named_schedule_sampler("loss-second-moment", diffusion),
-        settings=settings,
-        ctx=ctx,
-        precision=precision.resolve_precision(precision_name, ctx.device),
-    )
+    return tiny_loop(ctx, tmp_path, precision_name, microbatch=2, schedule_sampler="loss-second-moment")
 
 
 def snapshot(loop) -> dict[str, torch.Tensor]:
@@ -120,7 +103,7 @@ def test_max_bad_steps_in_a_row_stop_the_run_before_anything_is_saved(tmp_path, 
 
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_max_bad_steps_must_be_positive(tmp_path, value):
-    with pytest.raises(ValueError, match="max_bad_steps must be a positive integer"):
+    with pytest.raises(ValueError, match="--max_bad_steps: must be positive"):
         _train(tmp_path, "--max_steps", "1", "--max_bad_steps", value)
 
 

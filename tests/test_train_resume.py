@@ -91,6 +91,42 @@ def test_n_plus_n_steps_equal_2n_steps_exactly(tmp_path, small_dataset):
     assert torch.equal(final_straight["rng"][0]["torch_cpu"], final_resumed["rng"][0]["torch_cpu"])
 
 
+def as_version_2(state: dict) -> dict:
+    """A full state in the layout fastdiff wrote before run_config.json (state format version 2): the
+    model and diffusion flags flat under run_config["model_and_diffusion"], the other flags under "train",
+    no "evaluation" part. (Checked once against a state written by that fastdiff itself: resuming it gave
+    the same bits at the next save as an uninterrupted run of either version.)"""
+    config = state["run_config"]
+    flat = {**config["model"], **config["diffusion"]}
+    train_flags = {
+        name: value for part in ("train", "runtime", "evaluation") for name, value in config[part].items()
+    }
+    legacy = {"model_and_diffusion": flat, "class_names": config["class_names"], "train": train_flags}
+    old = {key: value for key, value in state.items() if key != "evaluation"}
+    return {**old, "version": 2, "run_config": legacy}
+
+
+def test_a_version_2_state_resumes_exactly(tmp_path):
+    """States written before the run config moved into run_config.json resume bit for bit."""
+    flags = [*RANDOM_EVERYWHERE, "--num_workers", "0", "--save_interval", "2"]
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    assert run_train(straight, *flags, "--max_steps", "4") == 0
+    assert run_train(old, *flags, "--max_steps", "2") == 0
+    path = old / "state000002.pt"
+    torch.save(as_version_2(torch.load(path, weights_only=True)), path)
+    (old / "run_config.json").unlink()
+    assert run_train(old, *flags, "--max_steps", "4") == 0
+    assert f"resumed from {path} at step 2" in (old / "log.txt").read_text()
+    for name in (
+        "model000004.pt",
+        "ema_0.9_000004.pt",
+        "ema_0.99_000004.pt",
+        "opt000004.pt",
+        "state000004.pt",
+    ):
+        assert_identical(straight / name, old / name)
+
+
 def test_sigterm_saves_a_loadable_state_and_training_resumes_from_it(tmp_path):
     log_dir = tmp_path / "run"
     command = [sys.executable, "-m", "fastdiff.train", *TINY, "--log_dir", str(log_dir)]
@@ -147,10 +183,10 @@ def test_resume_from_improved_diffusion_files(tmp_path):
 
 def test_a_checkpoint_of_another_configuration_lists_the_mismatches(tmp_path):
     assert run_train(tmp_path, "--max_steps", "1") == 0
-    flags_before = (tmp_path / "model_flags.json").read_text()
+    flags_before = (tmp_path / "run_config.json").read_text()
     with pytest.raises(ValueError, match=r"shape mismatches: .*num_channels: 32 -> 64"):
         run_train(tmp_path, "--max_steps", "2", "--num_channels", "64")
     with pytest.raises(ValueError, match=r"unexpected keys: label_emb.weight|missing keys: label_emb.weight"):
         run_train(tmp_path, "--max_steps", "2", "--class_cond", "True")
     assert sorted(name for name in os.listdir(tmp_path) if name.startswith("state")) == ["state000001.pt"]
-    assert (tmp_path / "model_flags.json").read_text() == flags_before, "a refused run changes nothing"
+    assert (tmp_path / "run_config.json").read_text() == flags_before, "a refused run changes nothing"

@@ -5,18 +5,13 @@ import signal
 
 import pytest
 import torch
-from tiny_run import TINY_MODEL_FLAGS, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from tiny_run import TINY_MODEL_FLAGS, one_thread, tiny_loop  # noqa: F401 (one_thread: an autouse fixture)
 
 from fastdiff import dist_util
-from fastdiff.data import BatchStream, ShapesDataset
-from fastdiff.diffusion import create_named_schedule_sampler
-from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from fastdiff.config import ConfigError, RunConfig, TrainConfig, parse_ema_rates
 from fastdiff.runtime import checkpoint, precision
-from fastdiff.training.cli import check_kernels
-from fastdiff.training.config import LoopSettings, resolve_batch_sizes, resolve_microbatch
-from fastdiff.config import parse_ema_rates
+from fastdiff.runtime.backends import check_kernels
 from fastdiff.training.ema import ParameterEMA
-from fastdiff.training.loop import TrainLoop
 from fastdiff.training.metrics import IntervalMetrics
 from fastdiff.training.optim import annealed_lr, build_optimizer
 from fastdiff.training.stop import StopRequest
@@ -31,29 +26,8 @@ def ctx():
     dist_util.cleanup_dist()
 
 
-def make_loop(ctx, tmp_path, precision_name="fp32", microbatch=4, batch=4, **settings):
-    flags = {**model_and_diffusion_defaults(), **TINY}
-    torch.manual_seed(0)
-    model, diffusion = create_model_and_diffusion(**flags)
-    data = BatchStream(ShapesDataset(8, length=64), batch, seed=0)
-    loop_settings = LoopSettings(
-        batch_size=batch,
-        microbatch=microbatch,
-        lr=1e-3,
-        ema_rates=[0.9],
-        log_dir=str(tmp_path),
-        seed=0,
-        **settings,
-    )
-    return TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        schedule_sampler=create_named_schedule_sampler("uniform", diffusion),
-        settings=loop_settings,
-        ctx=ctx,
-        precision=precision.resolve_precision(precision_name, ctx.device),
-    )
+def make_loop(ctx, tmp_path, precision_name="fp32", microbatch=4, batch=4, **flags):
+    return tiny_loop(ctx, tmp_path, precision_name, batch, microbatch=microbatch, **flags)
 
 
 def _grads(model):
@@ -206,18 +180,26 @@ def test_mismatched_keys_lists_every_problem():
 
 
 def test_batch_size_rule():
-    assert resolve_batch_sizes(4, None, 2) == (4, 8)
-    assert resolve_batch_sizes(None, 8, 2) == (4, 8)
-    assert resolve_batch_sizes(4, 8, 2) == (4, 8)
-    with pytest.raises(ValueError, match="pass only one, or make them agree"):
-        resolve_batch_sizes(3, 8, 2)
-    with pytest.raises(ValueError, match="not divisible by the 3 ranks"):
-        resolve_batch_sizes(None, 8, 3)
-    with pytest.raises(ValueError, match="not divisible by microbatch 3"):
-        resolve_microbatch(3, 8)
-    assert resolve_microbatch(-1, 8) == 8 and resolve_microbatch(2, 8) == 2
-    with pytest.raises(ValueError, match="save_interval"):
-        LoopSettings(batch_size=2, microbatch=2, lr=1e-4, ema_rates=[0.9], log_dir="x", save_interval=0)
+    def sizes(batch_size, global_batch_size, world_size, given=True):
+        return TrainConfig(batch_size=batch_size, global_batch_size=global_batch_size).batch_sizes(
+            world_size, given
+        )
+
+    assert sizes(4, 0, 2) == (4, 8)
+    assert sizes(1, 8, 2, given=False) == (4, 8)
+    assert sizes(4, 8, 2) == (4, 8)
+    with pytest.raises(ConfigError, match="pass only one, or make them agree"):
+        sizes(3, 8, 2)
+    with pytest.raises(ConfigError, match="not divisible by the 3 ranks"):
+        sizes(1, 8, 3, given=False)
+    with pytest.raises(ConfigError, match="not divisible by microbatch 3"):
+        TrainConfig(microbatch=3).microbatch_size(8)
+    assert (
+        TrainConfig(microbatch=-1).microbatch_size(8) == 8
+        and TrainConfig(microbatch=2).microbatch_size(8) == 2
+    )
+    with pytest.raises(ConfigError, match="save_interval"):
+        RunConfig().with_flags({"save_interval": 0})
 
 
 def test_precision_resolution_on_cpu(monkeypatch):

@@ -31,3 +31,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_loop(ctx, log_dir, precision_name: str = "fp32", batch: int = 4, **flags):
+    """A TrainLoop of the tiny model on the 8x8 shapes dataset (``batch`` per step), lr 1e-3, one EMA at
+    0.9, with ``flags`` (flat flag names, e.g. ``microbatch=2``) on top."""
+    from fastdiff.builders import build_diffusion, build_model
+    from fastdiff.config import RunConfig
+    from fastdiff.data import BatchStream, ShapesDataset
+    from fastdiff.diffusion import create_named_schedule_sampler
+    from fastdiff.runtime.precision import resolve_precision
+    from fastdiff.training.loop import TrainLoop
+
+    base = dict(batch_size=batch, lr=1e-3, ema_rate="0.9", log_dir=str(log_dir), seed=0)
+    config = RunConfig().with_flags({**TINY_MODEL_FLAGS, **base, **flags})
+    torch.manual_seed(0)
+    model = build_model(config.model, config.diffusion)
+    diffusion = build_diffusion(config.diffusion)
+    return TrainLoop(
+        config=config,
+        model=model,
+        diffusion=diffusion,
+        data=BatchStream(ShapesDataset(8, length=64), batch, seed=0),
+        schedule_sampler=create_named_schedule_sampler(config.train.schedule_sampler, diffusion),
+        ctx=ctx,
+        precision=resolve_precision(precision_name, ctx.device),
+    )

@@ -245,10 +245,12 @@ class SamplingConfig(Section):
     eta: float = option(0.0, "DDIM noise (0: deterministic)", check=non_negative)
     clip_denoised: bool = option(True, "clamp every x_0 prediction to [-1, 1]")
 
-    def check(self) -> None:
+    def check_use_ddim(self) -> None:
+        """fastdiff.sample's rule: ``--use_ddim True`` asks for DDIM, so another ``--sampler`` is a conflict.
+        (The grids' ``--preview_ddim`` also picks DDIM's stride, and goes with any sampler.)"""
         if self.use_ddim and self.sampler not in ("", "ddim"):
             raise ConfigError(
-                "use_ddim", f"True asks for DDIM, but sampler is {self.sampler!r}: give one of them"
+                "use_ddim", f"True asks for DDIM, but --sampler is {self.sampler!r}: give one of them"
             )
 
     @property
