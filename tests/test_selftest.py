@@ -19,7 +19,7 @@ from fastdiff.selftest.report import SCHEMA, check_versions
 from fastdiff.selftest.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = ("versions", "compile", "accuracy", "large", "configs", "determinism", "timing", "train_step")
+GROUPS = ("versions", "accuracy", "determinism", "train_step", "kernel_timing", "large", "all_configs")
 
 
 def test_quick_run_on_cpu_writes_its_reports(tmp_path):
