@@ -193,7 +193,7 @@ def print_summary(state: RunState, paths: tuple[Path, Path]) -> None:
     elif word == "INCOMPLETE":
         print(
             f"selftest INCOMPLETE in {state.seconds:.0f} s: nothing failed, {found['not_run_budget']} "
-            f"check(s) not run: the {state.budget:.0f} s budget was spent (rerun with a larger --budget "
+            f"check(s) not run: the {state.budget:g} s budget was spent (rerun with a larger --budget "
             "or --only GROUPS)"
         )
     else:
