@@ -35,6 +35,7 @@ class Planned:
     name: str
     checks: tuple[Check, ...]
     summary: str = "a test group"
+    share: float = 1.0
 
     def plan(self, options: Options) -> list[Check]:
         return list(self.checks)
@@ -79,6 +80,42 @@ def test_checks_past_the_budget_are_not_run_never_passed(tmp_path):
         and "INCOMPLETE" in markdown
         and "| not run | later |" in markdown
     )
+
+
+def test_a_slow_group_cannot_starve_the_groups_after_it(tmp_path):
+    def slow() -> Result:
+        time.sleep(0.4)
+        return _passing()
+
+    groups = [
+        Planned("a", (Check("slow", slow), Check("more", _passing)), share=0.25),
+        Planned("b", (Check("own share", _passing),), share=0.75),
+    ]
+    run.run(CPU, 1.0, tmp_path, groups)
+    document = _load(tmp_path)
+    assert _statuses(document) == [
+        ("a", "slow", "pass"),
+        ("a", "more", "not run"),
+        ("b", "own share", "pass"),
+    ]
+    assert "the group's 0.2 s of the 1 s budget were spent" in document["results"][1]["detail"]
+    assert document["groups"]["a"]["allowance"] == 0.25 and document["groups"]["b"]["allowance"] == 0.75
+
+
+def test_time_a_group_leaves_goes_to_the_next(tmp_path):
+    def slow() -> Result:
+        time.sleep(0.3)
+        return _passing()
+
+    groups = [
+        Planned("fast", (Check("quick", _passing),), share=0.8),
+        Planned("b", (Check("slow", slow), Check("after", _passing)), share=0.2),
+    ]
+    run.run(CPU, 1.0, tmp_path, groups)
+    document = _load(tmp_path)
+    # b's own 0.2 s are spent by the slow check; what "fast" left (~0.8 s) lets the next one start
+    assert _statuses(document)[1:] == [("b", "slow", "pass"), ("b", "after", "pass")]
+    assert 0.9 < document["groups"]["b"]["allowance"] <= 1.0
 
 
 def test_a_tiny_budget_lists_every_group_as_not_run(tmp_path, capsys):

@@ -2,6 +2,8 @@
 every call shape of the three real UNets, Tq != Tk attention; forward and every gradient, every dtype and
 layout. Also the helpers the other numerical groups share (``check_case``, ``kernel_backends``)."""
 
+from collections.abc import Iterable
+
 import torch
 
 from fastdiff import ops
@@ -13,6 +15,12 @@ Tensor = torch.Tensor
 
 GROUP = "accuracy"
 UNET_BATCH = 2
+PRIORITY = {
+    "models": ("imagenet-64", "cifar10-32", "upsampler-256"),
+    "dtypes": (torch.bfloat16, torch.float16),
+}
+"""The real-model cases run in this order (what a budget cut leaves out last): the 64x64 model the train
+step uses, bf16 (the GPU's training dtype) first; within one model and dtype, in call order."""
 
 
 def kernel_backends(options: Options, small: bool = True) -> list[str]:
@@ -75,10 +83,25 @@ def plan(options: Options) -> list[Check]:
     cases = [(case, backend) for case in quick_cases(options.dtypes) for backend in kernel_backends(options)]
     if not options.quick:
         big = kernel_backends(options, small=False)
-        cases += [(case, backend) for case in unet_cases(UNET_BATCH, options.dtypes) for backend in big]
+        cases += [
+            (case, backend)
+            for case in _by_priority(unet_cases(UNET_BATCH, options.dtypes))
+            for backend in big
+        ]
     checks = [_case_check(case, backend, options, seed) for seed, (case, backend) in enumerate(cases)]
     checks += _cross_attention_checks(options, len(checks))
     return checks + _other_current_device_checks(options)
+
+
+def _by_priority(found: Iterable[OpCase]) -> list[OpCase]:
+    """``found`` sorted by ``PRIORITY`` (stable: call order within one model and dtype)."""
+    models, dtypes = PRIORITY["models"], PRIORITY["dtypes"]
+
+    def rank(case: OpCase) -> tuple[int, int]:
+        model = models.index(case.model) if case.model in models else len(models)
+        return model, dtypes.index(case.dtype) if case.dtype in dtypes else len(dtypes)
+
+    return sorted(found, key=rank)
 
 
 def _other_current_device_checks(options: Options) -> list[Check]:

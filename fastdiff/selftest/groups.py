@@ -14,11 +14,13 @@ from fastdiff.selftest.records import Check, Options
 @dataclass(frozen=True)
 class Group:
     """A group of checks: its ``name`` (what ``--only``/``--skip`` take), the module whose ``plan(options)``
-    lists its checks, and a one-line ``summary`` of what it measures."""
+    lists its checks, a one-line ``summary`` of what it measures, and its ``share`` of the budget (the
+    runner normalises the shares of the groups selected; see ``run``)."""
 
     name: str
     module: str
     summary: str
+    share: float
 
     def plan(self, options: Options) -> list[Check]:
         """This group's checks on ``options.device`` (each named; nothing has run yet)."""
@@ -27,37 +29,63 @@ class Group:
 
 GROUPS: tuple[Group, ...] = (
     Group(
-        "versions", "versions", "Python, torch, Triton, CUDA, the GPU; which fastdiff backends serve here."
+        "versions",
+        "versions",
+        "Python, torch, Triton, CUDA, the GPU; which fastdiff backends serve here.",
+        0.02,
     ),
     Group(
         "accuracy",
         "accuracy",
         "Every op with the config the default rule picks, at every call shape of improved-diffusion's "
-        "CIFAR-10, ImageNet-64 and upsampler UNets (small odd shapes with --quick): forward and every "
+        "ImageNet-64, CIFAR-10 and upsampler UNets (small odd shapes with --quick): forward and every "
         "gradient, every dtype and layout, against float64.",
+        0.30,
     ),
-    Group("determinism", "determinism", "Three runs of each op bitwise equal, outputs and gradients."),
+    Group("determinism", "determinism", "Three runs of each op bitwise equal, outputs and gradients.", 0.06),
     Group(
         "train_step",
         "train_step",
         "improved-diffusion's 64x64 UNet train step (bf16 autocast) on fastdiff's kernels against the same "
         "UNet in improved-diffusion's eager code and against torch.compile of that eager code: loss and "
         "gradient agreement, step-time ratios, peak memory.",
+        0.32,
     ),
     Group(
         "kernel_timing",
         "timing",
         "Each op against F.group_norm + SiLU, SDPA / einsum attention and torch.compile of the eager code: "
         "median times, GB/s over the op's bytes floor, share of the device's copy and peak bandwidth.",
+        0.20,
     ),
-    Group("large", "large", "GroupNorm+SiLU over 2**31 elements and attention at T=4096 against float64."),
+    Group(
+        "large", "large", "GroupNorm+SiLU over 2**31 elements and attention at T=4096 against float64.", 0.05
+    ),
     Group(
         "all_configs",
         "configs",
         "Every config of every launch-layer list, forced one at a time, against float64.",
+        0.05,
     ),
 )
-"""Priority order. The default budget is sized for the first five (see ``__main__.DEFAULT_BUDGET``)."""
+"""Priority order, and shares of the budget. Of the default 300 s the first five groups have 270 s
+reserved (versions 6, accuracy 90, determinism 18, train_step 96, kernel_timing 60) and large and
+all_configs 15 s each plus what the others leave. The sizing, for a cold H100 (empty Triton and inductor
+caches; Triton's 0.3-0.5 s per compile; distinct compiles counted on a CPU by replaying each group's
+launches through the fixed rules for sm_90 with nothing launched):
+
+* accuracy: 504 cases; 714 distinct compiles with the launch layer of 2026-12-03 (214-357 s of compiles,
+  so its share cuts it: its checks run ImageNet-64's shapes first), fewer once compile-time parameters
+  are bucketed (issue 19, point 2); its runs (float64 references included) take well under 30 s.
+* determinism: 12 cases, 42 compiles, most shared with accuracy (compiled once per process).
+* train_step: fastdiff's own compiles (at most 40 for this UNet, issue 19's target), inductor's compile
+  of the eager UNet forward and backward (the largest single cost: about a minute on a server CPU), then
+  15 timed steps per contestant.
+* kernel_timing: 28 Triton compiles, 8 inductor compiles of one op each (bf16 only), 17 timed runs per
+  contestant.
+
+These are estimates until a GPU runs the selftest: the reports give every group's compile count and
+compile seconds apart from its run seconds, which is what the next sizing should use."""
 
 NAMES = tuple(group.name for group in GROUPS)
 

@@ -18,13 +18,15 @@ JSON_NAME, MD_NAME = "selftest.json", "selftest.md"
 @dataclass
 class GroupRecord:
     """One group's totals: wall ``seconds`` (compiles excluded), ``compile_seconds``, distinct Triton
-    ``compiles`` and the new ``compile_keys`` (None: the launch layer cannot count them)."""
+    ``compiles`` and the new ``compile_keys`` (None: the launch layer cannot count them), and the
+    ``allowance`` of the budget it had (its share plus what earlier groups left)."""
 
     summary: str
     seconds: float = 0.0
     compile_seconds: float = 0.0
     compiles: int | None = None
     compile_keys: list[str] | None = None
+    allowance: float | None = None
 
 
 @dataclass

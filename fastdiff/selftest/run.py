@@ -1,8 +1,12 @@
 """The runner: plans each selected group, runs its checks while the budget lasts, and rewrites the reports
 after every check, so that a run cut short (by the budget, a crash or a killed process) keeps what it did.
 
-* The budget: a check starts only while ``budget`` seconds have not passed since the run began; every
-  later check is recorded ``not run`` (reason ``budget``). A started check runs to its end.
+* The budget: a check starts only while ``budget`` seconds have not passed since the run began, and only
+  while its group has time left of its allowance: the group's ``share`` of the budget (shares of the
+  selected groups, normalised) plus whatever earlier groups left of theirs. So a group slower than
+  planned (a cold compile cache) cannot starve the groups after it, and a fast one hands its time on.
+  Every check that may not start is recorded ``not run`` (reason ``budget``). A started check runs to
+  its end.
 * A check that raises is recorded as ``error`` with its exception; the run goes on. When the exception
   left the CUDA device unusable (a kernel fault: synchronising raises again), every later check is
   recorded ``not run`` (reason ``crash``) instead of being tried.
@@ -77,6 +81,9 @@ class Runner:
         self.began = time.perf_counter()
         self.cuda_lost = ""  # the check whose crash left the CUDA device unusable
         self.count = compiles.count()
+        shares = sum(group.share for group in self.groups)
+        self.reserved = {group.name: budget * group.share / shares for group in self.groups}
+        self.carried = 0.0  # seconds earlier groups left of their allowance
 
     def _write(self, markdown_too: bool = True) -> tuple[Path, Path]:
         began = time.perf_counter()
@@ -86,13 +93,17 @@ class Runner:
         self.state.write_seconds += time.perf_counter() - began
         return paths
 
-    def _next(self, group: str, check: Check) -> Result:
-        """Run ``check`` unless the budget is spent or the device lost."""
+    def _next(self, group: str, check: Check, allowance: float, group_began: float) -> Result:
+        """Run ``check`` unless the budget or the group's ``allowance`` is spent, or the device lost."""
         if self.cuda_lost:
             detail = f"the CUDA device is unusable since {self.cuda_lost} crashed"
             return not_run(group, check.name, "crash", detail)
-        if time.perf_counter() - self.began >= self.budget:
+        now = time.perf_counter()
+        if now - self.began >= self.budget:
             return not_run(group, check.name, "budget", f"the {self.budget:g} s budget was spent")
+        if now - group_began >= allowance:
+            detail = f"the group's {allowance:.1f} s of the {self.budget:g} s budget were spent"
+            return not_run(group, check.name, "budget", detail)
         self.state.in_progress = {"group": group, "name": check.name}
         self._write(markdown_too=False)  # a process killed in the check leaves its name in the JSON
         result = run_check(group, check, self.clock)
@@ -105,12 +116,14 @@ class Runner:
         self.state.groups[group.name] = record
         count, keys = compiles.count(), compiles.keys()
         compile_began, began = self.clock.seconds, time.perf_counter()
+        allowance = self.reserved[group.name] + self.carried
+        record.allowance = round(allowance, 3)
         try:
             checks = group.plan(self.options)
         except Exception as error:  # the group could not even list its checks
             checks = [Check("plan", _raising(error))]
         for check in checks:
-            result = self._next(group.name, check)
+            result = self._next(group.name, check, allowance, began)
             self.state.add(result)
             report.print_result(result)
             self.state.in_progress = None
@@ -121,6 +134,7 @@ class Runner:
             record.compile_keys = None if keys is None or after is None else sorted(after - keys)
             self.state.compiles = compiles.difference(self.count, compiles.count())
             self._write()
+        self.carried = max(allowance - (time.perf_counter() - began), 0.0)
         report.print_group(group.name, record, self.state.results)
 
     def run(self) -> int:
