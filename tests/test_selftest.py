@@ -433,14 +433,15 @@ def test_quick_run_on_cpu_writes_its_reports(tmp_path):
     assert determinism and all(r["status"] == "pass" and r["data"]["runs"] == 3 for r in determinism)
     configs = [r for r in results if r["group"] == "all_configs"]
     assert any(r["name"].startswith("gn_fwd_fused[0]") and r["status"] == "pass" for r in configs)
-    steps = {r["name"].split(",")[0]: r for r in results if r["group"] == "train_step"}
-    agreement = steps["fastdiff vs eager agreement"]
+    steps = {r["name"].split(",")[0] + r["name"][-5:]: r for r in results if r["group"] == "train_step"}
+    assert steps["fastdiff vs eager agreement fp32"]["status"] == "pass"
+    agreement = steps["fastdiff vs eager agreement bf16"]
     assert agreement["status"] == "pass"
     errors, bounds = agreement["data"]["errors"]["fastdiff"], agreement["data"]["bounds"]
     assert all(0 <= errors[key] <= bounds[key] for key in ("loss", "grad"))
-    compiled = steps["fastdiff vs torch.compile(eager) agreement"]
+    compiled = steps["fastdiff vs torch.compile(eager) agreement bf16"]
     assert compiled["status"] == "not run" and "no CUDA device" in compiled["detail"]
-    assert set(steps["step time and peak memory"]["data"]["seconds"]) == {"fastdiff", "eager"}
+    assert set(steps["step time and peak memory bf16"]["data"]["seconds"]) == {"fastdiff", "eager"}
     timing = [r for r in results if r["group"] == "kernel_timing"]
     assert all(r["status"] == "info" and math.isfinite(r["data"].get("GBps", 0.0)) for r in timing)
     markdown = (tmp_path / "selftest.md").read_text()
