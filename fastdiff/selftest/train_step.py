@@ -15,11 +15,12 @@ resident before it, reported as ratios.
 import contextlib
 import copy
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from fastdiff import ops
+from fastdiff.ops import backend as backends
 from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from fastdiff.selftest.cases import MODELS
 from fastdiff.selftest.eager import make_eager
@@ -232,19 +233,26 @@ def _check_step_time(bench: TrainBench) -> Result:
 def plan(options: Options) -> list[Check]:
     bench = TrainBench(options)
     label = bench.label
-    compiled = f"fastdiff vs torch.compile(eager) agreement, {label} bf16"
+    refusal = backends.backend_refusal(bench.kernel, options.device)
+
+    def unless_refused(check: Callable[[], Result]) -> Callable[[], Result]:
+        if refusal:
+            return lambda: not_run(GROUP, "", "unavailable", f"fastdiff's {bench.kernel} kernels: {refusal}")
+        return check
+
+    def compiled() -> Result:
+        if not options.is_cuda:
+            return not_run(
+                GROUP, "", "device", "no CUDA device (inductor's CPU compile of a UNet takes minutes)"
+            )
+        return _check_agreement(bench, "torch.compile")
+
     return [
-        Check(f"fastdiff vs eager agreement, {label} fp32", lambda: _check_fp32(bench)),
-        Check(f"fastdiff vs eager agreement, {label} bf16", lambda: _check_agreement(bench, "eager")),
+        Check(f"fastdiff vs eager agreement, {label} fp32", unless_refused(lambda: _check_fp32(bench))),
         Check(
-            compiled,
-            lambda: (
-                _check_agreement(bench, "torch.compile")
-                if options.is_cuda
-                else not_run(
-                    GROUP, "", "device", "no CUDA device (inductor's CPU compile of a UNet takes minutes)"
-                )
-            ),
+            f"fastdiff vs eager agreement, {label} bf16",
+            unless_refused(lambda: _check_agreement(bench, "eager")),
         ),
-        Check(f"step time and peak memory, {label} bf16", lambda: _check_step_time(bench)),
+        Check(f"fastdiff vs torch.compile(eager) agreement, {label} bf16", unless_refused(compiled)),
+        Check(f"step time and peak memory, {label} bf16", unless_refused(lambda: _check_step_time(bench))),
     ]
