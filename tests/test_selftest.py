@@ -11,6 +11,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -208,6 +209,7 @@ def test_a_killed_process_leaves_the_reports_of_the_checks_before(tmp_path):
         f"""
         import os, sys
         from pathlib import Path
+from types import SimpleNamespace
         import torch
         sys.path.insert(0, {str(ROOT / "tests")!r})
         from test_selftest import Planned, _passing
@@ -272,6 +274,41 @@ def test_compile_counts_come_from_the_launch_layer_when_it_counts(tmp_path, monk
         "k2",
     ]
     assert document["groups"]["b"]["compile_keys"] == ["k3"] and document["compiles"] == 3
+
+
+@pytest.mark.parametrize("counted", [False, True])
+def test_the_compile_clock_times_the_launches_that_compile(monkeypatch, counted):
+    """A launch that compiles spends its time on the host before it returns; one that does not returns at
+    once. Which launches compiled: the launch layer's counter (``counted``), else the first launch of each
+    compile key. CPU (interpreted) launches never compile."""
+    built: set[tuple] = set()
+
+    def run(kernel, grid, args, constexprs, *, like, config=None):
+        key = (kernel.name, tuple(constexprs.items()), like.device.type)
+        if like.device.type == "cuda" and key not in built:
+            built.add(key)
+            time.sleep(0.05)  # the compile
+        return "config"
+
+    fake = SimpleNamespace(run=run)
+    if counted:
+        fake.compile_count = lambda: len(built)
+    monkeypatch.setattr(compiles, "launch_layer", lambda: fake)
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0)), SimpleNamespace(device=torch.device("cpu"))
+    kernel = SimpleNamespace(name="gn_fwd")
+    clock = compiles.CompileClock()
+    with clock.installed():
+        for like, block, compiled in [
+            (cuda, 64, True),
+            (cuda, 64, False),
+            (cuda, 128, True),
+            (cpu, 256, False),
+        ]:
+            before = clock.seconds
+            assert fake.run(kernel, (1,), (3,), {"BLOCK": block}, like=like) == "config"
+            assert (clock.seconds - before >= 0.05) == compiled
+    assert fake.run is run  # restored
+    assert clock.seconds == pytest.approx(0.1, abs=0.05)
 
 
 def test_compile_counts_are_unavailable_without_the_counter(tmp_path, monkeypatch):
@@ -401,7 +438,9 @@ def test_no_kernel_backend_is_a_failure_not_an_empty_pass(monkeypatch):
 def test_quick_run_on_cpu_writes_its_reports(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "fastdiff.selftest", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+        # a budget no shared CI machine runs out of: this test is about what --quick checks, not its time
+        [sys.executable, "-m", "fastdiff.selftest", "--quick", "--device", "cpu", "--budget", "3000"]
+        + ["--out", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
@@ -411,7 +450,7 @@ def test_quick_run_on_cpu_writes_its_reports(tmp_path):
     assert "selftest PASSED" in done.stdout
     document = _load(tmp_path)
     assert document["schema"] == SCHEMA and document["finished"] and document["verdict"] == "PASSED"
-    assert document["options"] == {"device": "cpu", "quick": True, "budget_s": 300.0, "groups": list(NAMES)}
+    assert document["options"] == {"device": "cpu", "quick": True, "budget_s": 3000.0, "groups": list(NAMES)}
     results = document["results"]
     assert [g for g in document["groups"]] == list(NAMES) and {r["group"] for r in results} == set(NAMES)
     for r in results:
