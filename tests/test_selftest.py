@@ -437,10 +437,10 @@ def test_no_kernel_backend_is_a_failure_not_an_empty_pass(monkeypatch):
 @pytest.mark.slow
 def test_quick_run_on_cpu_writes_its_reports(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    # a budget no shared CI machine runs out of: this test is about what --quick checks, not its time
+    flags = ["--quick", "--device", "cpu", "--budget", "3000", "--out", str(tmp_path)]
     done = subprocess.run(
-        # a budget no shared CI machine runs out of: this test is about what --quick checks, not its time
-        [sys.executable, "-m", "fastdiff.selftest", "--quick", "--device", "cpu", "--budget", "3000"]
-        + ["--out", str(tmp_path)],
+        [sys.executable, "-m", "fastdiff.selftest", *flags],
         capture_output=True,
         text=True,
         env=env,
