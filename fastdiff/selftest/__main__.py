@@ -124,9 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     else:
         torch.cuda.set_device(device)
+    from fastdiff.selftest.compiles import triton_problem
     from fastdiff.selftest.records import Options  # after TRITON_INTERPRET is settled
     from fastdiff.selftest.run import run
-    from fastdiff.selftest.versions import triton_problem
 
     if triton_problem():
         print(f"fastdiff.selftest: {triton_problem()}; the Triton kernels are not checked", file=sys.stderr)

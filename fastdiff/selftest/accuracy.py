@@ -8,6 +8,7 @@ import torch
 
 from fastdiff import ops
 from fastdiff.ops import backend as backends
+from fastdiff.selftest import compiles
 from fastdiff.selftest.cases import OpCase, as_float64, forward_backward, quick_cases, unet_cases
 from fastdiff.selftest.records import Check, Options, Result, compare, not_run
 
@@ -66,7 +67,7 @@ def _case_check(case: OpCase, backend: str, options: Options, seed: int, group: 
 
 def no_kernel_backend(options: Options, group: str) -> Check:
     """A failing check: no fastdiff kernel runs on this device (nothing else could be proven)."""
-    why = backends._triton_missing() or "Triton cannot serve this device"
+    why = compiles.triton_problem() or "Triton cannot serve this device"
     if not options.is_cuda:
         why = f"the C++ extension is not built ({backends.CPP_IMPORT_ERROR}) and {why}"
     return Check(

@@ -18,12 +18,20 @@ import time
 from collections.abc import Iterator
 from types import ModuleType
 
+import torch
+
 from fastdiff.ops import backend as backends
+
+
+def triton_problem() -> str:
+    """Why fastdiff's Triton kernels cannot run in this process at all ('' when they can): Triton missing
+    or older than the kernels take. One message for a whole run; the CPU backends still run under auto."""
+    return backends.backend_refusal("triton", torch.device("cpu"))
 
 
 def launch_layer() -> ModuleType | None:
     """``fastdiff.kernels.launch`` when a usable Triton is installed, else None."""
-    if backends._triton_missing():
+    if triton_problem():
         return None
     try:
         from fastdiff.kernels import launch

@@ -7,6 +7,7 @@ Each list's first config runs before any list's second, so a budget cut leaves e
 
 import contextlib
 import functools
+import importlib
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -15,7 +16,7 @@ import torch
 from fastdiff import ops
 from fastdiff.selftest.accuracy import _cross_attention_supported, generator
 from fastdiff.selftest.cases import OpCase, as_float64, forward_backward
-from fastdiff.selftest.compiles import launch_layer
+from fastdiff.selftest.compiles import launch_layer, triton_problem
 from fastdiff.selftest.records import Check, Options, Result, compare, not_run
 
 GROUP = "all_configs"
@@ -88,10 +89,10 @@ class Probes:
 def plan(options: Options) -> list[Check]:
     launch = launch_layer()
     if launch is None or "triton" not in ops.available_backends():
-        why = ops.backend._triton_missing() or "Triton cannot run here"
+        why = triton_problem() or "Triton cannot run here"
         return [Check("config lists", lambda: not_run(GROUP, "", "unavailable", why))]
     for family in ("group_norm", "attention"):  # their import registers the kernels' lists
-        __import__(f"fastdiff.kernels.{family}")
+        importlib.import_module(f"fastdiff.kernels.{family}")
     lists = launch.config_lists()
     order = sorted(
         ((index, name, config) for name, configs in lists.items() for index, config in enumerate(configs)),

@@ -46,12 +46,6 @@ def versions(options: Options) -> dict[str, Any]:
     return info
 
 
-def triton_problem() -> str:
-    """Why fastdiff's Triton kernels cannot run in this process ('' when they can): one message for the
-    whole run (the CPU backends still run under ``auto``)."""
-    return backends._triton_missing()
-
-
 def _check_versions(options: Options) -> Result:
     info = versions(options)
     gpu = info.get("gpu")
@@ -67,7 +61,7 @@ def _check_versions(options: Options) -> Result:
 
 
 def _check_triton(options: Options) -> Result:
-    problem = triton_problem()
+    problem = compiles.triton_problem()
     if problem:
         where = "CUDA falls back to PyTorch's kernels" if options.is_cuda else "the CPU backends still run"
         return not_run(GROUP, "triton kernels", "unavailable", f"{problem}; {where}")
