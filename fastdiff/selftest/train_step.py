@@ -1,15 +1,16 @@
 """Group ``train_step``: improved-diffusion's 64x64 UNet (a 16x16 one with --quick) trained one step in
 bf16 autocast on fastdiff's kernels (triton on CUDA, cpp on a CPU), against the same UNet and weights in
 improved-diffusion's eager code (``eager.make_eager``: GroupNorm32 in fp32, ``nn.SiLU``, einsum attention)
-and, on CUDA, against ``torch.compile`` of that eager UNet (inductor).
+and, on CUDA, against ``torch.compile`` of that eager UNet (inductor); last, on CUDA, fastdiff's UNet under
+``torch.compile(fullgraph=True)`` with inductor, as ``fastdiff.train --compile True`` runs it.
 
 The weights are moved off improved-diffusion's init (``_unzero``), so every layer's gradient counts.
 Agreement: fastdiff's fp32 step against the eager one (both TF32 off) within ``FP32_AGREEMENT``; then
 every contestant's bf16 loss and gradients are compared with the eager UNet in exact fp32, and fastdiff
 passes when its error is within ``AGREEMENT_FACTOR`` x the other contestant's error in the same bf16
 autocast plus ``AGREEMENT_FLOOR`` (errors: |loss - ref| / |ref|, ||grad - ref|| / ||ref|| over all
-parameters). Then step time (forward, backward, AdamW) and the step's peak memory above what was
-resident before it, reported as ratios.
+parameters). Step time (forward, backward, AdamW) and the step's peak memory above what was resident
+before it are reported as ratios. Each check stands alone, so a budget cut keeps the checks before it.
 """
 
 import contextlib
@@ -90,6 +91,10 @@ class TrainBench:
         self.batch = 2 if options.quick or not options.is_cuda else 16
         model_name = "tiny 16x16" if options.quick else "ImageNet-64"
         self.label = f"{model_name} UNet batch {self.batch}"
+        self._nets: dict[str, tuple[torch.nn.Module, str]] = {}
+        self._bf16: dict[str, dict[str, float]] = {}
+        self._steps: dict[str, tuple[float, int | None]] = {}
+        self._fastdiff_grads: Tensor | None = None
 
     @functools.cached_property
     def setup(self):
@@ -128,56 +133,84 @@ class TrainBench:
         with _exact_fp32():
             return self.loss_and_grads(self.setup[1], "auto", bf16=False)
 
-    @functools.cached_property
-    def compiled(self) -> torch.nn.Module:
-        """``torch.compile`` of the eager UNet (inductor); its first forward+backward is timed as
-        compiling."""
-        net = torch.compile(self.setup[1])
-        compiled_first_call(lambda: self.loss(net, "auto", bf16=True).backward(), self.options.device)
-        net.zero_grad(set_to_none=True)
-        return net
+    def net(self, name: str) -> tuple[torch.nn.Module, str]:
+        """Contestant ``name`` (one of ``CONTESTANTS``): its module and the backend its fastdiff ops run on.
+        The compiled ones are compiled on first use, their first forward+backward timed as compiling."""
+        if name not in self._nets:
+            model, eager_model = self.setup[:2]
+            if name in ("fastdiff", "eager"):
+                self._nets[name] = (model, self.kernel) if name == "fastdiff" else (eager_model, "auto")
+            else:
+                source, backend = self.net(name.removeprefix("torch.compile(").removesuffix(")"))
+                net = torch.compile(source, fullgraph=source is model)
+                compiled_first_call(
+                    lambda: self.loss(net, backend, bf16=True).backward(), self.options.device
+                )
+                net.zero_grad(set_to_none=True)
+                self._nets[name] = (net, backend)
+        return self._nets[name]
 
-    def errors(self, loss: float, grads: Tensor) -> dict[str, float]:
-        """Relative loss and gradient errors against the fp32 reference."""
-        ref_loss, ref_grads = self.reference
-        grad = ((grads.double() - ref_grads.double()).norm() / ref_grads.double().norm()).item()
-        return {"loss": abs(loss - ref_loss) / abs(ref_loss), "grad": grad}
+    def bf16(self, name: str) -> dict[str, float]:
+        """Contestant ``name``'s bf16 loss, and its loss and gradient errors against the fp32 reference;
+        also ``grad_vs_fastdiff``, its gradients' distance from fastdiff's (relative)."""
+        if name != "fastdiff":
+            self.bf16("fastdiff")  # its gradients, for the distance
+        if name not in self._bf16:
+            loss, grads = self.loss_and_grads(*self.net(name), bf16=True)
+            ref_loss, ref_grads = self.reference
+            found = {"loss_value": loss, "loss": abs(loss - ref_loss) / abs(ref_loss)}
+            found["grad"] = ((grads.double() - ref_grads.double()).norm() / ref_grads.double().norm()).item()
+            if name == "fastdiff":
+                self._fastdiff_grads = grads
+            else:
+                ours = self._fastdiff_grads
+                found["grad_vs_fastdiff"] = ((grads - ours).norm() / ours.norm()).item()
+            self._bf16[name] = found
+        return self._bf16[name]
+
+    def step(self, name: str) -> tuple[float, int | None]:
+        """Contestant ``name``'s median bf16 step time (forward, backward, AdamW) and, on CUDA, the step's
+        peak memory above what was resident before it. AdamW runs with lr 0: a training step's work, with
+        the weights left as they were for the checks after it."""
+        if name not in self._steps:
+            net, backend = self.net(name)
+            optimizer = torch.optim.AdamW(net.parameters(), lr=0.0)
+            resident = 0
+            if self.options.is_cuda:
+                _sync(self.options.device)
+                resident = torch.cuda.memory_allocated(self.options.device)
+                torch.cuda.reset_peak_memory_stats(self.options.device)
+
+            def train() -> None:
+                net.zero_grad(set_to_none=True)
+                self.loss(net, backend, bf16=True).backward()
+                optimizer.step()
+
+            repeats = self.options if self.options.is_cuda else Options(self.options.device, quick=True)
+            seconds = median_seconds(train, repeats, warmup=1)
+            peak = None
+            if self.options.is_cuda:
+                peak = torch.cuda.max_memory_allocated(self.options.device) - resident
+            del train, optimizer  # frees the optimizer state
+            net.zero_grad(set_to_none=True)
+            self._steps[name] = (seconds, peak)
+        return self._steps[name]
 
 
-def _check_agreement(bench: TrainBench, other: str) -> Result:
-    """fastdiff's bf16 step against ``other`` (``eager`` or ``torch.compile``) in bf16, both measured
-    against the fp32 eager step."""
-    model, eager_model = bench.setup[:2]
-    ours_loss, ours_grads = bench.loss_and_grads(model, bench.kernel, bf16=True)
-    net = eager_model if other == "eager" else bench.compiled
-    their_loss, their_grads = bench.loss_and_grads(net, "auto", bf16=True)
-    ours, theirs = bench.errors(ours_loss, ours_grads), bench.errors(their_loss, their_grads)
-    difference = (ours_grads - their_grads).norm() / their_grads.norm()
-    bounds = {key: AGREEMENT_FACTOR * theirs[key] + AGREEMENT_FLOOR[key] for key in ours}
-    failed = [
-        f"{key} error {ours[key]:.3g} > bound {bounds[key]:.3g}"
-        for key in ours
-        if not ours[key] <= bounds[key]
-    ]
-    detail = "; ".join(failed) or (
-        f"errors vs fp32: fastdiff loss {ours['loss']:.2g} grad {ours['grad']:.2g}, {other} loss "
-        f"{theirs['loss']:.2g} grad {theirs['grad']:.2g}; fastdiff vs {other} grad {difference:.2g}"
-    )
-    data = {
-        "losses": {"fastdiff": ours_loss, other: their_loss, "fp32_eager": bench.reference[0]},
-        "errors": {"fastdiff": ours, other: theirs},
-        "bounds": bounds,
-        "grad_difference": difference.item(),
-        "backend": bench.kernel,
-    }
-    return Result(GROUP, "", "fail" if failed else "pass", detail, data)
+CONTESTANTS = ("fastdiff", "eager", "torch.compile(eager)", "torch.compile(fastdiff)")
+"""fastdiff's UNet; the same UNet in improved-diffusion's eager code; inductor's compile of that eager
+UNet; inductor's compile of fastdiff's UNet (``fullgraph=True``, as ``fastdiff.train --compile True``)."""
 
 
 def _check_fp32(bench: TrainBench) -> Result:
     """fastdiff's fp32 step (TF32 off) against the eager fp32 step: within ``FP32_AGREEMENT``."""
     with _exact_fp32():
         loss, grads = bench.loss_and_grads(bench.setup[0], bench.kernel, bf16=False)
-    errors = bench.errors(loss, grads)
+    ref_loss, ref_grads = bench.reference
+    errors = {
+        "loss": abs(loss - ref_loss) / abs(ref_loss),
+        "grad": ((grads.double() - ref_grads.double()).norm() / ref_grads.double().norm()).item(),
+    }
     failed = [
         f"{k} error {errors[k]:.3g} > {FP32_AGREEMENT[k]:g}"
         for k in errors
@@ -188,71 +221,81 @@ def _check_fp32(bench: TrainBench) -> Result:
     return Result(GROUP, "", "fail" if failed else "pass", detail, data)
 
 
-def _check_step_time(bench: TrainBench) -> Result:
-    """Median bf16 step time (forward, backward, AdamW) of each contestant; on CUDA its peak memory."""
-    options = bench.options
-    model, eager_model = bench.setup[:2]
-    contestants = {"fastdiff": (model, bench.kernel), "eager": (eager_model, "auto")}
-    if options.is_cuda:
-        contestants["torch.compile"] = (bench.compiled, "auto")
-    seconds, peaks = {}, {}
-    repeats = options if options.is_cuda else Options(options.device, quick=True)  # CPU: 3 steps
-    for name, (net, backend) in contestants.items():
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        resident = 0
-        if options.is_cuda:
-            _sync(options.device)
-            resident = torch.cuda.memory_allocated(options.device)
-            torch.cuda.reset_peak_memory_stats(options.device)
+def _check_agreement(bench: TrainBench, ours: str, theirs: str, timed: bool) -> Result:
+    """``ours``' bf16 errors against the fp32 step within ``AGREEMENT_FACTOR`` x ``theirs``' plus the floor;
+    with ``timed``, both contestants' step times and peak memory too (ratios: theirs / ours)."""
+    mine, other = bench.bf16(ours), bench.bf16(theirs)
+    bounds = {key: AGREEMENT_FACTOR * other[key] + AGREEMENT_FLOOR[key] for key in AGREEMENT_FLOOR}
+    failed = [f"{k} error {mine[k]:.3g} > bound {bounds[k]:.3g}" for k in bounds if not mine[k] <= bounds[k]]
+    detail = "; ".join(failed) or (
+        f"errors vs fp32: {ours} loss {mine['loss']:.2g} grad {mine['grad']:.2g}, {theirs} loss "
+        f"{other['loss']:.2g} grad {other['grad']:.2g}"
+    )
+    if ours != "fastdiff":
+        detail += f"; {ours} vs fastdiff grad {mine['grad_vs_fastdiff']:.2g}"
+    data = {"errors": {ours: mine, theirs: other}, "bounds": bounds, "backend": bench.kernel}
+    if timed:
+        timing = _steps(bench, (ours, theirs, *(n for n in bench._steps if n not in (ours, theirs))))
+        detail += "; " + timing.detail
+        data.update(timing.data)
+    return Result(GROUP, "", "fail" if failed else "pass", detail, data)
 
-        def train(net=net, backend=backend, optimizer=optimizer) -> None:
-            net.zero_grad(set_to_none=True)
-            bench.loss(net, backend, bf16=True).backward()
-            optimizer.step()
 
-        seconds[name] = median_seconds(train, repeats, warmup=1)
-        if options.is_cuda:  # the step's peak above what was resident before it (every model's weights)
-            peaks[name] = torch.cuda.max_memory_allocated(options.device) - resident
-        del train, optimizer  # frees the optimizer state before the next contestant's steps
-        net.zero_grad(set_to_none=True)
-    ours = seconds["fastdiff"]
-    speedup = {name: seconds[name] / ours for name in seconds if name != "fastdiff"}
-    detail = f"{ours * 1e3:.1f} ms on {bench.kernel}; " + ", ".join(
+def _steps(bench: TrainBench, names: tuple[str, ...]) -> Result:
+    """Step times and peak memory of ``names``; ratios of the others to the first."""
+    measured = {name: bench.step(name) for name in names}
+    seconds = {name: found[0] for name, found in measured.items()}
+    first = names[0]
+    speedup = {name: seconds[name] / seconds[first] for name in names[1:]}
+    detail = f"step {seconds[first] * 1e3:.1f} ms {first}, " + ", ".join(
         f"{seconds[n] * 1e3:.1f} ms {n} ({speedup[n]:.2f}x)" for n in speedup
     )
-    data = {"seconds": seconds, "speedup": speedup, "precision": "bf16", "flags": bench.flags}
-    if options.is_cuda:
+    data: dict = {"step_seconds": seconds, "step_speedup": speedup, "precision": "bf16", "flags": bench.flags}
+    if bench.options.is_cuda:
+        peaks = {name: found[1] for name, found in measured.items()}
         data["step_peak_bytes"] = peaks
-        data["peak_ratio"] = {n: peaks["fastdiff"] / peaks[n] for n in peaks if n != "fastdiff"}
+        data["peak_ratio"] = {n: peaks[first] / peaks[n] for n in names[1:]}
         detail += "; step peak above resident " + ", ".join(f"{n} {peaks[n] / 2**20:.0f} MiB" for n in peaks)
     else:
-        detail += "; torch.compile and peak memory: not run (no CUDA device)"
+        detail += "; peak memory not measured on a CPU"
     return Result(GROUP, "", "info", detail, data)
 
 
 def plan(options: Options) -> list[Check]:
     bench = TrainBench(options)
-    label = bench.label
+    label = f"{bench.label} bf16"
     refusal = backends.backend_refusal(bench.kernel, options.device)
 
-    def unless_refused(check: Callable[[], Result]) -> Callable[[], Result]:
+    def ready(check: Callable[[], Result], cuda_only: bool = False) -> Callable[[], Result]:
         if refusal:
             return lambda: not_run(GROUP, "", "unavailable", f"fastdiff's {bench.kernel} kernels: {refusal}")
+        if cuda_only and not options.is_cuda:
+            why = "no CUDA device (inductor's CPU compile of a UNet takes minutes; tests/ cover it on CPU)"
+            return lambda: not_run(GROUP, "", "device", why)
         return check
 
-    def compiled() -> Result:
-        if not options.is_cuda:
-            return not_run(
-                GROUP, "", "device", "no CUDA device (inductor's CPU compile of a UNet takes minutes)"
-            )
-        return _check_agreement(bench, "torch.compile")
-
     return [
-        Check(f"fastdiff vs eager agreement, {label} fp32", unless_refused(lambda: _check_fp32(bench))),
+        Check(f"fastdiff vs eager agreement, {bench.label} fp32", ready(lambda: _check_fp32(bench))),
         Check(
-            f"fastdiff vs eager agreement, {label} bf16",
-            unless_refused(lambda: _check_agreement(bench, "eager")),
+            f"fastdiff vs eager agreement, {label}",
+            ready(lambda: _check_agreement(bench, "fastdiff", "eager", timed=False)),
         ),
-        Check(f"fastdiff vs torch.compile(eager) agreement, {label} bf16", unless_refused(compiled)),
-        Check(f"step time and peak memory, {label} bf16", unless_refused(lambda: _check_step_time(bench))),
+        Check(
+            f"fastdiff vs eager step time and peak memory, {label}",
+            ready(lambda: _steps(bench, CONTESTANTS[:2])),
+        ),
+        Check(
+            f"fastdiff vs torch.compile(eager), {label}",
+            ready(
+                lambda: _check_agreement(bench, "fastdiff", "torch.compile(eager)", timed=True),
+                cuda_only=True,
+            ),
+        ),
+        Check(
+            f"torch.compile(fastdiff) fullgraph vs eager, {label}",
+            ready(
+                lambda: _check_agreement(bench, "torch.compile(fastdiff)", "eager", timed=True),
+                cuda_only=True,
+            ),
+        ),
     ]
