@@ -209,7 +209,6 @@ def test_a_killed_process_leaves_the_reports_of_the_checks_before(tmp_path):
         f"""
         import os, sys
         from pathlib import Path
-from types import SimpleNamespace
         import torch
         sys.path.insert(0, {str(ROOT / "tests")!r})
         from test_selftest import Planned, _passing
