@@ -47,8 +47,9 @@ GROUPS: tuple[Group, ...] = (
         "train_step",
         "train_step",
         "improved-diffusion's 64x64 UNet train step (bf16 autocast) on fastdiff's kernels against the same "
-        "UNet in improved-diffusion's eager code and against torch.compile of that eager code: loss and "
-        "gradient agreement, step-time ratios, peak memory.",
+        "UNet in improved-diffusion's eager code and against torch.compile of that eager code, then "
+        "fastdiff's UNet under torch.compile(fullgraph=True): loss and gradient agreement, step-time "
+        "ratios, peak memory.",
         0.32,
     ),
     Group(

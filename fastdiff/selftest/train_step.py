@@ -270,7 +270,7 @@ def plan(options: Options) -> list[Check]:
         if refusal:
             return lambda: not_run(GROUP, "", "unavailable", f"fastdiff's {bench.kernel} kernels: {refusal}")
         if cuda_only and not options.is_cuda:
-            why = "no CUDA device (inductor's CPU compile of a UNet takes minutes; tests/ cover it on CPU)"
+            why = "no CUDA device (inductor's CPU compile of a UNet takes minutes)"
             return lambda: not_run(GROUP, "", "device", why)
         return check
 
