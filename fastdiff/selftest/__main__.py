@@ -1,10 +1,10 @@
 """``python -m fastdiff.selftest [--device cuda:N|cpu] [--quick] [--out DIR] [--budget SECONDS]
 [--only GROUPS] [--skip GROUPS]``.
 
-The default budget, ``DEFAULT_BUDGET``, is sized so that a cold H100 (empty Triton and inductor caches)
-finishes the first five groups (versions, accuracy, determinism, train_step, kernel_timing) inside it,
-compiles included; what is left of it goes to ``large`` and ``all_configs``, and what the budget cuts is
-reported as not run. How it was sized: README, "Proving a new machine".
+The default budget, ``DEFAULT_BUDGET``, is sized for a cold H100 (empty Triton and inductor caches) to
+run the first five groups (versions, accuracy, determinism, train_step, kernel_timing), compiles
+included; each group has a share of it, what a group leaves goes to the next, and what the budget cuts
+is reported as not run. How it was sized: the notes under ``groups.GROUPS``.
 """
 
 import argparse
