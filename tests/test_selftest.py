@@ -18,7 +18,7 @@ import torch
 
 from fastdiff import ops
 from fastdiff.ops import backend as backends
-from fastdiff.selftest import accuracy, compiles, run
+from fastdiff.selftest import accuracy, compiles, run, timing
 from fastdiff.selftest.__main__ import main
 from fastdiff.selftest.cases import NORM_OPS, OpCase, as_float64, forward_backward
 from fastdiff.selftest.groups import NAMES, select
@@ -273,6 +273,21 @@ def test_compile_counts_come_from_the_launch_layer_when_it_counts(tmp_path, monk
         "k2",
     ]
     assert document["groups"]["b"]["compile_keys"] == ["k3"] and document["compiles"] == 3
+
+
+def test_a_first_call_is_compile_time_counted_once():
+    """A ``torch.compile`` first call is compile time; Triton compiles inside it are not counted twice."""
+    clock = compiles.CompileClock()
+
+    def first_call() -> None:
+        compiles.add_compile_seconds(0.1)  # a Triton compile inside, counted by the launch clock
+        time.sleep(0.15)
+
+    with clock.installed():
+        assert timing.compiled_first_call(first_call, torch.device("cpu")) >= 0.15
+    assert clock.seconds == pytest.approx(0.15, abs=0.04)
+    compiles.add_compile_seconds(1.0)  # outside a runner: counted nowhere
+    assert clock.seconds == pytest.approx(0.15, abs=0.04)
 
 
 @pytest.mark.parametrize("counted", [False, True])

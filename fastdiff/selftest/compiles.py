@@ -69,6 +69,11 @@ def add_compile_seconds(seconds: float) -> None:
         _ACTIVE[-1].add(seconds)
 
 
+def counted_seconds() -> float:
+    """Compile seconds the running clock has counted so far (0 outside a runner)."""
+    return _ACTIVE[-1].seconds if _ACTIVE else 0.0
+
+
 class CompileClock:
     """Seconds spent compiling: Triton launches that compiled (see the module doc) and what checks add
     with :meth:`add` (``torch.compile``'s first calls). ``seconds`` only grows; read it before and after."""
