@@ -346,6 +346,15 @@ def test_only_and_skip_select_groups_in_priority_order():
     assert [g.name for g in select(["accuracy", "large"], ["large"])] == ["accuracy"]
 
 
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_group_plans_uniquely_named_checks(quick):
+    """Names are what --only reruns and what the reports key on; planning runs nothing."""
+    options = Options(torch.device("cpu"), quick)
+    for group in select(None, None):
+        names = [check.name for check in group.plan(options)]
+        assert names and len(set(names)) == len(names), group.name
+
+
 def test_only_reruns_one_group(tmp_path):
     assert main(["--device", "cpu", "--quick", "--only", "versions", "--out", str(tmp_path)]) == 0
     document = _load(tmp_path)
