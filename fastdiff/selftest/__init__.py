@@ -1,6 +1,7 @@
-"""``python -m fastdiff.selftest``: prove fastdiff's kernels on this machine's device.
+"""``python -m fastdiff.selftest``: prove fastdiff's kernels on this machine's device within a time budget.
 
-Versions, every op at real-model and large shapes against float64, every launch config, determinism,
-timings against PyTorch's kernels, first-call times and a UNet train step; writes ``selftest.json`` and
-``selftest.md`` and exits non-zero when a check fails. See README, "Proving a new machine".
+Groups, in priority order (``groups.GROUPS``): versions, accuracy, determinism, train_step, kernel_timing,
+large, all_configs. Each group plans named checks; the runner (``run``) runs them while the budget lasts,
+rewrites ``selftest.json`` and ``selftest.md`` after every check and reports what it could not run as
+``not run``. See README, "Proving a new machine".
 """

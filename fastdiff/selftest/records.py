@@ -1,31 +1,59 @@
-"""The selftest's vocabulary: one :class:`Result` per check, the run's :class:`Options`, the error bound."""
+"""The selftest's vocabulary: one :class:`Result` per check, a planned :class:`Check`, the run's
+:class:`Options`, and the accuracy bound."""
 
 import math
-import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-STATUSES = ("pass", "fail", "skip", "info")
-"""``pass``/``fail``: a check with a bound; ``skip``: not run here, with the reason; ``info``: a figure."""
+STATUSES = ("pass", "fail", "error", "not run", "info")
+"""``pass``/``fail``: a check with a bound; ``error``: the check raised (its exception is the detail);
+``not run``: never run, with the reason (the budget was spent, no CUDA device, ...; never a pass);
+``info``: a figure with no bound (timings)."""
+
+NOT_RUN_REASONS = ("budget", "device", "unavailable", "crash", "quick")
+"""Why a check was not run (``data["reason"]``): the ``--budget`` was spent before it started; the
+device cannot run it (e.g. no CUDA device); something it needs is missing (Triton, memory, a backend);
+an earlier CUDA fault left no usable device; ``--quick`` leaves it out."""
 
 
 @dataclass
 class Result:
-    """One check's outcome: ``group`` (accuracy, configs, timing, ...), a unique ``name``, ``status``,
-    a one-line ``detail`` for people and ``data`` (numbers, bounds) for machines."""
+    """One check's outcome: ``group`` (accuracy, train_step, ...), a unique ``name``, ``status``, a one-line
+    ``detail`` for people and ``data`` (numbers, bounds) for machines. The runner fills in ``seconds``
+    (wall time, compiles excluded), ``compile_seconds`` (Triton compiles and ``torch.compile`` first
+    calls) and ``compiles`` (distinct Triton compilations; None when the launch layer cannot count)."""
 
     group: str
     name: str
     status: str
     detail: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+    compiles: int | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+
+def not_run(group: str, name: str, reason: str, detail: str) -> Result:
+    """A check that did not run: ``reason`` one of ``NOT_RUN_REASONS``, ``detail`` says why."""
+    if reason not in NOT_RUN_REASONS:
+        raise ValueError(f"reason must be one of {NOT_RUN_REASONS}, got {reason!r}")
+    return Result(group, name, "not run", detail, {"reason": reason})
+
+
+@dataclass(frozen=True)
+class Check:
+    """One planned check: its ``name`` (unique in its group) and ``run``, which returns its Result (the
+    runner sets the Result's group and name to the plan's, times it and catches what it raises)."""
+
+    name: str
+    run: Callable[[], Result]
 
 
 @dataclass(frozen=True)
@@ -48,8 +76,6 @@ class Options:
         """Timed runs per measurement (their median is reported)."""
         return 3 if self.quick else 15
 
-
-Check = Callable[[Options], Iterable[Result]]
 
 ERROR_FACTOR = 4.0
 """A kernel may be this many times further from float64 than the torch backend in the same dtype ..."""
@@ -110,12 +136,3 @@ def compare(
             failed.append(f"{key} error {error:.3g} > bound {bound:.3g}")
     detail = "; ".join(failed) if failed else f"worst error/bound {worst:.2f}"
     return Result(group, name, "fail" if failed else "pass", detail, {"errors": errors, "worst_ratio": worst})
-
-
-def guarded(group: str, check: Check, options: Options) -> Iterator[Result]:
-    """Run ``check``; an exception becomes one failed Result naming it (the remaining checks still run)."""
-    try:
-        yield from check(options)
-    except Exception as error:  # a crashing check is a failed check
-        last = traceback.format_exception_only(type(error), error)[-1].strip()
-        yield Result(group, f"{group}: {check.__name__} crashed", "fail", last)
