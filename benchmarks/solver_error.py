@@ -16,9 +16,10 @@ from collections.abc import Sequence
 
 import torch
 
-from fastdiff.app import build_inference_model
+from fastdiff import dist_util
+from fastdiff.config import SampleCommand, find_run_config
 from fastdiff.diffusion.sampling import sample_batch
-from fastdiff.training.model_flags import read_model_flags
+from fastdiff.runtime.inference import prepare_inference
 
 ROWS = (
     ("ddim", "uniform", 20), ("ddim", "uniform", 50), ("ddim", "uniform", 100),
@@ -31,22 +32,22 @@ ROWS = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.solver_error", description=__doc__)
-    parser.add_argument("--model_path", required=True, help="an ema_*.pt or model*.pt with model_flags.json")
+    parser.add_argument("--model_path", required=True, help="an ema_*.pt or model*.pt with run_config.json")
     parser.add_argument("--num_samples", type=int, default=48)
     parser.add_argument("--reference_steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    saved = read_model_flags(args.model_path)
-    if saved is None:
+    if find_run_config(args.model_path) is None:
         parser.error(
-            f"--model_path {args.model_path}: no model_flags.json beside it (fastdiff.train writes it)"
+            f"--model_path {args.model_path}: no run_config.json beside it (fastdiff.train writes it)"
         )
-    flags, classes = saved["model_and_diffusion"], len(saved.get("class_names", [])) or 1
-    model, diffusion = build_inference_model(flags, args.model_path, torch.device("cpu"))
-    size = flags["image_size"]
+    setup = prepare_inference(SampleCommand(), set(), args.model_path, dist_util.setup_dist("cpu"))
+    model, diffusion, model_config = setup.model, setup.diffusion, setup.config.model
+    classes = len(setup.class_names) or 1
+    size = model_config.image_size
     shape = (args.num_samples, 3, size, size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
-    kwargs = {"y": torch.arange(args.num_samples) % classes} if flags["class_cond"] else {}
+    kwargs = {"y": torch.arange(args.num_samples) % classes} if model_config.class_cond else {}
 
     def solve(sampler: str, spacing: str, steps: int) -> torch.Tensor:
         options = dict(sampler=sampler, timestep_spacing=spacing, steps=steps, model_kwargs=kwargs)

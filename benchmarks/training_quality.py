@@ -35,7 +35,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,25 +59,18 @@ def default_sizes() -> dict[str, int]:
     return {"steps": profile["max_steps"], "every": 500, "seeds": 3, "samples": 128, "ref": 1000}
 
 
-@contextlib.contextmanager
-def eager_training() -> Iterator[None]:
-    """Inside the block, fastdiff.train builds models whose fused modules compute with the eager code."""
+def eager_model_factory(stack: contextlib.ExitStack):
+    """A ``fastdiff.train.main(..., model_factory=...)`` whose models compute their fused modules with the
+    eager code for as long as ``stack`` is open."""
     from benchmarks.eager import eager_modules
-    from fastdiff import train
+    from fastdiff.builders import build_model
 
-    build = train.create_model_and_diffusion
-    with contextlib.ExitStack() as stack:
+    def build(model_config, diffusion_config):
+        model = build_model(model_config, diffusion_config)
+        stack.enter_context(eager_modules(model))
+        return model
 
-        def eager_build(**flags):
-            model, diffusion = build(**flags)
-            stack.enter_context(eager_modules(model))
-            return model, diffusion
-
-        train.create_model_and_diffusion = eager_build
-        try:
-            yield
-        finally:
-            train.create_model_and_diffusion = build
+    return build
 
 
 def _train(variant: str, seed: int, size: dict, log_dir: Path, device: str) -> list[tuple[int, float]]:
@@ -88,8 +81,9 @@ def _train(variant: str, seed: int, size: dict, log_dir: Path, device: str) -> l
     argv += ["--log_interval", str(min(size["every"], 50)), "--sample_interval", "0", "--eval_interval", "0"]
     argv += ["--keep_states", "1", "--log_dir", str(log_dir), "--device", device]
     argv += ["--kernels", "torch" if variant == "eager" else "auto", *VARIANTS[variant]]
-    with eager_training() if variant == "eager" else contextlib.nullcontext():
-        if train.main(argv) != 0:
+    with contextlib.ExitStack() as stack:
+        factory = {"model_factory": eager_model_factory(stack)} if variant == "eager" else {}
+        if train.main(argv, **factory) != 0:
             raise RuntimeError(f"training {variant} seed {seed} failed: fastdiff.train {' '.join(argv)}")
     with open(log_dir / "progress.csv", newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("images_per_s")]

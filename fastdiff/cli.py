@@ -68,11 +68,13 @@ def build_parser(
     specs = bundle.flag_specs()
     groups = {name: parser.add_argument_group(f"{kind.title} flags") for name, kind, _ in bundle.sections()}
     for spec in specs.values():
+        bare = {"nargs": "?", "const": True} if spec.kind is bool else {}  # `--quick` is `--quick True`
         groups[spec.section].add_argument(
             f"--{spec.flag}",
             type=flag_type(spec.kind),
             metavar=spec.kind.__name__.upper(),
             help=f"{spec.help} (default: {spec.default!r})".replace("%", "%%"),
+            **bare,
         )
     return parser
 

@@ -4,6 +4,8 @@ every path (training, previews, in-training evaluation, sample, nll, evaluate)."
 import dataclasses
 import itertools
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -108,13 +110,13 @@ def test_unreadable_run_config_files(tmp_path):
 
 
 def test_command_line_checks_name_the_flag():
-    with pytest.raises(ValueError, match="--lr: must be positive"):
+    with pytest.raises(ValueError, match="--lr must be positive"):
         train.parse_args(["--lr", "0"])
-    with pytest.raises(ValueError, match="--preview_sampler: must be one of"):
+    with pytest.raises(ValueError, match="--preview_sampler must be one of"):
         train.parse_args(["--preview_sampler", "plms"])
-    with pytest.raises(ValueError, match="--noise_schedule: must be one of"):
+    with pytest.raises(ValueError, match="--noise_schedule must be one of"):
         sample.parse_args(["--noise_schedule", "sigmoid"])
-    with pytest.raises(ValueError, match="--use_ddim: True asks for DDIM"):
+    with pytest.raises(ValueError, match="--use_ddim True asks for DDIM"):
         sample.parse_args(["--use_ddim", "True", "--sampler", "heun"])
 
 
@@ -242,3 +244,21 @@ def test_config_errors_carry_the_field():
     with pytest.raises(ConfigError) as caught:
         ModelConfig(class_dropout_prob=0.1)
     assert caught.value.field == "class_dropout_prob" and "class_cond" in str(caught.value)
+
+
+def test_inference_imports_nothing_from_training():
+    code = (
+        "import sys, fastdiff.sample, fastdiff.nll, fastdiff.evaluate; "
+        "print([name for name in sys.modules if name.startswith('fastdiff.training')])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", [train, sample, nll, evaluate])
+def test_every_entry_point_documents_each_flag_with_its_default(module, capsys):
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: " in text and "flags:" in text
+    assert "--image_size INT" in text and "--diffusion_steps INT" in text

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastdiff.config import SamplingConfig
 from fastdiff.diffusion import create_gaussian_diffusion
 from fastdiff.diffusion.sampling import (
     MIN_STEPS,
@@ -25,7 +26,6 @@ from fastdiff.diffusion.sampling import (
     check_sampling_options,
     resolve_spacing,
     sample_batch,
-    sampling_defaults,
     sampling_grid,
     step_indices,
 )
@@ -194,7 +194,7 @@ def test_euler_is_ddim_on_trained_steps():
 def test_auto_spacing_is_uniform_for_ddpm_ddim_and_logsnr_for_the_ode_samplers():
     diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine")
     model, noise = exact_model(diffusion), start_noise(8)
-    assert sampling_defaults()["timestep_spacing"] == "auto"
+    assert SamplingConfig().timestep_spacing == "auto"
     for sampler, spacing in {"ddpm": "uniform", "ddim": "uniform", "euler": "logsnr", "dpmpp_2m": "logsnr",
                              "heun": "logsnr"}.items():  # fmt: skip
         assert resolve_spacing(sampler, "auto") == spacing

@@ -103,7 +103,7 @@ def test_max_bad_steps_in_a_row_stop_the_run_before_anything_is_saved(tmp_path, 
 
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_max_bad_steps_must_be_positive(tmp_path, value):
-    with pytest.raises(ValueError, match="--max_bad_steps: must be positive"):
+    with pytest.raises(ValueError, match="--max_bad_steps must be positive"):
         _train(tmp_path, "--max_steps", "1", "--max_bad_steps", value)
 
 

@@ -22,6 +22,7 @@ from fastdiff.config.sections import (
     RuntimeConfig,
     SampleConfig,
     SamplingConfig,
+    SelftestConfig,
     TrainConfig,
 )
 
@@ -320,3 +321,10 @@ def with_saved_model(config: Bundle, saved: RunConfig, given: set[str]) -> tuple
     the names taken."""
     taken = {flag: value for flag, value in saved.model_flags().items() if flag not in given}
     return config.with_flags(taken), list(taken)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelftestCommand(Bundle):
+    """What ``fastdiff.selftest`` runs with."""
+
+    selftest: SelftestConfig = section(SelftestConfig)

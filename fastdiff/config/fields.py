@@ -14,10 +14,13 @@ SCALAR_TYPES = (bool, int, float, str)
 
 
 class ConfigError(ValueError):
-    """A config value that fails its check; ``field`` names it (``""`` for a rule over several fields)."""
+    """A config value that fails its check; ``field`` names it (``""`` for a rule over several fields) and
+    ``problem`` completes the sentence: ``lr`` + ``must be positive, got 0.0``."""
 
     def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}" if field else problem)
+        if field and problem.startswith(f"{field} "):  # a parser's message that names the field itself
+            problem = problem[len(field) + 1 :]
+        super().__init__(f"{field} {problem}" if field else problem)
         self.field = field
         self.problem = problem
 

@@ -6,6 +6,7 @@ behaviour. A new model flag is one field of :class:`ModelConfig` (and its use in
 """
 
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
@@ -108,7 +109,7 @@ def parse_ema_rates(rates: str | float | Sequence[float]) -> list[float]:
         raise ValueError(f"ema_rate must name at least one rate, got {rates!r}")
     for rate in values:
         if not 0.0 <= rate < 1.0:
-            raise ValueError(f"every ema_rate must be in [0, 1), got {rate}")
+            raise ValueError(f"ema_rate entries must each be in [0, 1), got {rate}")
     return values
 
 
@@ -157,11 +158,18 @@ class ModelConfig(Section):
     )
 
     def check(self) -> None:
-        for name, parse in (("attention_resolutions", parse_attention_resolutions),
-                            ("channel_mult", parse_channel_mult)):  # fmt: skip
-            problem = _parsed_by(parse, self.image_size)(getattr(self, name))
+        """Each field on its own; what depends on image_size (a default channel_mult for it, attention
+        resolutions that divide it) is checked when the model is built, once a run's config is complete."""
+        if self.channel_mult.strip():
+            problem = _parsed_by(parse_channel_mult, self.image_size)(self.channel_mult)
             if problem:
-                raise ConfigError(name, problem)
+                raise ConfigError("channel_mult", problem)
+        for entry in filter(str.strip, self.attention_resolutions.split(",")):
+            if not entry.strip().isdigit() or int(entry) < 1:
+                raise ConfigError(
+                    "attention_resolutions",
+                    f"must be comma-separated positive ints like '16,8', got {self.attention_resolutions!r}",
+                )
         if self.num_heads_upsample != -1 and self.num_heads_upsample <= 0:
             raise ConfigError("num_heads_upsample", f"must be positive or -1, got {self.num_heads_upsample}")
         if self.num_head_channels != -1 and self.num_head_channels <= 0:
@@ -403,8 +411,8 @@ class TrainConfig(Section):
         if batch_size % self.microbatch:
             raise ConfigError(
                 "microbatch",
-                f"batch_size {batch_size} (per rank) is not divisible by microbatch {self.microbatch}: every "
-                "microbatch must have the same size",
+                f"{self.microbatch}: batch_size {batch_size} (per rank) is not divisible by microbatch "
+                f"{self.microbatch}; every microbatch must have the same size",
             )
         return self.microbatch
 
@@ -501,3 +509,26 @@ class EvaluateConfig(Section):
     def check(self) -> None:
         if self.kid_subset_size < 2:
             raise ConfigError("kid_subset_size", f"must be >= 2, got {self.kid_subset_size}")
+
+
+def positive_finite(value: float) -> str | None:
+    return None if math.isfinite(value) and value > 0 else f"must be positive and finite, got {value!r}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SelftestConfig(Section):
+    """fastdiff.selftest: where it runs, how long it may take, which groups of checks, where it reports."""
+
+    title: ClassVar[str] = "selftest"
+
+    device: str = option("", "cpu, cuda or cuda:N ('': the current CUDA device if there is one, else cpu)")
+    quick: bool = option(False, "small shapes and few repeats (CI on a CPU)")
+    out: str = option(".", "directory for selftest.json and selftest.md", check=non_empty)
+    budget: float = option(
+        300.0,
+        "seconds; no check starts after them (the default runs the first five groups on a cold H100, "
+        "compiles included)",
+        check=positive_finite,
+    )
+    only: str = option("", "comma-separated groups to run ('': all)")
+    skip: str = option("", "comma-separated groups to leave out")

@@ -11,7 +11,7 @@ from .resample import (
     create_named_schedule_sampler,
 )
 from .respace import SpacedDiffusion, space_timesteps
-from .sampling import SAMPLERS, sample_batch, sampling_defaults
+from .sampling import SAMPLERS, sample_batch
 from .schedules import betas_for_alpha_bar, get_named_beta_schedule, rescale_zero_terminal_snr
 
 __all__ = [
@@ -35,6 +35,5 @@ __all__ = [
     "normal_kl",
     "rescale_zero_terminal_snr",
     "sample_batch",
-    "sampling_defaults",
     "space_timesteps",
 ]

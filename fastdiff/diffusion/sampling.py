@@ -72,35 +72,6 @@ MIN_STEPS = {"ddpm": 1, "ddim": 1, "euler": 1, "dpmpp_2m": 2, "heun": 2}
 KARRAS_RHO = 7.0
 
 
-def sampling_defaults() -> dict[str, Any]:
-    """The sampling flags shared by fastdiff.sample, the training previews and fastdiff.evaluate.
-
-    sampler: one of SAMPLERS, or "" for improved-diffusion's choice (ddim with --use_ddim, else ddpm).
-    steps: grid points over the diffusion's steps (0: all of them; model calls per sampler in the module
-    docstring). timestep_spacing: one of SPACINGS ("auto": :func:`resolve_spacing`). guidance_scale:
-    classifier-free guidance w (1: off).
-    """
-    return dict(sampler="", steps=0, timestep_spacing="auto", guidance_scale=1.0)
-
-
-SAMPLING_HELP = dict(
-    sampler="ddpm | ddim | dpmpp_2m | heun | euler ('' : ddim with --use_ddim, else ddpm)",
-    steps="sampling grid points over the trained steps (0: all); heun makes 2N-1 model calls, others N",
-    timestep_spacing="auto | uniform | quadratic | karras | logsnr (karras, logsnr: dpmpp_2m, heun, euler"
-    " only; auto: uniform for ddpm and ddim, logsnr for the others)",
-    guidance_scale="classifier-free guidance w: eps_u + w (eps_c - eps_u); 1: conditional, 0: unconditional",
-)
-
-
-def sampling_options(args: Any, prefix: str = "", use_ddim: bool = False) -> dict[str, Any]:
-    """The keyword arguments of :func:`sample_batch` from parsed flags (``prefix`` + each default's name),
-    with an empty sampler resolved by ``use_ddim``."""
-    options = {name: getattr(args, prefix + name) for name in sampling_defaults()}
-    if not options["sampler"]:
-        options["sampler"] = "ddim" if use_ddim else "ddpm"
-    return options
-
-
 # ---------------------------------------------------------------------------------------------- schedule
 
 
@@ -343,7 +314,7 @@ def sample_batch(
     """Samples of ``shape`` [N, C, ...] from ``model`` (called as model(x, t, **model_kwargs)).
 
     :param diffusion: the (respaced) GaussianDiffusion the model was trained with.
-    :param sampler, steps, timestep_spacing, guidance_scale: see :func:`sampling_defaults`.
+    :param sampler, steps, timestep_spacing, guidance_scale: see ``fastdiff.config.SamplingConfig``.
     :param eta: DDIM's noise (ddim only).
     :param clip_denoised: clamp every x_0 prediction to [-1, 1].
     :param model_kwargs: e.g. ``{"y": labels [N]}``; guidance needs y.

@@ -1,14 +1,13 @@
 """``python -m fastdiff.selftest [--device cuda:N|cpu] [--quick] [--out DIR] [--budget SECONDS]
-[--only GROUPS] [--skip GROUPS]``.
+[--only GROUPS] [--skip GROUPS]`` (flags: ``fastdiff.config.SelftestConfig``).
 
-The default budget, ``DEFAULT_BUDGET``, is sized for a cold H100 (empty Triton and inductor caches) to
+The default budget (``SelftestConfig.budget``) is sized for a cold H100 (empty Triton and inductor caches) to
 run the first five groups (versions, accuracy, determinism, train_step, kernel_timing), compiles
 included; each group has a share of it, what a group leaves goes to the next, and what the budget cuts
 is reported as not run. How it was sized: the notes under ``groups.GROUPS``.
 """
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -17,10 +16,15 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.cli import parse_command
+from fastdiff.config import SelftestCommand
 from fastdiff.selftest.groups import NAMES, parse_names, select
 
-DEFAULT_BUDGET = 300.0
-"""Seconds (see the module doc)."""
+DESCRIPTION = (
+    "Prove fastdiff's kernels on this machine within a time budget. Groups, in priority order: "
+    f"{', '.join(NAMES)}. Rewrites selftest.json and selftest.md after every check; a check the budget cut "
+    "is reported as not run. Exits 1 when a check fails or crashes."
+)
 
 
 def parse_device(value: str) -> torch.device:
@@ -42,27 +46,6 @@ def parse_device(value: str) -> torch.device:
     return device
 
 
-def parse_budget(value: str) -> float:
-    """A positive, finite number of seconds; else an argparse error."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
-    return seconds
-
-
-def _group_names(flag: str):
-    def parse(value: str) -> list[str]:
-        try:
-            return parse_names(value, flag)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{flag}: ")) from None
-
-    return parse
-
-
 def check_writable(directory: Path) -> str:
     """Why reports cannot be written under ``directory`` ('' when they can): it is created if missing and
     a file is written and removed in it."""
@@ -75,50 +58,45 @@ def check_writable(directory: Path) -> str:
     return ""
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fastdiff.selftest",
-        description="Prove fastdiff's kernels on this machine within a time budget. Groups, in priority "
-        f"order: {', '.join(NAMES)}. Rewrites selftest.json and selftest.md after every check; a check the "
-        "budget cut is reported as not run. Exits 1 when a check fails or crashes.",
-    )
-    parser.add_argument(
-        "--device",
-        type=parse_device,
-        default=None,
-        help="cpu, cuda or cuda:N (default: the current CUDA device if there is one, else cpu)",
-    )
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (CI on a CPU)")
-    parser.add_argument("--out", type=Path, default=Path("."), help="directory for selftest.json/.md")
-    parser.add_argument(
-        "--budget",
-        type=parse_budget,
-        default=DEFAULT_BUDGET,
-        help=f"seconds; no check starts after them (default {DEFAULT_BUDGET:g}: the first five groups on a "
-        "cold H100, compiles included)",
-    )
-    parser.add_argument(
-        "--only",
-        type=_group_names("--only"),
-        default=None,
-        help=f"comma-separated groups to run: {', '.join(NAMES)}",
-    )
-    parser.add_argument(
-        "--skip", type=_group_names("--skip"), default=None, help="comma-separated groups to leave out"
-    )
-    return parser
+def usage_error(message: str) -> None:
+    """Exit 2 with the usage line and ``message``, as argparse does, before any check runs."""
+    argparse.ArgumentParser(prog="python -m fastdiff.selftest").error(message)
+
+
+def _checked(flag: str, parse, value: str):
+    """``parse(value)``, or a usage error naming ``flag`` when it fails."""
+    try:
+        return parse(value)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        usage_error(f"argument {flag}: {str(error).removeprefix(f'{flag}: ')}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    problem = check_writable(args.out)  # before minutes of checks, not after
+    try:
+        config, given = parse_command(SelftestCommand, argv, "fastdiff.selftest", DESCRIPTION)
+    except ValueError as error:
+        usage_error(str(error))
+    options = config.selftest
+    try:
+        only = parse_names(options.only, "--only") if "only" in given else None
+        skip = parse_names(options.skip, "--skip") if "skip" in given else None
+        device = parse_device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        flag = (
+            "--only"
+            if str(error).startswith("--only")
+            else "--skip"
+            if str(error).startswith("--skip")
+            else "--device"
+        )
+        usage_error(f"argument {flag}: {str(error).removeprefix(f'{flag}: ')}")
+    out = Path(options.out)
+    problem = check_writable(out)  # before minutes of checks, not after
     if problem:
-        parser.error(f"argument --out: {problem}")
-    groups = select(args.only, args.skip)
+        usage_error(f"argument --out: {problem}")
+    groups = select(only, skip)
     if not groups:
-        parser.error("arguments --only/--skip: no group left to run")
-    device = args.device or parse_device("cuda" if torch.cuda.is_available() else "cpu")
+        usage_error("arguments --only/--skip: no group left to run")
     if device.type == "cpu":
         # the Triton kernels run interpreted on CPU tensors; must be set before triton decorates them
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -130,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if triton_problem():
         print(f"fastdiff.selftest: {triton_problem()}; the Triton kernels are not checked", file=sys.stderr)
-    return run(Options(device, args.quick), args.budget, args.out, groups)
+    return run(Options(device, options.quick), options.budget, out, groups)
 
 
 if __name__ == "__main__":

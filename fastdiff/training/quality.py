@@ -123,7 +123,8 @@ class TrainingEvaluation:
         return {"best_fid": float(self.best_fid)}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.best_fid = float(state["best_fid"])
+        """The saved best, unless the best checkpoint on disk is better (it is never replaced by a worse)."""
+        self.best_fid = min(float(state["best_fid"]), self._read_best_fid())
 
     def _read_best_fid(self) -> float:
         path = os.path.join(self.log_dir, best_filenames(self.ema_rate)[1])
