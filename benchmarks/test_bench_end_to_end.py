@@ -3,9 +3,9 @@
 Contestants, all the same model object: ``fastdiff`` (its default kernels: backend ``auto``, which is
 ``cpp`` on CPU when the extension is built and ``triton`` on CUDA), ``torch`` (fastdiff's ``torch``
 reference backend) and ``eager`` (the fused modules swapped for improved-diffusion's eager code,
-``benchmarks.eager.eager_modules``: what the same UNet costs without fastdiff). Groups: training in fp32
-and bf16 autocast, with and without gradient checkpointing (``use_checkpoint``); sampling in fp32 and
-bf16. Reported: images/s from the median step (or sampling loop) time, peak memory of the first step
+``fastdiff.selftest.eager.eager_modules``: what the same UNet costs without fastdiff). Groups:
+training in fp32 and bf16 autocast, with and without gradient checkpointing (``use_checkpoint``);
+sampling in fp32 and bf16. Reported: images/s from the median step (or sampling loop) time, peak memory of the first step
 above the resting model (each contestant has its own AdamW, whose state that step creates), and for the
 headline group (training, fp32, no checkpointing) a torch.profiler breakdown of one step per contestant.
 """
@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from benchmarks.configs import END_TO_END_CONFIGS, YARDSTICK, UNetConfig, unet_kernel_calls
-from benchmarks.eager import eager_modules
 from benchmarks.machine import load_average
 from benchmarks.session import BenchRun
 from benchmarks.timing import Contestant, PairedResult, feed_benchmark, measure_paired, smoke_run
 from fastdiff import ops
 from fastdiff.ops import backend as backends
+from fastdiff.selftest.eager import eager_modules
 
 CONTESTANTS = ("fastdiff", "torch", "eager")
 BACKENDS = {"fastdiff": "auto", "torch": "torch", "eager": "torch"}
@@ -149,7 +149,10 @@ def _runners(config: UNetConfig, scenario: Scenario, run: BenchRun) -> tuple[dic
 def _backends(name: str, config: UNetConfig, x: torch.Tensor) -> dict[str, str]:
     """What serves contestant ``name``'s GroupNorm and attention calls (per head dim) on x's device."""
     if name == "eager":
-        return {"group_norm": "eager (benchmarks.eager)", "attention": "eager (benchmarks.eager)"}
+        return {
+            "group_norm": "eager (fastdiff.selftest.eager)",
+            "attention": "eager (fastdiff.selftest.eager)",
+        }
     backend = BACKENDS[name]
     head_dims = sorted(
         {c.shape[0] // (3 * c.heads) for c in unet_kernel_calls(config) if c.kernel == "qkv_attention"}

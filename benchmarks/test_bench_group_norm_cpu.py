@@ -6,7 +6,7 @@ Contestants, paired per (op, shape, dtype) in one process (``benchmarks.timing``
 * ``fastdiff``: ``fastdiff.ops`` with its default backend (``auto``, which is ``cpp`` here), forward then
   ``autograd.grad``: what a model pays, validation and autograd included;
 * ``kernels``: ``fastdiff._C``'s forward and backward called directly: the C++ kernels alone;
-* ``eager``: improved-diffusion's code (``benchmarks.eager``), the baseline of every ratio.
+* ``eager``: improved-diffusion's code (``fastdiff.selftest.eager``), the baseline of every ratio.
 
 Besides each shape's ratio, the UNet-weighted ratio: each shape's median times its calls per UNet forward,
 summed. Goes to the run's data under ``"group_norm_cpu"``; reported, never asserted. CPU only.
@@ -17,7 +17,6 @@ summed. Goes to the run's data under ``"group_norm_cpu"``; reported, never asser
 import pytest
 import torch
 
-from benchmarks import eager
 from benchmarks.configs import IMAGENET_64, KernelCall, KernelCase, unet_kernel_calls
 from benchmarks.machine import load_average
 from benchmarks.session import DTYPES, BenchRun
@@ -25,6 +24,7 @@ from benchmarks.test_bench_kernels import NUM_GROUPS, make_inputs, make_runner, 
 from benchmarks.timing import Contestant, feed_benchmark
 from fastdiff import ops
 from fastdiff.ops import backend as backends
+from fastdiff.selftest import eager
 
 BATCH = 8
 FIGURE_DTYPES = ("fp32", "bf16")

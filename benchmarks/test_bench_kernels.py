@@ -8,20 +8,20 @@ its samples to pytest-benchmark. Contestants:
 * ``fastdiff-cpp``: the C++ backend (CPU only: fastdiff's GroupNorm kernels; for attention PyTorch's fused
   flash-attention CPU kernel);
 * ``fastdiff-torch``: the torch reference backend (CPU only; what the end-to-end ``torch`` runs use);
-* ``eager``: improved-diffusion's code (``benchmarks.eager``), the baseline of every ratio;
+* ``eager``: improved-diffusion's code (``fastdiff.selftest.eager``), the baseline of every ratio;
 * ``torch.compile``: that code compiled (``dynamic=False``, ``fullgraph=True``), once per group.
 """
 
 import pytest
 import torch
 
-from benchmarks import eager
 from benchmarks.configs import KernelCase, kernel_cases
 from benchmarks.machine import load_average
 from benchmarks.session import DTYPES, BenchRun, BenchSettings
 from benchmarks.timing import Contestant, PairedResult, feed_benchmark, measure_paired, smoke_run
 from fastdiff import ops
 from fastdiff.ops import backend as backends
+from fastdiff.selftest import eager
 
 NUM_GROUPS = 32
 PASSES = ("forward", "forward+backward")

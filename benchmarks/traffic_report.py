@@ -8,7 +8,7 @@ The kernels run under Triton's interpreter on CPU tensors, in subprocesses start
 store. Per row:
 
 * floor: each input of the op read once and each output written once (GroupNorm statistics included);
-* eager: improved-diffusion's eager code (``benchmarks.eager``), bytes per aten op, in and out
+* eager: improved-diffusion's eager code (``fastdiff.selftest.eager``), bytes per aten op, in and out
   (``benchmarks.eager_bytes``);
 * for attention forward, the tiling model ``q + out + lse + ceil(T / BLOCK_M) * (k + v)``: every query
   block re-reads k and v; and whether the kernels wrote anything beyond their outputs (a ``T x T`` store).
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from benchmarks import eager
 from benchmarks.eager_bytes import count_eager_bytes, tensor_bytes
+from fastdiff.selftest import eager
 
 NUM_GROUPS = 32
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -4,8 +4,8 @@ One machinery serves two figures:
 
 * issue 12's quality parity: ``fastdiff`` (the default kernels: cpp on CPU, triton on CUDA) against
   ``eager`` (the same UNet whose fused modules compute with improved-diffusion's eager code,
-  ``benchmarks.eager.eager_modules``, ``--kernels torch``): FID within the eager run's seed-to-seed spread
-  and, paired by seed, the FID difference at every save and the training time fastdiff needs to reach
+  ``fastdiff.selftest.eager.eager_modules``, ``--kernels torch``): FID within the eager run's seed-to-seed
+  spread and, paired by seed, the FID difference at every save and the training time fastdiff needs to reach
   that seed's eager final FID;
 * issue 13's training objectives: ``predict_v``, ``min_snr_5`` (``--snr_gamma 5``),
   ``zero_terminal_snr_v`` (``--rescale_zero_terminal_snr`` with v-prediction, which it needs: with
@@ -62,8 +62,8 @@ def default_sizes() -> dict[str, int]:
 def eager_model_factory(stack: contextlib.ExitStack):
     """A ``fastdiff.train.main(..., model_factory=...)`` whose models compute their fused modules with the
     eager code for as long as ``stack`` is open."""
-    from benchmarks.eager import eager_modules
     from fastdiff.builders import build_model
+    from fastdiff.selftest.eager import eager_modules
 
     def build(model_config, diffusion_config):
         model = build_model(model_config, diffusion_config)

@@ -1,5 +1,5 @@
 """The baselines: the same ops written as improved-diffusion writes them, in eager PyTorch (the selftest's
-and the benchmarks' contestants; ``benchmarks/eager.py`` re-exports them).
+and the benchmarks' contestants).
 
 * GroupNorm32: ``F.group_norm`` on ``x.float()``, cast back to x's dtype.
 * GroupNorm32 + SiLU: that, then ``F.silu`` (the reference's ``nn.SiLU`` module).
