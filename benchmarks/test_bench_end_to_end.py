@@ -3,11 +3,11 @@
 Contestants, all the same model object: ``fastdiff`` (its default kernels: backend ``auto``, which is
 ``cpp`` on CPU when the extension is built and ``triton`` on CUDA), ``torch`` (fastdiff's ``torch``
 reference backend) and ``eager`` (the fused modules swapped for improved-diffusion's eager code,
-``fastdiff.selftest.eager.eager_modules``: what the same UNet costs without fastdiff). Groups:
-training in fp32 and bf16 autocast, with and without gradient checkpointing (``use_checkpoint``);
-sampling in fp32 and bf16. Reported: images/s from the median step (or sampling loop) time, peak memory of the first step
-above the resting model (each contestant has its own AdamW, whose state that step creates), and for the
-headline group (training, fp32, no checkpointing) a torch.profiler breakdown of one step per contestant.
+``fastdiff.selftest.eager.eager_modules``: what the same UNet costs without fastdiff). Groups: training in
+fp32 and bf16 autocast, with and without gradient checkpointing (``use_checkpoint``); sampling in fp32 and
+bf16. Reported: images/s from the median step (or sampling loop) time, peak memory of the first step above
+the resting model (each contestant has its own AdamW, whose state that step creates), and for the headline
+group (training, fp32, no checkpointing) a torch.profiler breakdown of one step per contestant.
 """
 
 import contextlib
