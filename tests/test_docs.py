@@ -10,13 +10,17 @@ command gets one kind, shown in its test id:
   They run in the order the docs give them, README first.
 - ``parse``: everything else, for the reason ``PARSE_ONLY`` gives (torchrun needs GPUs, pip installs,
   benchmarks run for minutes or hours). Nothing runs; the flags are checked.
+- ``parse-inline``: a command written inline in prose (```python -m ...```, ```torchrun ...```, ```pytest
+  ...```, ```pip install ...```), checked like ``parse``.
+
+A command written in several places is checked once, under the id of its first place.
 
 Every command, run or not, is parsed first: the flags go through the entry point's own argparse parser (for
 torchrun, torchrun's parser and then the module's; for pip, pip's; for pytest, its ``--help``), and a flag
 the parser does not define exactly (unknown, or an abbreviation argparse would accept) fails.
 
 Python blocks run as written; README's three-line kernel block gets the tensors its text names. Relative
-links must name files inside the repository.
+links must name files (and headings) inside the repository.
 """
 
 import argparse
@@ -41,6 +45,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_eval_inception import require_inception
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -83,7 +88,8 @@ PENDING_LINKS = {"docs/install.md"}
 
 @dataclass(frozen=True)
 class Command:
-    """One command of a ```bash block: where it is written, its environment assignments, its words."""
+    """One documented command: where it is written, its environment assignments, its words, and whether it
+    is written inline in prose (else in a ```bash block)."""
 
     where: str
     env: tuple[tuple[str, str], ...]
@@ -116,7 +122,7 @@ def _expand(word: str, where: str) -> str:
 
 
 def commands_in(path: Path) -> list[Command]:
-    """The commands of ``path``'s ```bash blocks, in order."""
+    """The commands of ``path``'s ```bash blocks in order, then those written inline in its prose."""
     found = []
     relative = path.relative_to(ROOT).as_posix()
     for first_line, body in _fenced_blocks(path, "bash"):
@@ -211,8 +217,9 @@ def _as_main(module: str, args: list[str]):
 
 
 def entry_point_parser(module: str, args: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    """The parser ``python -m module`` builds and the namespace it gives ``args``, with nothing run. CUDA
-    looks present (8 devices) so that ``--device cuda:1`` parses as on the machines the docs mean."""
+    """The parser ``python -m module`` builds and the namespace it gives ``args``, with nothing run. For
+    arguments that name CUDA, CUDA looks present (8 devices): ``--device cuda:1`` parses as on the machines
+    the docs mean."""
     original = argparse.ArgumentParser.parse_args
 
     def parse_args(self, args=None, namespace=None):
@@ -225,11 +232,12 @@ def entry_point_parser(module: str, args: list[str]) -> tuple[argparse.ArgumentP
         raise _Parsed(self, result)
 
     stderr = io.StringIO()
+    cuda = any("cuda" in word for word in args)
     with (
         _as_main(module, args),
         mock.patch.object(argparse.ArgumentParser, "parse_args", parse_args),
-        mock.patch.object(torch.cuda, "is_available", lambda: True),
-        mock.patch.object(torch.cuda, "device_count", lambda: 8),
+        mock.patch.object(torch.cuda, "is_available", lambda: True) if cuda else contextlib.nullcontext(),
+        mock.patch.object(torch.cuda, "device_count", lambda: 8) if cuda else contextlib.nullcontext(),
         contextlib.redirect_stderr(stderr),
         contextlib.redirect_stdout(io.StringIO()),
     ):
@@ -517,6 +525,10 @@ RUNNABLE = [command for command in COMMANDS if kind_of(command) == "run"]
 def test_command_runs_at_small_size(command, workspace, monkeypatch):
     _, module, args = split_launcher(command.argv)
     args = small_args(module, args, RUNNABLE.index(command))
+    if "--help" not in args and (
+        module == "fastdiff.evaluate" or _get(args, "eval_interval") not in (None, "0")
+    ):
+        require_inception()
     monkeypatch.chdir(workspace)
     for name in ("model_path", "samples"):
         value = _get(args, name)
