@@ -176,21 +176,22 @@ def split_launcher(argv: tuple[str, ...]) -> tuple[str, str, list[str]]:
     if argv[0] == "torchrun":
         from torch.distributed import run as torchrun
 
-        parsed = torchrun.get_args_parser().parse_args(list(argv[1:]))
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            try:
+                parsed = torchrun.get_args_parser().parse_args(list(argv[1:]))
+            except SystemExit:
+                raise AssertionError(f"torchrun refused {argv[1:]}: {_last_line(stderr)}") from None
         assert parsed.module, "torchrun commands run a module: torchrun ... -m fastdiff.train"
         return "torchrun", parsed.training_script, list(parsed.training_script_args)
     raise AssertionError(f"not a command the docs test knows how to check: {shlex.join(argv)}")
 
 
 def kind_of(command: Command) -> str:
-    launcher, module, _ = split_launcher(command.argv)
-    if command.inline:
+    if command.inline or command.argv[0] == "torchrun":
         return "parse"
-    if launcher == "python" and module in RUN_MODULES:
-        return "run"
-    reason = PARSE_ONLY.get(launcher if launcher != "python" else module)
-    assert reason, f"{command.where}: say in RUN_MODULES or PARSE_ONLY how to check {command.text}"
-    return "parse"
+    launcher, module, _ = split_launcher(command.argv)
+    return "run" if launcher == "python" and module in RUN_MODULES else "parse"
 
 
 COMMANDS = all_commands()
@@ -199,8 +200,14 @@ COMMANDS = all_commands()
 # ------------------------------------------------------------------------------------------- parsing
 
 
+def _last_line(stream: io.StringIO) -> str:
+    """An argparse error's last line (the usage above it is long)."""
+    lines = stream.getvalue().strip().splitlines()
+    return lines[-1] if lines else "(no message)"
+
+
 class _Parsed(BaseException):
-    """Raised by the first parse_args of an entry point, to stop it before it does anything."""
+    """Raised by the entry point's first parse of all its arguments, to stop it before it does anything."""
 
     def __init__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace | None):
         super().__init__()
@@ -220,22 +227,25 @@ def entry_point_parser(module: str, args: list[str]) -> tuple[argparse.ArgumentP
     """The parser ``python -m module`` builds and the namespace it gives ``args``, with nothing run. For
     arguments that name CUDA, CUDA looks present (8 devices): ``--device cuda:1`` parses as on the machines
     the docs mean."""
-    original = argparse.ArgumentParser.parse_args
+    original = argparse.ArgumentParser.parse_known_args
 
-    def parse_args(self, args=None, namespace=None):
+    def parse_known_args(self, args=None, namespace=None):
+        # parse_args calls this too. A parser that leaves words over (a pre-parser) is let through.
         try:
-            result = original(self, args, namespace)
+            namespace, extras = original(self, args, namespace)
         except SystemExit as exit:
             if exit.code == 0:  # --help
                 raise _Parsed(self, None) from None
             raise
-        raise _Parsed(self, result)
+        if extras:
+            return namespace, extras
+        raise _Parsed(self, namespace)
 
     stderr = io.StringIO()
     cuda = any("cuda" in word for word in args)
     with (
         _as_main(module, args),
-        mock.patch.object(argparse.ArgumentParser, "parse_args", parse_args),
+        mock.patch.object(argparse.ArgumentParser, "parse_known_args", parse_known_args),
         mock.patch.object(torch.cuda, "is_available", lambda: True) if cuda else contextlib.nullcontext(),
         mock.patch.object(torch.cuda, "device_count", lambda: 8) if cuda else contextlib.nullcontext(),
         contextlib.redirect_stderr(stderr),
@@ -246,7 +256,7 @@ def entry_point_parser(module: str, args: list[str]) -> tuple[argparse.ArgumentP
         except _Parsed as parsed:
             return parsed.parser, parsed.namespace
         except SystemExit:
-            raise AssertionError(f"python -m {module} refused {args}: {stderr.getvalue().strip()}") from None
+            raise AssertionError(f"python -m {module} refused {args}: {_last_line(stderr)}") from None
     raise AssertionError(f"python -m {module} never parsed its arguments")
 
 
@@ -290,7 +300,7 @@ def check_pip(args: list[str]) -> None:
         try:
             options, requirements = create_command("install").parse_args(args[1:])
         except SystemExit:
-            raise AssertionError(f"pip refused {args}: {stderr.getvalue().strip()}") from None
+            raise AssertionError(f"pip refused {args}: {_last_line(stderr)}") from None
     pinned_here = (ROOT / ".ci" / "run").read_text() + (ROOT / "setup.py").read_text()
     extras = setup_py_extras()
     for requirement in [*requirements, *options.editables]:
@@ -332,6 +342,10 @@ def parse_command(command: Command) -> tuple[argparse.ArgumentParser | None, arg
     if launcher == "pytest":
         check_pytest(args)
         return None, None
+    # An entry point is run until it parses its arguments: only modules known to use argparse.
+    assert module in RUN_MODULES or module in PARSE_ONLY, (
+        f"{command.where}: say in RUN_MODULES or PARSE_ONLY how to check python -m {module}"
+    )
     if launcher == "torchrun":
         from torch.distributed import run as torchrun
 
