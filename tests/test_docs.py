@@ -28,6 +28,7 @@ import ast
 import contextlib
 import functools
 import io
+import itertools
 import json
 import os
 import re
@@ -136,7 +137,10 @@ def commands_in(path: Path) -> list[Command]:
             index += 1
             where = f"{relative}:{first_line + start}"
             words = [_expand(word, where) for word in shlex.split(line, comments=True)]
-            while words:
+            chain = "&&" in words  # a && b && c: README.md:4#1, #2, #3
+            for number in itertools.count(1):
+                if not words:  # a blank or comment line; or the chain is done
+                    break
                 cut = words.index("&&") if "&&" in words else len(words)
                 part, words = words[:cut], words[cut + 1 :]
                 env = []
@@ -144,7 +148,7 @@ def commands_in(path: Path) -> list[Command]:
                     name, value = part.pop(0).split("=", 1)
                     env.append((name, value))
                 assert part, f"{where}: an environment assignment with no command"
-                found.append(Command(where, tuple(env), tuple(part)))
+                found.append(Command(f"{where}#{number}" if chain else where, tuple(env), tuple(part)))
     prose = re.sub(r"^```.*?^```", lambda block: "\n" * block.group(0).count("\n"), path.read_text(),
                    flags=re.S | re.M)  # fmt: skip
     for match in INLINE.finditer(prose):
