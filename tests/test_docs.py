@@ -56,7 +56,7 @@ RUN_MODULES = ("fastdiff.train", "fastdiff.sample", "fastdiff.nll", "fastdiff.ev
 
 PARSE_ONLY = {
     "torchrun": "torchrun starts one process per GPU",
-    "pip": "installs packages; pins must equal .ci/run's or setup.py's, extras must exist",
+    "pip": "installs or downloads packages; pins must equal .ci/run's or setup.py's, extras must exist",
     "pytest": "a test or benchmark session of its own; its paths must exist",
     "fastdiff.selftest": "minutes of checks (tests/test_selftest.py runs --quick)",
     "fastdiff.kernels.report": "compiles every kernel configuration for two GPU targets (about 150 s)",
@@ -296,18 +296,20 @@ def setup_py_extras() -> dict[str, list[str]]:
 
 
 def check_pip(args: list[str]) -> None:
-    from pip._internal.commands import create_command  # pip's own option parser (not a public API)
+    """pip's own parser reads the options of the subcommand (install, download, wheel, ...); a pinned
+    requirement must be pinned the same in .ci/run or setup.py, and an extra of fastdiff must exist."""
+    from pip._internal.commands import commands_dict, create_command  # pip's own parsers (not a public API)
 
-    assert args and args[0] == "install", f"pip {args}: the docs only install"
+    assert args and args[0] in commands_dict, f"pip {args}: not a pip command"
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         try:
-            options, requirements = create_command("install").parse_args(args[1:])
+            options, requirements = create_command(args[0]).parse_args(args[1:])
         except SystemExit:
             raise AssertionError(f"pip refused {args}: {_last_line(stderr)}") from None
     pinned_here = (ROOT / ".ci" / "run").read_text() + (ROOT / "setup.py").read_text()
     extras = setup_py_extras()
-    for requirement in [*requirements, *options.editables]:
+    for requirement in [*requirements, *getattr(options, "editables", [])]:
         if "==" in requirement:
             assert requirement in pinned_here, f"{requirement}: .ci/run and setup.py pin another version"
         match = re.fullmatch(r"(\.|fastdiff)\[([\w,]+)\]", requirement)
