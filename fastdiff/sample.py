@@ -5,7 +5,7 @@ improved-diffusion's ``image_sample.py`` flags and output: ``samples_{N}x{H}x{W}
 grid of the first ``--grid_samples`` images. DDPM by default, DDIM with ``--use_ddim True``; fewer steps
 with ``--timestep_respacing`` (e.g. ``250`` or ``ddim50``). Under torchrun every rank samples its share.
 ``--sampler``, ``--steps``, ``--timestep_spacing`` and ``--guidance_scale`` choose among DDPM, DDIM,
-DPM-Solver++(2M), Heun and Euler and turn on classifier-free guidance (README, "Guidance and samplers").
+DPM-Solver++(2M), Heun and Euler and turn on classifier-free guidance (docs/sampling.md).
 
 Model and diffusion flags not given are read from ``model_flags.json`` beside ``--model_path`` when
 fastdiff.train wrote one (improved-diffusion's files need the flags on the command line, as in its script).

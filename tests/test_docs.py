@@ -499,12 +499,13 @@ def _write_samples(path: Path, count: int = 4, size: int = 16) -> None:
 
 
 def _write_checkpoint_from_flags(path: Path, module: str, args: list[str]) -> None:
-    """An improved-diffusion checkpoint (no model_flags.json) with fresh weights, built from the flags of
-    the command that reads it."""
+    """An improved-diffusion checkpoint (no run config) with fresh weights, built from the flags of the
+    command that reads it (the namespace holds the flags given; the rest take their defaults)."""
     from fastdiff.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
     _, namespace = entry_point_parser(module, args)
-    flags = {name: getattr(namespace, name) for name in model_and_diffusion_defaults()}
+    defaults = model_and_diffusion_defaults()
+    flags = {**defaults, **{name: value for name, value in vars(namespace).items() if name in defaults}}
     model, _ = create_model_and_diffusion(**flags)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
@@ -513,7 +514,7 @@ def _write_checkpoint_from_flags(path: Path, module: str, args: list[str]) -> No
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A scratch directory with what the docs' commands read: image folders under data/, and the
-    checkpoints of DOCUMENTED_RUNS from 2-step runs of the main job (with model_flags.json beside them)."""
+    checkpoints of DOCUMENTED_RUNS from 2-step runs of the main job (with run_config.json beside them)."""
     root = tmp_path_factory.mktemp("docs_workspace")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -531,7 +532,7 @@ def workspace(tmp_path_factory):
             target.parent.mkdir(parents=True, exist_ok=True)
             source = "model000002.pt" if kind == "model" else "ema_0.99_000002.pt"
             shutil.copy(root / run / source, target)
-            shutil.copy(root / run / "model_flags.json", target.parent / "model_flags.json")
+            shutil.copy(root / run / "run_config.json", target.parent / "run_config.json")
         yield root
     finally:
         os.chdir(cwd)

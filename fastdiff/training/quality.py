@@ -156,7 +156,7 @@ class TrainingEvaluation:
         images = self._samples(ema)
         features = extract_features(self.network, images, self.ctx, self.batch_size, desc="eval features")
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # small K: FID is biased, as the README says
+            warnings.simplefilter("ignore")  # small K: FID is biased, as docs/evaluation.md says
             metrics = score(self.reference, features, kid_subsets=50, k=PR_K, seed=step)
         values = {f"eval_{name}": float(metrics[name]) for name in METRIC_NAMES}
         if metrics["fid"] < self.best_fid:
