@@ -4,7 +4,7 @@ improved-diffusion's ``image_nll.py``: the variational bound (``calc_bpd_loop``,
 over ``--num_samples`` images of ``--data_dir`` (or the embedded shapes dataset when it is empty), in a fixed
 order, each rank taking its share; averages are taken over ranks. Rank 0 writes ``vb_terms.npz``,
 ``mse_terms.npz`` and ``xstart_mse_terms.npz`` (per-step means) into ``--out_dir``. Model and diffusion flags
-not given are read from ``model_flags.json`` beside ``--model_path`` when fastdiff.train wrote one.
+not given are read from the run config beside ``--model_path`` when fastdiff.train wrote one.
 """
 
 import os

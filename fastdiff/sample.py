@@ -7,8 +7,9 @@ with ``--timestep_respacing`` (e.g. ``250`` or ``ddim50``). Under torchrun every
 ``--sampler``, ``--steps``, ``--timestep_spacing`` and ``--guidance_scale`` choose among DDPM, DDIM,
 DPM-Solver++(2M), Heun and Euler and turn on classifier-free guidance (docs/sampling.md).
 
-Model and diffusion flags not given are read from ``model_flags.json`` beside ``--model_path`` when
-fastdiff.train wrote one (improved-diffusion's files need the flags on the command line, as in its script).
+Model and diffusion flags not given are read from the run config beside ``--model_path`` (``run_config.json``,
+or an earlier fastdiff's ``model_flags.json``); improved-diffusion's files need the flags on the command line,
+as in its script.
 """
 
 import os

@@ -2,7 +2,7 @@
 
 import torch
 
-OPTIMIZERS = ("adamw", "fused_adam")
+from fastdiff.config import OPTIMIZERS
 
 
 def apex_fused_adam():
