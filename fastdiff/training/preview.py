@@ -17,10 +17,43 @@ def preview_filename(step: int) -> str:
     return f"samples_{step:06d}.png"
 
 
-class SamplePreview:
-    """Writes a PNG grid of ``num_samples`` EMA samples (rate index 0) with a respaced diffusion and
-    ``sampling``: sample_batch's options (``SamplingConfig.options()``); any noise the sampler draws comes
-    from a generator of its own.
+class EmaSampler:
+    """Samples of the EMA weights (rate index 0) from starting ``noise`` ``[K, 3, S, S]`` and ``labels``
+    ``[K]`` (or None) fixed for the run, with a respaced ``diffusion`` and ``sampling`` (sample_batch's
+    options, ``SamplingConfig.options()``). The grids and the in-training evaluation both draw this way."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        diffusion,
+        noise: torch.Tensor,
+        labels: torch.Tensor | None,
+        sampling: dict,
+        precision: Precision,
+        batch_size: int = 64,
+    ) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        device = next(self.model.parameters()).device
+        self.diffusion = diffusion
+        self.noise = noise.to(device)
+        self.labels = labels.to(device) if labels is not None else None
+        self.sampling = dict(sampling)
+        self.precision = precision
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def draw(self, ema: ParameterEMA, seed: int) -> torch.Tensor:
+        """uint8 samples ``[K, S, S, 3]`` (CPU); any noise the sampler draws comes from ``seed``."""
+        ema.copy_to(self.model, 0)
+        return sample_from_noise(
+            self.model, self.diffusion, self.noise, self.labels, self.sampling, self.precision, seed,
+            self.batch_size,
+        )  # fmt: skip
+
+
+class SamplePreview(EmaSampler):
+    """Writes a PNG grid of ``num_samples`` EMA samples (see :class:`EmaSampler`); any noise the sampler
+    draws comes from a generator of its own.
 
     The starting noise and the class labels (0, 1, ..., cycling over ``num_classes``) are fixed for the
     run, so successive grids show the same samples improving. The global RNGs are left as they were.
@@ -38,31 +71,15 @@ class SamplePreview:
         sampling: dict,
         batch_size: int = 64,
     ) -> None:
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.diffusion = sampling_diffusion
-        self.precision = precision
-        self.sampling = dict(sampling)
-        self.seed = seed
-        self.batch_size = batch_size
-        device = next(self.model.parameters()).device
         generator = torch.Generator().manual_seed(derive_seed(seed, 0x5A3))
-        self.noise = torch.randn((num_samples, 3, image_size, image_size), generator=generator).to(device)
-        self.labels = torch.arange(num_samples, device=device) % num_classes if num_classes else None
+        noise = torch.randn((num_samples, 3, image_size, image_size), generator=generator)
+        labels = torch.arange(num_samples) % num_classes if num_classes else None
+        super().__init__(model, sampling_diffusion, noise, labels, sampling, precision, batch_size)
+        self.seed = seed
 
-    @torch.no_grad()
     def write(self, ema: ParameterEMA, log_dir: str, step: int) -> str:
         """Sample with the EMA weights and write ``samples_{step}.png`` in ``log_dir``; returns its path."""
-        ema.copy_to(self.model, 0)
-        images = sample_from_noise(
-            self.model,
-            self.diffusion,
-            self.noise,
-            self.labels,
-            self.sampling,
-            self.precision,
-            derive_seed(self.seed, 0x5A4),
-            self.batch_size,
-        )
+        images = self.draw(ema, derive_seed(self.seed, 0x5A4))
         path = os.path.join(log_dir, preview_filename(step))
         save_image_grid(images.numpy(), path)
         return path

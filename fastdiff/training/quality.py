@@ -10,7 +10,6 @@ rank 0 writes ``ema_{rate}_best.pt`` and ``ema_{rate}_best.json`` (step and metr
 run reads that JSON and keeps the best.
 """
 
-import copy
 import json
 import math
 import os
@@ -24,10 +23,10 @@ from fastdiff.evaluation.features import extract_features, reference_stats
 from fastdiff.evaluation.inception import load_feature_network
 from fastdiff.evaluation.stats import ReferenceStats, is_stats_file, load_stats, score
 from fastdiff.runtime.checkpoint import atomic_save
-from fastdiff.runtime.generate import sample_from_noise
 from fastdiff.runtime.precision import Precision
 from fastdiff.runtime.rng import derive_seed
 from fastdiff.training.ema import ParameterEMA
+from fastdiff.training.preview import EmaSampler
 
 METRIC_NAMES = ("fid", "kid", "kid_std", "precision", "recall")
 PR_K = 3
@@ -86,21 +85,17 @@ class TrainingEvaluation:
         self.ctx = ctx
         self.log_dir = log_dir
         self.ema_rate = ema_rate
-        self.diffusion = sampling_diffusion
-        self.precision = precision
-        self.sampling = dict(sampling)
         self.seed = seed
         self.batch_size = batch_size
         self.network = load_feature_network(inception, ctx.device)
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        device = next(self.model.parameters()).device
         share = math.ceil(num_samples / ctx.world_size)
         self.num_samples = num_samples
         image_size = int(dataset[0][0].shape[-1])
         generator = torch.Generator().manual_seed(derive_seed(seed, 0xE7A1, ctx.rank))
-        self.noise = torch.randn((share, 3, image_size, image_size), generator=generator).to(device)
+        noise = torch.randn((share, 3, image_size, image_size), generator=generator)
         positions = torch.arange(share) * ctx.world_size + ctx.rank
-        self.labels = (positions % num_classes).to(device) if num_classes else None
+        labels = positions % num_classes if num_classes else None
+        self.sampler = EmaSampler(model, sampling_diffusion, noise, labels, sampling, precision, batch_size)
         self.reference = self._reference(dataset, num_ref, image_size)
         self.best_fid = self._read_best_fid()
 
@@ -136,18 +131,7 @@ class TrainingEvaluation:
     @torch.no_grad()
     def _samples(self, ema: ParameterEMA) -> np.ndarray:
         """``num_samples`` uint8 EMA samples ``[K, S, S, 3]``, gathered from every rank."""
-        ema.copy_to(self.model, 0)
-        seed = derive_seed(self.seed, 0xE7A2, self.ctx.rank)
-        images = sample_from_noise(
-            self.model,
-            self.diffusion,
-            self.noise,
-            self.labels,
-            self.sampling,
-            self.precision,
-            seed,
-            self.batch_size,
-        )
+        images = self.sampler.draw(ema, derive_seed(self.seed, 0xE7A2, self.ctx.rank))
         parts = dist_util.all_gather_object(images.numpy())
         return np.concatenate(parts)[: self.num_samples]
 
