@@ -609,7 +609,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"q, k and v must be float16, bfloat16 or float32, got {q.dtype}")
     launch.check_same_device(q=q, k=k, v=v)
-    if q.device.type not in ("cuda", "cpu"):
+    if q.device.type not in ("cuda", "cpu", "meta"):
         raise ValueError(f"q is on {q.device}: the Triton attention runs CUDA tensors (CPU: interpreted)")
     if k.shape[2] == 0 and q.numel() > 0:
         raise ValueError(

@@ -102,10 +102,59 @@ def test_run_launches_inside_the_guard_of_like_device(monkeypatch):
     fake = launch.Kernel("fake", "test", FakeKernelFn(), (config,), lambda p: config, {})
     monkeypatch.setattr(launch, "device_guard", guard)
     monkeypatch.setattr(launch, "interprets", lambda t: False)
-    like = torch.zeros(1, device="meta")
+    like = torch.zeros(1)
     assert launch.run(fake, (3,), (), {}, like=like) == config
     assert events == [("enter", like.device), ("launch", (3,), 2), ("exit", like.device)]
     assert launch.last_config("fake") == config
+
+
+def test_compile_counter_counts_distinct_binaries_of_compiled_and_interpreted_launches():
+    x = torch.randn(2, 8, 5, 3)
+    weight = torch.rand(8) + 0.5
+    launch.reset_compile_count()
+    assert launch.compile_count() == 0 and launch.compile_keys() == []
+    for _ in range(2):  # the same binary twice, then with other inputs of the same specialisation
+        gn.group_norm_forward(x, 4, weight, None, None, None, 1e-5, False)
+    gn.group_norm_forward(torch.randn(2, 8, 5, 3), 4, torch.rand(8), None, None, None, 1e-3, False)
+    assert launch.compile_count() == 1
+    (key,) = launch.compile_keys()
+    assert key.startswith("cuda|") and "_gn_fwd_fused_kernel" in key and "SILU=False" in key
+    gn.group_norm_forward(x, 4, weight, None, None, None, 1e-5, True)  # SiLU: another binary
+    gn.group_norm_forward(x.half(), 4, weight, None, None, None, 1e-5, False)  # another dtype
+    gn.group_norm_forward(torch.randn(2, 8, 4, 4), 4, weight, None, None, None, 1e-5, False)  # S = 16
+    assert launch.compile_count() == 4
+    assert len(set(launch.compile_keys())) == 4 and launch.compile_keys()[0] == key
+    launch.reset_compile_count()
+    assert launch.compile_count() == 0
+
+
+def test_meta_launches_are_counted_and_not_run(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a meta launch must not run")
+
+    monkeypatch.setattr(launch, "_launch_one", fail)
+    launch.reset_compile_count()
+    x = torch.empty(4, 64, 16, 16, device="meta", dtype=torch.bfloat16)
+    y, mean, _ = gn.group_norm_forward(x, 32, None, None, None, None, 1e-5, True)
+    assert y.device.type == "meta" and y.shape == x.shape and mean.shape == (4, 32)
+    assert launch.compile_count() == 1 and "bfloat16" in launch.compile_keys()[0]
+    assert launch.last_config(gn.FWD_FUSED.name) is not None
+    assert not launch.interprets(x)  # a meta launch stands for the compiled one
+
+
+def test_compile_key_follows_triton_specialisation():
+    kernel = gn.FWD_PARTIAL_STATS
+    config = kernel.configs[0]
+    cpu, cuda1 = torch.device("cpu"), torch.device("cuda", 1)
+    base = torch.zeros(64)
+    key = launch.compile_key(kernel, (base, 16, 1, 7), {"BLOCK_C": 4}, config, cpu)
+    assert key.split("|")[0] == "cuda"
+    assert launch.compile_key(kernel, (base, 32, 1, 9), {"BLOCK_C": 4}, config, cpu) == key
+    assert launch.compile_key(kernel, (base, 16, 1, 7), {"BLOCK_C": 4}, config, cuda1) != key
+    for args in ((base, 17, 1, 7), (base, 16, 2, 7), (base, 16, 1, 2**33), (base[1:], 16, 1, 7)):
+        assert launch.compile_key(kernel, args, {"BLOCK_C": 4}, config, cpu) != key, args
+    assert launch.compile_key(kernel, (base, 16, 1, 7), {"BLOCK_C": 8}, config, cpu) != key
+    assert launch.compile_key(kernel, (base, 16, 1, 7), {"BLOCK_C": 4}, kernel.configs[1], cpu) != key
 
 
 def test_force_config_overrides_the_rule_and_is_checked():

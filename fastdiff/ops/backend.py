@@ -3,7 +3,8 @@
 Backends (what ``use_backend`` / ``FASTDIFF_BACKEND`` / ``--kernels`` name):
 
 * ``triton``: fastdiff's Triton kernels. CUDA tensors run compiled; CPU tensors run the same kernels
-  under Triton's interpreter (slow; for tests, and only when ``triton`` is forced). Needs Triton
+  under Triton's interpreter (slow; for tests, and only when ``triton`` is forced); meta tensors (forced)
+  go through the launch layer, which records each launch's compile key and runs nothing. Needs Triton
   >= ``MIN_TRITON`` and float32/float16/bfloat16.
 * ``cpp``: CPU tensors: fastdiff's C++ GroupNorm kernels (``fastdiff._C``); for attention PyTorch's fused
   C++ flash-attention CPU kernel.
@@ -163,8 +164,11 @@ def _triton_refusal(device: torch.device, dtype: torch.dtype) -> str:
     missing = _triton_missing()
     if missing:
         return missing
-    if device.type not in ("cuda", "cpu"):
-        return f"Triton kernels run on CUDA tensors (or CPU tensors, interpreted), got device {device}"
+    if device.type not in ("cuda", "cpu", "meta"):
+        return (
+            "Triton kernels run on CUDA tensors (or CPU tensors, interpreted; meta tensors: launches "
+            f"recorded, not run), got device {device}"
+        )
     if dtype not in TRITON_DTYPES:
         return f"Triton kernels take float32, float16 or bfloat16, got {dtype}"
     return ""
