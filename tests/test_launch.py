@@ -21,6 +21,8 @@ except ImportError:
 
 from fastdiff.kernels import group_norm as gn
 from fastdiff.kernels import launch
+from fastdiff.kernels.group_norm import device as gn_device
+from fastdiff.kernels.group_norm import host as gn_host
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,21 +47,18 @@ def test_config_lists_hold_every_group_norm_kernel():
         assert launch.kernels("group_norm").count(kernel) == 1
 
 
-def test_check_same_device_names_both_arguments():
-    cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
-    assert launch.check_same_device(x=cpu, weight=None, bias=cpu) == torch.device("cpu")
-    assert launch.check_same_device(a=None) is None
-    with pytest.raises(ValueError, match=r"bias is on meta but x is on cpu"):
-        launch.check_same_device(x=cpu, weight=None, bias=meta)
+def test_group_norm_devices_are_checked_once_at_the_op_and_asserted_by_the_kernels():
+    """The op boundary names both arguments; the kernel host only asserts its invariant."""
+    from fastdiff import ops
 
-
-def test_group_norm_kernels_reject_tensors_on_two_devices():
     x = torch.randn(2, 4, 3)
     weight = torch.ones(4, device="meta")
-    with pytest.raises(ValueError, match=r"weight is on meta but x is on cpu"):
+    with ops.use_backend("triton"), pytest.raises(ValueError, match=r"weight is on meta but x is on cpu"):
+        ops.group_norm(x, 2, weight, None)
+    with pytest.raises(AssertionError, match="one device"):
         gn.group_norm_forward(x, 2, weight, None, None, None, 1e-5, False)
     mean, rstd = torch.zeros(2, 2), torch.ones(2, 2)
-    with pytest.raises(ValueError, match=r"x is on cpu but dy is on meta"):
+    with pytest.raises(AssertionError, match="one device"):
         gn.group_norm_backward(x.to("meta"), x, 2, None, None, None, None, mean, rstd, False, (True,) * 5)
 
 
@@ -161,7 +160,7 @@ def test_force_config_overrides_the_rule_and_is_checked():
     kernel = gn.FWD_SPLIT_APPLY
     x = torch.randn(1, 4, 6, 6)
     split = gn.GroupNormTuning(fused_always=1, fused_max_forward=1, chunk_elements=32, min_chunk_elements=32)
-    geometry = gn._geometry(2, 2, 36, 1, split)
+    geometry = gn_host._geometry(2, 2, 36, 1, split)
     assert not geometry.fused and geometry.num_chunks > 1
     for config in kernel.configs:
         with launch.force_config(kernel.name, config):
@@ -253,9 +252,9 @@ def test_autotune_cache_path_is_per_gpu_and_triton(monkeypatch, tmp_path):
 
 def test_arg_types_are_explicit_and_complete():
     with pytest.raises(ValueError, match="must list exactly its runtime arguments"):
-        launch.arg_types(gn._gn_fwd_partial_stats_kernel, storage=("x_ptr",))
+        launch.arg_types(gn_device._gn_fwd_partial_stats_kernel, storage=("x_ptr",))
     with pytest.raises(ValueError, match="listed twice"):
-        launch.arg_types(gn._gn_fwd_partial_stats_kernel, storage=("x_ptr",), i32=("x_ptr",))
+        launch.arg_types(gn_device._gn_fwd_partial_stats_kernel, storage=("x_ptr",), i32=("x_ptr",))
     spec = launch.compile_spec(
         gn.FWD_PARTIAL_STATS, "t", "bf16", gn.SPLIT_CONFIGS[0], {"BLOCK_C": 4}, ("stride_xs",)
     )
@@ -274,6 +273,7 @@ def test_compiled_and_interpreted_kernels_coexist_without_triton_interpret():
         from triton.runtime.jit import JITFunction
         import triton.language as tl
         from fastdiff.kernels import group_norm as gn
+        from fastdiff.kernels.group_norm import device as gn_device
         assert isinstance(gn.FWD_FUSED.fn, JITFunction)
         split = gn.GroupNormTuning(fused_always=1, fused_max_forward=1, fused_max_backward=1,
                                    chunk_elements=24, min_chunk_elements=24, target_programs=1,
@@ -294,7 +294,7 @@ def test_compiled_and_interpreted_kernels_coexist_without_triton_interpret():
                                         (True, False, False, False, False), tuning=tuning)[0]
             (ref_dx,) = torch.autograd.grad(ref, xd, dy.double())
             assert (dx.double() - ref_dx).abs().max() < 1e-3 * max(1, ref_dx.abs().max())
-        assert isinstance(tl.sum, JITFunction) and isinstance(gn._channel_affine, JITFunction)
+        assert isinstance(tl.sum, JITFunction) and isinstance(gn_device._channel_affine, JITFunction)
         print("ok")
         """
     )
