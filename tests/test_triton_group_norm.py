@@ -60,7 +60,7 @@ class _PoisonedTorch:
 
 @pytest.fixture(autouse=True)
 def _poison_allocations(monkeypatch) -> None:
-    monkeypatch.setattr(gn, "torch", _PoisonedTorch())
+    monkeypatch.setattr(gn_host, "torch", _PoisonedTorch())
 
 
 # ------------------------------------------------------------------------------------------------
