@@ -404,12 +404,18 @@ def compile_key(
 ) -> str:
     """What one launch compiles on a GPU, as a string: the device (``cuda:0``; CPU and meta launches are
     keyed as ``cuda``, the binary they stand for), the kernel's function, its constexprs with the config's
-    tiles, warps and stages, and each runtime argument's specialisation. Kernels registered under several
+    tiles, warps and stages, and each runtime argument's specialisation (none for the arguments the
+    kernel's ``do_not_specialize`` names). Kernels registered under several
     names that share one function and constexprs share a binary, so the key names the function. (An
     interpreted bf16 attention launch dots in fp32, see ``kernels.attention``: its key says so.)"""
     fn = getattr(kernel.fn, "fn", kernel.fn)
     name = f"{fn.__module__}.{getattr(fn, '__name__', type(fn).__name__)}"
     const = {**constexprs, **config.meta}
+    plain = _unspecialised(kernel)
+    specs = [
+        ("i64" if abs(int(a)) >= 2**31 else "i") if n in plain else _specialization(a)
+        for n, a in zip(kernel.arg_types, args, strict=False)
+    ]
     where = str(device) if device.type == "cuda" else "cuda"
     return "|".join(
         (
@@ -417,9 +423,18 @@ def compile_key(
             name,
             ",".join(f"{k}={const[k]}" for k in sorted(const)),
             f"w{config.num_warps},s{config.num_stages}",
-            ",".join(_specialization(a) for a in args),
+            ",".join(specs),
         )
     )
+
+
+def _unspecialised(kernel: Kernel) -> set[str]:
+    """Runtime arguments of ``kernel`` that its ``@triton.jit(do_not_specialize=...)`` leaves alone."""
+    names = list(kernel.arg_types)
+    return {
+        names[i] if isinstance(i, int) and i < len(names) else i
+        for i in getattr(kernel.fn, "do_not_specialize", ())
+    }
 
 
 def _record_compile(

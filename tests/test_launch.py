@@ -156,6 +156,23 @@ def test_compile_key_follows_triton_specialisation():
     assert launch.compile_key(kernel, (base, 16, 1, 7), {"BLOCK_C": 4}, kernel.configs[1], cpu) != key
 
 
+def test_compile_key_leaves_out_what_the_kernel_does_not_specialise():
+    """GroupNorm kernels are not specialised on the channels per group (one binary for 12 and 16)."""
+    kernel = gn.FWD_FUSED
+    assert "group_channels" in kernel.fn.do_not_specialize
+    x = torch.zeros(64)
+
+    def key(group_channels: int) -> str:
+        args = tuple(
+            group_channels if name == "group_channels" else (x if name.endswith("_ptr") else 32)
+            for name in kernel.arg_types
+        )
+        return launch.compile_key(kernel, args, {"SILU": True}, kernel.configs[0], torch.device("cpu"))
+
+    assert key(12) == key(16) == key(1)
+    assert key(2**33) != key(16)  # a 64-bit integer is another binary
+
+
 def test_force_config_overrides_the_rule_and_is_checked():
     kernel = gn.FWD_SPLIT_APPLY
     x = torch.randn(1, 4, 6, 6)

@@ -210,6 +210,7 @@ CASES = [
     ((1, 6, 1, 1), 3, F16, "channels_last", True, True, True),
     ((2, 4, 5, 6), 2, F16, "spatial_transposed", True, False, True),
     ((2, 4, 48, 48), 2, F32, "contiguous", True, True, True),  # default tuning takes the split path
+    ((1, 32, 40, 40), 2, BF16, "contiguous", True, True, True),  # split, 16 channels in 4-channel tiles
     ((2, 32, 16, 16), 32, BF16, "channels_last", False, True, False),  # one channel per group
 ]
 
@@ -233,6 +234,22 @@ def test_split_groups_match_float64_reference(shape, groups, dtype, layout, kern
     check_against_reference(
         shape, groups, dtype, layout, True, True, True, tuning=TINY_SPLIT, device=kernel_device
     )
+
+
+def test_split_tiles_of_contiguous_x_take_one_shape_whatever_the_channels_per_group():
+    """Fewer kernels to compile: where S is the unit stride, every split launch of the default tuning
+    takes 4-channel tiles and chunks that hold whole tiles; channels_last keeps channel-wide tiles."""
+    widest = max(c.meta["TILE"] for c in gn.SPLIT_CONFIGS)
+    for group_channels in (4, 8, 12, 16, 24, 32):
+        for spatial in (2048, 4096, 65536):
+            geometry = gn_host._geometry(4096, group_channels, spatial, 4096, gn.DEFAULT_TUNING, True)
+            assert not geometry.fused and geometry.block_c == 4
+            assert geometry.chunk_spatial * geometry.block_c >= widest
+            assert (geometry.num_chunks - 1) * geometry.chunk_spatial < spatial
+            channels_last = gn_host._geometry(4096, group_channels, spatial, 4096, gn.DEFAULT_TUNING)
+            assert channels_last.block_c == min(32, 1 << (group_channels - 1).bit_length())
+    with pytest.raises(ValueError, match="max_block_c_spatial_major"):
+        gn.GroupNormTuning(max_block_c_spatial_major=3)
 
 
 def test_independent_parameter_dtypes(kernel_device):

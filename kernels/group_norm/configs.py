@@ -36,6 +36,9 @@ class GroupNormTuning:
     ``min_fused_programs`` (sample, group) programs to fill the GPU; larger groups are split.
     Split programs cover between ``min_chunk_elements`` and ``chunk_elements`` elements, aiming at
     ``target_programs`` programs in all. ``max_block_c``: widest channel block of the split kernels;
+    ``max_block_c_spatial_major``: the same where the spatial axis is the unit stride (contiguous x), so
+    that a split launch takes one of few tile shapes whatever the channels per group (long rows along S,
+    a chunk spans whole tiles);
     ``block_p``: partials merged per step; ``split_tile``: elements per split tile (None: autotuned on
     CUDA, 2048 elsewhere).
     """
@@ -48,11 +51,13 @@ class GroupNormTuning:
     min_chunk_elements: int = 2048
     target_programs: int = 512
     max_block_c: int = 32
+    max_block_c_spatial_major: int = 4
     block_p: int = 32
     split_tile: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("fused_always", "fused_max_forward", "fused_max_backward", "max_block_c", "block_p"):
+        powers_of_two = ("fused_always", "fused_max_forward", "fused_max_backward", "max_block_c", "block_p")
+        for name in (*powers_of_two, "max_block_c_spatial_major"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"GroupNormTuning.{name} must be a power of two, got {value}")

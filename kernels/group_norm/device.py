@@ -9,6 +9,12 @@ are written are ``tl.constexpr`` flags, so one body serves every variant.
 import triton
 import triton.language as tl
 
+UNSPECIALISED = ("group_channels",)
+"""Integer arguments Triton's JIT does not specialise on (whether they are 1 or multiples of 16): one
+binary serves every channels-per-group count of a tile shape (a UNet has 4 to 32 per group), at the cost
+of unaligned channel offsets in channels_last tiles. Spatial sizes and strides stay specialised: they
+decide the vector width along the unit-stride axis."""
+
 # ----------------------------------------------------------------------------------------------------
 # Shared device helpers
 # ----------------------------------------------------------------------------------------------------
@@ -77,7 +83,7 @@ def _group_pivot(x_base, first_channel, stride_xc):
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def _gn_fwd_fused_kernel(
     x_ptr,
     y_ptr,
@@ -142,7 +148,7 @@ def _gn_fwd_fused_kernel(
     tl.store(rstd_ptr + pid, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def _gn_fwd_partial_stats_kernel(
     x_ptr,
     part_count_ptr,
@@ -232,7 +238,7 @@ def _merged_group_stats(
     return mean, m2, count
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def _gn_fwd_split_apply_kernel(
     x_ptr,
     y_ptr,
@@ -320,7 +326,7 @@ def _gn_fwd_split_apply_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def _gn_bwd_fused_kernel(
     dy_ptr,
     x_ptr,
@@ -396,7 +402,7 @@ def _gn_bwd_fused_kernel(
         tl.store(dx_ptr + n.to(tl.int64) * stride_dxn + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def _gn_bwd_partial_sums_kernel(
     dy_ptr,
     x_ptr,
@@ -470,7 +476,7 @@ def _gn_bwd_partial_sums_kernel(
         tl.store(part_b_ptr + slots, acc_b, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def _gn_bwd_split_apply_kernel(
     dy_ptr,
     x_ptr,

@@ -25,6 +25,7 @@ from .configs import (
     FWD_SPLIT_APPLY,
     MAX_GRID_Y,
     MAX_WARPS,
+    SPLIT_CONFIGS,
     SUPPORTED_DTYPES,
     GroupNormTuning,
 )
@@ -122,9 +123,18 @@ class _Geometry:
 
 
 def _geometry(
-    num_programs: int, group_channels: int, spatial: int, fused_max: int, tuning: GroupNormTuning
+    num_programs: int,
+    group_channels: int,
+    spatial: int,
+    fused_max: int,
+    tuning: GroupNormTuning,
+    spatial_major: bool = False,
 ) -> _Geometry:
-    """Fused or split launch geometry for ``num_programs`` = N * G groups of [group_channels, spatial]."""
+    """Fused or split launch geometry for ``num_programs`` = N * G groups of [group_channels, spatial].
+
+    ``spatial_major``: the spatial axis is x's unit stride; split tiles then take at most
+    ``tuning.max_block_c_spatial_major`` channels and a chunk spans at least one widest tile along S, so
+    the tile shape does not depend on the channels per group (fewer kernels to compile)."""
     block_c = triton.next_power_of_2(group_channels)
     block_s = triton.next_power_of_2(spatial)
     tile = block_c * block_s
@@ -135,6 +145,10 @@ def _geometry(
         tuning.chunk_elements, max(tuning.min_chunk_elements, total // tuning.target_programs)
     )
     chunk_spatial = max(1, chunk_elements // group_channels)
+    if spatial_major:
+        block_c = min(block_c, tuning.max_block_c_spatial_major)
+        widest = tuning.split_tile or max(c.meta["TILE"] for c in SPLIT_CONFIGS)
+        chunk_spatial = max(chunk_spatial, widest // block_c)
     if chunk_spatial >= 32:
         chunk_spatial -= chunk_spatial % 16
     chunk_spatial = min(chunk_spatial, spatial)
@@ -204,7 +218,10 @@ def group_norm_forward(
         "HAS_SCALE_SHIFT": scale is not None,
         "SILU": bool(silu),
     }
-    geometry = _geometry(n * num_groups, group_channels, spatial, tuning.fused_max_forward, tuning)
+    spatial_major = x_strides[2] == 1 and x_strides[1] != 1
+    geometry = _geometry(
+        n * num_groups, group_channels, spatial, tuning.fused_max_forward, tuning, spatial_major
+    )
     eps32 = float(torch.tensor(eps, dtype=torch.float32))
     shape_args = (num_groups, group_channels, spatial)
     if geometry.fused:
@@ -327,7 +344,10 @@ def _backward_kernels(
     }
     writes = {"WRITE_DX": dx is not None, "WRITE_SUMS": need_sums}
     shape_args = (num_groups, group_channels, spatial)
-    geometry = _geometry(n * num_groups, group_channels, spatial, tuning.fused_max_backward, tuning)
+    spatial_major = x_strides[2] == 1 and x_strides[1] != 1
+    geometry = _geometry(
+        n * num_groups, group_channels, spatial, tuning.fused_max_backward, tuning, spatial_major
+    )
     if geometry.fused:
         args = (
             dy, x, dx_view, *params, *stats, sums[0], sums[1], *shape_args, *dy_strides, *x_strides,
