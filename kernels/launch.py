@@ -13,7 +13,7 @@ A kernel family (GroupNorm, attention, ...) registers each ``@triton.jit`` kerne
 and launches it with ``launch.run(FWD, grid, args, constexprs, like=x, sizes={...})``.
 
 Public names: ``Config``, ``Problem``, ``Kernel``, ``register``, ``kernels(family)``, ``config_lists()``,
-``force_config(name, config)``, ``last_config(name)``, ``choose``, ``run``, ``check_same_device(**tensors)``,
+``force_config(name, config)``, ``last_config(name)``, ``choose``, ``run``,
 ``device_guard(device)``, ``interprets(tensor)``, ``interpreting(fn)``, ``set_autotune``,
 ``autotune_enabled``, ``autotune_key``, ``AutotuneCache``, ``autotune_cache_path``, ``arg_types``,
 ``constexpr_names``, ``compile_spec``, ``size_bucket``, ``TARGET_SMS``, ``compile_key``, ``compile_count``,
@@ -226,24 +226,6 @@ def force_config(name: str, config: Config) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------
 # Devices, interpreter
 # ----------------------------------------------------------------------------------------------------
-
-
-def check_same_device(**tensors: Tensor | None) -> torch.device | None:
-    """The one device of the given tensors (None entries are skipped; None when all are).
-
-    Raises ValueError naming two arguments on different devices, with their devices."""
-    first_name, first_device = None, None
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if first_device is None:
-            first_name, first_device = name, t.device
-        elif t.device != first_device:
-            raise ValueError(
-                f"{name} is on {t.device} but {first_name} is on {first_device}: "
-                "all tensors of one kernel call must be on the same device"
-            )
-    return first_device
 
 
 def interprets(t: Tensor) -> bool:

@@ -351,20 +351,32 @@ def _triton_group_norm_refusal(x: torch.Tensor, params: Sequence[OptTensor]) -> 
     return why
 
 
+def _resolve(
+    op: str, device: torch.device, triton_why: Callable[[], str], cpp_why: Callable[[], str], native: str
+) -> str:
+    """The one policy every op family follows: a forced backend serves the call or raises why it cannot;
+    ``auto`` takes triton on CUDA (else ``native``, warning once, see ``auto_cuda``), cpp on the CPU (else
+    the reference), and the reference on any other device. Refusals are computed only when asked."""
+    name = get_backend()
+    if name == "torch":
+        return name
+    if name in ("triton", "cpp"):
+        return _forced(op, name, triton_why() if name == "triton" else cpp_why())
+    if device.type == "cuda":
+        return auto_cuda(op, triton_why(), native)
+    return "torch" if cpp_why() else "cpp"
+
+
 def resolve_group_norm(x: torch.Tensor, *params: OptTensor) -> str:
     """The backend that runs a GroupNorm-family op on ``x`` (``params``: weight, bias, scale, shift, any
     of them None): ``triton``, ``cpp``, ``torch`` or ``native``."""
-    name = get_backend()
-    if name == "triton":
-        return _forced("group_norm", name, _triton_group_norm_refusal(x, params))
-    if name == "cpp":
-        return _forced("group_norm", name, _cpp_group_norm_refusal(x.device, x.dtype))
-    if name == "torch":
-        return name
-    if x.device.type == "cuda":
-        why = _triton_group_norm_refusal(x, params)
-        return auto_cuda("group_norm", why, "F.group_norm (+ scale-shift, SiLU)")
-    return "torch" if _cpp_group_norm_refusal(x.device, x.dtype) else "cpp"
+    return _resolve(
+        "group_norm",
+        x.device,
+        lambda: _triton_group_norm_refusal(x, params),
+        lambda: _cpp_group_norm_refusal(x.device, x.dtype),
+        "F.group_norm (+ scale-shift, SiLU)",
+    )
 
 
 def _triton_attention_refusal(q: torch.Tensor, head_dim: int) -> str:
@@ -381,14 +393,10 @@ def resolve_attention(q: torch.Tensor, head_dim: int) -> str:
     ``cpp`` for attention is PyTorch's fused C++ flash-attention CPU kernel (fastdiff's own C++ kernels
     cover the GroupNorm family).
     """
-    name = get_backend()
-    if name == "triton":
-        return _forced("attention", name, _triton_attention_refusal(q, head_dim))
-    if name == "cpp":
-        return _forced("attention", name, _cpp_attention_refusal(q.device, q.dtype))
-    if name == "torch":
-        return name
-    if q.device.type == "cuda":
-        why = _triton_attention_refusal(q, head_dim)
-        return auto_cuda("attention", why, "F.scaled_dot_product_attention")
-    return "cpp" if q.device.type == "cpu" else "torch"
+    return _resolve(
+        "attention",
+        q.device,
+        lambda: _triton_attention_refusal(q, head_dim),
+        lambda: _cpp_attention_refusal(q.device, q.dtype),
+        "F.scaled_dot_product_attention",
+    )
