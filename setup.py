@@ -31,7 +31,12 @@ def cpp_extensions() -> tuple[list, dict]:
 
 ext_modules, cmdclass = cpp_extensions()
 
-packages = [*find_packages(include=["fastdiff", "fastdiff.*"]), "fastdiff.kernels"]
+kernel_families = ("group_norm", "attention")  # kernels/<family>/: device, configs, host, specs
+packages = [
+    *find_packages(include=["fastdiff", "fastdiff.*"]),
+    "fastdiff.kernels",
+    *(f"fastdiff.kernels.{family}" for family in kernel_families),
+]
 
 setup(
     name="fastdiff",

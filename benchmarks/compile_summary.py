@@ -30,8 +30,9 @@ def cache_key(archs: Sequence[int]) -> dict[str, Any]:
     import triton
 
     digest = hashlib.sha256()
-    for path in sorted(Path(fastdiff.kernels.__file__).parent.glob("*.py")):
-        digest.update(path.name.encode())
+    root = Path(fastdiff.kernels.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return {"kernel_sources_sha256": digest.hexdigest(), "triton": triton.__version__, "archs": list(archs)}
 

@@ -32,8 +32,15 @@ class CompileSpec:
 
     def aligned_variant(self) -> "CompileSpec":
         """This spec with every pointer and integer argument divisible by 16, as a launch on tensors
-        from PyTorch's allocator with multiple-of-16 sizes and strides specialises it."""
+        from PyTorch's allocator with multiple-of-16 sizes and strides specialises it (except the
+        arguments the kernel's ``do_not_specialize`` names, which Triton never specialises)."""
+        unspecialised = {
+            self.fn.arg_names[i] if isinstance(i, int) else i
+            for i in getattr(self.fn, "do_not_specialize", ())
+        }
         runtime = tuple(
-            name for name, kind in self.signature.items() if kind.startswith("*") or kind in ("i32", "i64")
+            name
+            for name, kind in self.signature.items()
+            if (kind.startswith("*") or kind in ("i32", "i64")) and name not in unspecialised
         )
         return dataclasses.replace(self, name=self.name + ALIGNED_SUFFIX, aligned=runtime)

@@ -13,10 +13,19 @@ A kernel family (GroupNorm, attention, ...) registers each ``@triton.jit`` kerne
 and launches it with ``launch.run(FWD, grid, args, constexprs, like=x, sizes={...})``.
 
 Public names: ``Config``, ``Problem``, ``Kernel``, ``register``, ``kernels(family)``, ``config_lists()``,
-``force_config(name, config)``, ``last_config(name)``, ``choose``, ``run``, ``check_same_device(**tensors)``,
+``force_config(name, config)``, ``last_config(name)``, ``choose``, ``run``,
 ``device_guard(device)``, ``interprets(tensor)``, ``interpreting(fn)``, ``set_autotune``,
 ``autotune_enabled``, ``autotune_key``, ``AutotuneCache``, ``autotune_cache_path``, ``arg_types``,
-``constexpr_names``, ``compile_spec``, ``size_bucket``, ``TARGET_SMS``.
+``constexpr_names``, ``compile_spec``, ``size_bucket``, ``TARGET_SMS``, ``compile_key``, ``compile_count``,
+``compile_keys``, ``reset_compile_count``.
+
+Compile counter: every launch records its compile key (``compile_key``: device, kernel function, every
+constexpr and tile size, warps, stages and what Triton's JIT specialises each runtime argument on), so
+``compile_count()`` is the number of distinct kernel binaries the launches so far compile on a GPU, one
+per key per device; ``compile_keys()`` lists them, ``reset_compile_count()`` starts over. Interpreted
+launches (CPU tensors) are recorded with the same key, so the count is known without a GPU. Tensors on the
+``meta`` device hold no data: their launches are recorded and not run, which counts a whole model step's
+compiles in seconds (a meta launch takes the compiled path's choices, e.g. bf16 dot operands).
 
 Which config runs (``choose``), in order:
 
@@ -219,28 +228,11 @@ def force_config(name: str, config: Config) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def check_same_device(**tensors: Tensor | None) -> torch.device | None:
-    """The one device of the given tensors (None entries are skipped; None when all are).
-
-    Raises ValueError naming two arguments on different devices, with their devices."""
-    first_name, first_device = None, None
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if first_device is None:
-            first_name, first_device = name, t.device
-        elif t.device != first_device:
-            raise ValueError(
-                f"{name} is on {t.device} but {first_name} is on {first_device}: "
-                "all tensors of one kernel call must be on the same device"
-            )
-    return first_device
-
-
 def interprets(t: Tensor) -> bool:
     """Whether a launch on ``t``'s device runs under Triton's interpreter (CPU tensors, or every tensor
-    when ``TRITON_INTERPRET=1`` made ``triton.jit`` return interpreted functions)."""
-    return t.device.type != "cuda" or _interpret_env()
+    when ``TRITON_INTERPRET=1`` made ``triton.jit`` return interpreted functions). Meta tensors are never
+    launched; they take the compiled path's choices."""
+    return t.device.type not in ("cuda", "meta") or _interpret_env()
 
 
 def _interpret_env() -> bool:
@@ -360,13 +352,15 @@ def size_bucket(n: int) -> int:
 
 
 def _specialization(value: Any) -> str:
-    """What Triton's JIT specialises on for one runtime argument."""
+    """What Triton's JIT specialises on for one runtime argument: a tensor's dtype and 16-byte alignment,
+    an integer's width and whether it is 1 or a multiple of 16."""
     if isinstance(value, Tensor):
         return f"{value.dtype}".replace("torch.", "") + (":16" if value.data_ptr() % 16 == 0 else "")
     if isinstance(value, bool):
         return f"b{int(value)}"
     if isinstance(value, int):
-        return "1" if value == 1 else ("i16" if value % 16 == 0 else "i")
+        width = "" if -(2**31) <= value < 2**31 else "i64:"
+        return width + ("1" if value == 1 else ("i16" if value % 16 == 0 else "i"))
     if isinstance(value, float):
         return "f"
     return type(value).__name__
@@ -378,6 +372,72 @@ def autotune_key(kernel: Kernel, args: tuple, constexprs: Mapping[str, Any], siz
     spec = ",".join(_specialization(a) for a in args)
     bucketed = ",".join(f"{k}={size_bucket(v)}" for k, v in sorted(sizes.items()))
     return f"{kernel.name}|{const}|{spec}|{bucketed}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compile counter
+# ----------------------------------------------------------------------------------------------------
+
+_COMPILE_KEYS: dict[str, None] = {}  # an ordered set: first launch first
+
+
+def compile_key(
+    kernel: Kernel, args: tuple, constexprs: Mapping[str, Any], config: Config, device: torch.device
+) -> str:
+    """What one launch compiles on a GPU, as a string: the device (``cuda:0``; CPU and meta launches are
+    keyed as ``cuda``, the binary they stand for), the kernel's function, its constexprs with the config's
+    tiles, warps and stages, and each runtime argument's specialisation (none for the arguments the
+    kernel's ``do_not_specialize`` names). Kernels registered under several
+    names that share one function and constexprs share a binary, so the key names the function. (An
+    interpreted bf16 attention launch dots in fp32, see ``kernels.attention``: its key says so.)"""
+    fn = getattr(kernel.fn, "fn", kernel.fn)
+    name = f"{fn.__module__}.{getattr(fn, '__name__', type(fn).__name__)}"
+    const = {**constexprs, **config.meta}
+    plain = _unspecialised(kernel)
+    specs = [
+        ("i64" if abs(int(a)) >= 2**31 else "i") if n in plain else _specialization(a)
+        for n, a in zip(kernel.arg_types, args, strict=False)
+    ]
+    where = str(device) if device.type == "cuda" else "cuda"
+    return "|".join(
+        (
+            where,
+            name,
+            ",".join(f"{k}={const[k]}" for k in sorted(const)),
+            f"w{config.num_warps},s{config.num_stages}",
+            ",".join(specs),
+        )
+    )
+
+
+def _unspecialised(kernel: Kernel) -> set[str]:
+    """Runtime arguments of ``kernel`` that its ``@triton.jit(do_not_specialize=...)`` leaves alone."""
+    names = list(kernel.arg_types)
+    return {
+        names[i] if isinstance(i, int) and i < len(names) else i
+        for i in getattr(kernel.fn, "do_not_specialize", ())
+    }
+
+
+def _record_compile(
+    kernel: Kernel, args: tuple, constexprs: Mapping[str, Any], config: Config, like: Tensor
+) -> None:
+    _COMPILE_KEYS.setdefault(compile_key(kernel, args, constexprs, config, like.device))
+
+
+def compile_count() -> int:
+    """Distinct kernel compilations the launches of this process ask for (since the last reset)."""
+    return len(_COMPILE_KEYS)
+
+
+def compile_keys() -> list[str]:
+    """The distinct compile keys counted by ``compile_count``, in order of first launch."""
+    return list(_COMPILE_KEYS)
+
+
+def reset_compile_count() -> None:
+    """Forget the recorded compile keys (``compile_count()`` is 0 afterwards)."""
+    _COMPILE_KEYS.clear()
 
 
 def choose(kernel: Kernel, problem: Problem) -> Config:
@@ -416,6 +476,9 @@ def run(
         else:
             config = choose(kernel, problem)
     _LAST[kernel.name] = config
+    _record_compile(kernel, args, constexprs, config, like)
+    if like.device.type == "meta":
+        return config
     with device_guard(like.device):
         if interpret:
             with interpreting(kernel.fn) as fn:
@@ -536,6 +599,7 @@ def _autotuned(kernel: Kernel, grid, args: tuple, problem: Problem, like: Tensor
     import triton.testing  # only where autotuning runs
 
     def measure(config: Config) -> float:
+        _record_compile(kernel, args, problem.constexprs, config, like)
         with device_guard(like.device):
             try:
                 return float(

@@ -21,6 +21,8 @@ except ImportError:
 
 from fastdiff.kernels import group_norm as gn
 from fastdiff.kernels import launch
+from fastdiff.kernels.group_norm import device as gn_device
+from fastdiff.kernels.group_norm import host as gn_host
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,21 +47,18 @@ def test_config_lists_hold_every_group_norm_kernel():
         assert launch.kernels("group_norm").count(kernel) == 1
 
 
-def test_check_same_device_names_both_arguments():
-    cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
-    assert launch.check_same_device(x=cpu, weight=None, bias=cpu) == torch.device("cpu")
-    assert launch.check_same_device(a=None) is None
-    with pytest.raises(ValueError, match=r"bias is on meta but x is on cpu"):
-        launch.check_same_device(x=cpu, weight=None, bias=meta)
+def test_group_norm_devices_are_checked_once_at_the_op_and_asserted_by_the_kernels():
+    """The op boundary names both arguments; the kernel host only asserts its invariant."""
+    from fastdiff import ops
 
-
-def test_group_norm_kernels_reject_tensors_on_two_devices():
     x = torch.randn(2, 4, 3)
     weight = torch.ones(4, device="meta")
-    with pytest.raises(ValueError, match=r"weight is on meta but x is on cpu"):
+    with ops.use_backend("triton"), pytest.raises(ValueError, match=r"weight is on meta but x is on cpu"):
+        ops.group_norm(x, 2, weight, None)
+    with pytest.raises(AssertionError, match="one device"):
         gn.group_norm_forward(x, 2, weight, None, None, None, 1e-5, False)
     mean, rstd = torch.zeros(2, 2), torch.ones(2, 2)
-    with pytest.raises(ValueError, match=r"x is on cpu but dy is on meta"):
+    with pytest.raises(AssertionError, match="one device"):
         gn.group_norm_backward(x.to("meta"), x, 2, None, None, None, None, mean, rstd, False, (True,) * 5)
 
 
@@ -102,17 +101,83 @@ def test_run_launches_inside_the_guard_of_like_device(monkeypatch):
     fake = launch.Kernel("fake", "test", FakeKernelFn(), (config,), lambda p: config, {})
     monkeypatch.setattr(launch, "device_guard", guard)
     monkeypatch.setattr(launch, "interprets", lambda t: False)
-    like = torch.zeros(1, device="meta")
+    like = torch.zeros(1)
     assert launch.run(fake, (3,), (), {}, like=like) == config
     assert events == [("enter", like.device), ("launch", (3,), 2), ("exit", like.device)]
     assert launch.last_config("fake") == config
+
+
+def test_compile_counter_counts_distinct_binaries_of_compiled_and_interpreted_launches():
+    x = torch.randn(2, 8, 5, 3)
+    weight = torch.rand(8) + 0.5
+    launch.reset_compile_count()
+    assert launch.compile_count() == 0 and launch.compile_keys() == []
+    for _ in range(2):  # the same binary twice, then with other inputs of the same specialisation
+        gn.group_norm_forward(x, 4, weight, None, None, None, 1e-5, False)
+    gn.group_norm_forward(torch.randn(2, 8, 5, 3), 4, torch.rand(8), None, None, None, 1e-3, False)
+    assert launch.compile_count() == 1
+    (key,) = launch.compile_keys()
+    assert key.startswith("cuda|") and "_gn_fwd_fused_kernel" in key and "SILU=False" in key
+    gn.group_norm_forward(x, 4, weight, None, None, None, 1e-5, True)  # SiLU: another binary
+    gn.group_norm_forward(x.half(), 4, weight, None, None, None, 1e-5, False)  # another dtype
+    gn.group_norm_forward(torch.randn(2, 8, 4, 4), 4, weight, None, None, None, 1e-5, False)  # S = 16
+    assert launch.compile_count() == 4
+    assert len(set(launch.compile_keys())) == 4 and launch.compile_keys()[0] == key
+    launch.reset_compile_count()
+    assert launch.compile_count() == 0
+
+
+def test_meta_launches_are_counted_and_not_run(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a meta launch must not run")
+
+    monkeypatch.setattr(launch, "_launch_one", fail)
+    launch.reset_compile_count()
+    x = torch.empty(4, 64, 16, 16, device="meta", dtype=torch.bfloat16)
+    y, mean, _ = gn.group_norm_forward(x, 32, None, None, None, None, 1e-5, True)
+    assert y.device.type == "meta" and y.shape == x.shape and mean.shape == (4, 32)
+    assert launch.compile_count() == 1 and "bfloat16" in launch.compile_keys()[0]
+    assert launch.last_config(gn.FWD_FUSED.name) is not None
+    assert not launch.interprets(x)  # a meta launch stands for the compiled one
+
+
+def test_compile_key_follows_triton_specialisation():
+    kernel = gn.FWD_PARTIAL_STATS
+    config = kernel.configs[0]
+    cpu, cuda1 = torch.device("cpu"), torch.device("cuda", 1)
+    base = torch.zeros(64)
+    key = launch.compile_key(kernel, (base, 16, 1, 7), {"BLOCK_C": 4}, config, cpu)
+    assert key.split("|")[0] == "cuda"
+    assert launch.compile_key(kernel, (base, 32, 1, 9), {"BLOCK_C": 4}, config, cpu) == key
+    assert launch.compile_key(kernel, (base, 16, 1, 7), {"BLOCK_C": 4}, config, cuda1) != key
+    for args in ((base, 17, 1, 7), (base, 16, 2, 7), (base, 16, 1, 2**33), (base[1:], 16, 1, 7)):
+        assert launch.compile_key(kernel, args, {"BLOCK_C": 4}, config, cpu) != key, args
+    assert launch.compile_key(kernel, (base, 16, 1, 7), {"BLOCK_C": 8}, config, cpu) != key
+    assert launch.compile_key(kernel, (base, 16, 1, 7), {"BLOCK_C": 4}, kernel.configs[1], cpu) != key
+
+
+def test_compile_key_leaves_out_what_the_kernel_does_not_specialise():
+    """GroupNorm kernels are not specialised on the channels per group (one binary for 12 and 16)."""
+    kernel = gn.FWD_FUSED
+    assert "group_channels" in kernel.fn.do_not_specialize
+    x = torch.zeros(64)
+
+    def key(group_channels: int) -> str:
+        args = tuple(
+            group_channels if name == "group_channels" else (x if name.endswith("_ptr") else 32)
+            for name in kernel.arg_types
+        )
+        return launch.compile_key(kernel, args, {"SILU": True}, kernel.configs[0], torch.device("cpu"))
+
+    assert key(12) == key(16) == key(1)
+    assert key(2**33) != key(16)  # a 64-bit integer is another binary
 
 
 def test_force_config_overrides_the_rule_and_is_checked():
     kernel = gn.FWD_SPLIT_APPLY
     x = torch.randn(1, 4, 6, 6)
     split = gn.GroupNormTuning(fused_always=1, fused_max_forward=1, chunk_elements=32, min_chunk_elements=32)
-    geometry = gn._geometry(2, 2, 36, 1, split)
+    geometry = gn_host._geometry(2, 2, 36, 1, split)
     assert not geometry.fused and geometry.num_chunks > 1
     for config in kernel.configs:
         with launch.force_config(kernel.name, config):
@@ -204,9 +269,9 @@ def test_autotune_cache_path_is_per_gpu_and_triton(monkeypatch, tmp_path):
 
 def test_arg_types_are_explicit_and_complete():
     with pytest.raises(ValueError, match="must list exactly its runtime arguments"):
-        launch.arg_types(gn._gn_fwd_partial_stats_kernel, storage=("x_ptr",))
+        launch.arg_types(gn_device._gn_fwd_partial_stats_kernel, storage=("x_ptr",))
     with pytest.raises(ValueError, match="listed twice"):
-        launch.arg_types(gn._gn_fwd_partial_stats_kernel, storage=("x_ptr",), i32=("x_ptr",))
+        launch.arg_types(gn_device._gn_fwd_partial_stats_kernel, storage=("x_ptr",), i32=("x_ptr",))
     spec = launch.compile_spec(
         gn.FWD_PARTIAL_STATS, "t", "bf16", gn.SPLIT_CONFIGS[0], {"BLOCK_C": 4}, ("stride_xs",)
     )
@@ -225,6 +290,7 @@ def test_compiled_and_interpreted_kernels_coexist_without_triton_interpret():
         from triton.runtime.jit import JITFunction
         import triton.language as tl
         from fastdiff.kernels import group_norm as gn
+        from fastdiff.kernels.group_norm import device as gn_device
         assert isinstance(gn.FWD_FUSED.fn, JITFunction)
         split = gn.GroupNormTuning(fused_always=1, fused_max_forward=1, fused_max_backward=1,
                                    chunk_elements=24, min_chunk_elements=24, target_programs=1,
@@ -245,7 +311,7 @@ def test_compiled_and_interpreted_kernels_coexist_without_triton_interpret():
                                         (True, False, False, False, False), tuning=tuning)[0]
             (ref_dx,) = torch.autograd.grad(ref, xd, dy.double())
             assert (dx.double() - ref_dx).abs().max() < 1e-3 * max(1, ref_dx.abs().max())
-        assert isinstance(tl.sum, JITFunction) and isinstance(gn._channel_affine, JITFunction)
+        assert isinstance(tl.sum, JITFunction) and isinstance(gn_device._channel_affine, JITFunction)
         print("ok")
         """
     )

@@ -72,7 +72,7 @@ def test_native_fallback_matches_float64(monkeypatch, shape, groups, kind, chann
 
     Groups of one element are left out: PyTorch's CPU F.group_norm is off by ~1e-4 there in fp32 (its
     variance is not exactly 0), which says nothing about the fallback's composition."""
-    monkeypatch.setattr(backends, "resolve_group_norm", lambda x: backends.NATIVE)
+    monkeypatch.setattr(backends, "resolve_group_norm", lambda x, *params: backends.NATIVE)
     check_group_norm_family(
         (torch.float64, torch.float32, torch.bfloat16), shape, groups, kind, channels_last, native=True
     )
@@ -378,25 +378,22 @@ def test_use_backend_restores_and_env_is_validated(monkeypatch):
         backends._check_name("gpu", "FASTDIFF_BACKEND")
 
 
-def test_channels_last_is_read_in_place_by_fast_backends():
+def test_channels_last_is_read_in_place_by_fast_backends(monkeypatch):
     """The op hands a channels_last tensor to its backend's kernel without a copy (the C++ autograd
     path reads it in place too: test_cpp_group_norm)."""
     seen = {}
+    reference = backends.implementation("torch")
 
-    class Spy:
-        @staticmethod
-        def group_norm_forward(x, *args):
+    class Spy(backends.ModuleBackend):
+        def group_norm_forward(self, x, *args):
             seen["x"] = x
-            return ops.group_norm.__globals__["reference"].group_norm_forward(x, *args)
+            return reference.group_norm_forward(x, *args)
 
+    spy: backends.Backend = Spy("torch", lambda: None, lambda: None)
     x = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last)
-    original = ops.group_norm.__globals__["_implementation"]
-    try:
-        ops.group_norm.__globals__["_implementation"] = lambda name: Spy
-        with ops.use_backend("torch"):
-            ops.group_norm(x, 4, None, None)
-    finally:
-        ops.group_norm.__globals__["_implementation"] = original
+    monkeypatch.setitem(backends.IMPLEMENTATIONS, "torch", spy)
+    with ops.use_backend("torch"):
+        ops.group_norm(x, 4, None, None)
     assert seen["x"].data_ptr() == x.data_ptr()
 
 

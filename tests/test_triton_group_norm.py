@@ -19,8 +19,10 @@ except ImportError:
         raise
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from fastdiff import ops
 from fastdiff.kernels import group_norm as gn
 from fastdiff.kernels import launch
+from fastdiff.kernels.group_norm import host as gn_host
 from fastdiff.kernels.traffic import count_traffic
 
 # The interpreter evaluates SiLU's exp(-z) in numpy, which warns when it overflows to inf (the right value).
@@ -58,7 +60,7 @@ class _PoisonedTorch:
 
 @pytest.fixture(autouse=True)
 def _poison_allocations(monkeypatch) -> None:
-    monkeypatch.setattr(gn, "torch", _PoisonedTorch())
+    monkeypatch.setattr(gn_host, "torch", _PoisonedTorch())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,6 +210,7 @@ CASES = [
     ((1, 6, 1, 1), 3, F16, "channels_last", True, True, True),
     ((2, 4, 5, 6), 2, F16, "spatial_transposed", True, False, True),
     ((2, 4, 48, 48), 2, F32, "contiguous", True, True, True),  # default tuning takes the split path
+    ((1, 32, 40, 40), 2, BF16, "contiguous", True, True, True),  # split, 16 channels in 4-channel tiles
     ((2, 32, 16, 16), 32, BF16, "channels_last", False, True, False),  # one channel per group
 ]
 
@@ -226,11 +229,27 @@ def test_matches_float64_reference(shape, groups, dtype, layout, silu, affine, s
     ],
 )
 def test_split_groups_match_float64_reference(shape, groups, dtype, layout, kernel_device):
-    geometry = gn._geometry(shape[0] * groups, shape[1] // groups, math.prod(shape[2:]), 1, TINY_SPLIT)
+    geometry = gn_host._geometry(shape[0] * groups, shape[1] // groups, math.prod(shape[2:]), 1, TINY_SPLIT)
     assert not geometry.fused and geometry.num_chunks > TINY_SPLIT.block_p
     check_against_reference(
         shape, groups, dtype, layout, True, True, True, tuning=TINY_SPLIT, device=kernel_device
     )
+
+
+def test_split_tiles_of_contiguous_x_take_one_shape_whatever_the_channels_per_group():
+    """Fewer kernels to compile: where S is the unit stride, every split launch of the default tuning
+    takes 4-channel tiles and chunks that hold whole tiles; channels_last keeps channel-wide tiles."""
+    widest = max(c.meta["TILE"] for c in gn.SPLIT_CONFIGS)
+    for group_channels in (4, 8, 12, 16, 24, 32):
+        for spatial in (2048, 4096, 65536):
+            geometry = gn_host._geometry(4096, group_channels, spatial, 4096, gn.DEFAULT_TUNING, True)
+            assert not geometry.fused and geometry.block_c == 4
+            assert geometry.chunk_spatial * geometry.block_c >= widest
+            assert (geometry.num_chunks - 1) * geometry.chunk_spatial < spatial
+            channels_last = gn_host._geometry(4096, group_channels, spatial, 4096, gn.DEFAULT_TUNING)
+            assert channels_last.block_c == min(32, 1 << (group_channels - 1).bit_length())
+    with pytest.raises(ValueError, match="max_block_c_spatial_major"):
+        gn.GroupNormTuning(max_block_c_spatial_major=3)
 
 
 def test_independent_parameter_dtypes(kernel_device):
@@ -361,7 +380,7 @@ def test_every_config_of_every_list_runs(kernel, kernel_device):
 def test_huge_groups_fit_the_grid(spatial):
     """Chunks grow rather than outnumber a CUDA grid axis (65535), and still cover every position."""
     for group_channels in (1, 3):
-        geometry = gn._geometry(2, group_channels, spatial, 1, gn.DEFAULT_TUNING)
+        geometry = gn_host._geometry(2, group_channels, spatial, 1, gn.DEFAULT_TUNING)
         assert not geometry.fused and 1 <= geometry.num_chunks <= gn.MAX_GRID_Y
         assert (geometry.num_chunks - 1) * geometry.chunk_spatial < spatial
         assert geometry.num_chunks * geometry.chunk_spatial >= spatial
@@ -369,7 +388,15 @@ def test_huge_groups_fit_the_grid(spatial):
 
 def test_rejects_unsupported_dtypes():
     x = torch.randn(2, 4, 3, dtype=torch.float64)
-    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match="float64"):
+        ops.group_norm(x, 2, None, None)
+    weight = torch.ones(4, dtype=torch.float64)
+    with (
+        ops.use_backend("triton"),
+        pytest.raises(ops.BackendUnavailableError, match=r"parameters, got torch\.float64"),
+    ):
+        ops.group_norm(x.float(), 2, weight, None)
+    with pytest.raises(AssertionError, match="float32, float16 or bfloat16"):  # the kernels' own invariant
         gn.group_norm_forward(x, 2, None, None, None, None, 1e-5, False)
     with pytest.raises(ValueError, match="split_tile"):
         gn.GroupNormTuning(split_tile=12)

@@ -8,15 +8,13 @@ Where ``auto`` resolves to ``native`` (a CUDA call the Triton kernels cannot ser
 autograd instead of a ``fastdiff::`` op.
 """
 
-import importlib
 import math
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from fastdiff.ops import backend as backends
-from fastdiff.ops import cpu_attention, reference, registry
+from fastdiff.ops import registry
 from fastdiff.ops.reference import compute_dtype
 from fastdiff.ops.validate import (
     check_attention_shapes,
@@ -28,15 +26,6 @@ from fastdiff.ops.validate import (
 Tensor = torch.Tensor
 
 ORDERS = ("legacy", "split")
-
-
-def _implementation(name: str) -> ModuleType:
-    """The module holding ``attention_forward`` / ``attention_backward`` for backend ``name``."""
-    if name == "torch":
-        return reference
-    if name == "cpp":
-        return cpu_attention
-    return importlib.import_module("fastdiff.kernels.attention")
 
 
 def qkv_views(qkv: Tensor, num_heads: int, order: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,7 +62,7 @@ def _qkv_attention_fwd_kernel(qkv: Tensor, num_heads: int, order: str, backend: 
     q, k, v = qkv_views(qkv, num_heads, order)
     if qkv.numel() == 0:
         return out, _lse_like(q)
-    _, lse = _implementation(backend).attention_forward(
+    _, lse = backends.implementation(backend).attention_forward(
         q, k, v, q.shape[-1] ** -0.5, out=_heads_view(out, num_heads)
     )
     return out, lse.to(compute_dtype(qkv.dtype)).contiguous()
@@ -99,7 +88,7 @@ def _qkv_attention_bwd_kernel(
         return dqkv
     q, k, v = qkv_views(qkv, num_heads, order)
     dq, dk, dv = qkv_views(dqkv, num_heads, order)
-    _implementation(backend).attention_backward(
+    backends.implementation(backend).attention_backward(
         _heads_view(dout, num_heads),
         q,
         k,
@@ -184,7 +173,7 @@ def _attention_fwd_kernel(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.numel() == 0:
         return out, _lse_like(q)
-    _, lse = _implementation(backend).attention_forward(q, k, v, scale, out=out)
+    _, lse = backends.implementation(backend).attention_forward(q, k, v, scale, out=out)
     return out, lse.to(compute_dtype(q.dtype)).contiguous()
 
 
@@ -205,7 +194,7 @@ def _attention_bwd_kernel(
     if q.numel() == 0:  # no query reads any key (Tq = 0) or nothing at all
         return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-    _implementation(backend).attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv)
+    backends.implementation(backend).attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv)
     return dq, dk, dv
 
 

@@ -3,7 +3,8 @@
 Backends (what ``use_backend`` / ``FASTDIFF_BACKEND`` / ``--kernels`` name):
 
 * ``triton``: fastdiff's Triton kernels. CUDA tensors run compiled; CPU tensors run the same kernels
-  under Triton's interpreter (slow; for tests, and only when ``triton`` is forced). Needs Triton
+  under Triton's interpreter (slow; for tests, and only when ``triton`` is forced); meta tensors (forced)
+  go through the launch layer, which records each launch's compile key and runs nothing. Needs Triton
   >= ``MIN_TRITON`` and float32/float16/bfloat16.
 * ``cpp``: CPU tensors: fastdiff's C++ GroupNorm kernels (``fastdiff._C``); for attention PyTorch's fused
   C++ flash-attention CPU kernel.
@@ -20,6 +21,13 @@ saying why. ``backend_refusal`` answers the same question for the training CLI's
 
 Availability is decided once at import, so resolving a backend inside ``torch.compile`` is plain Python
 over constants and the tensor's device, dtype and sizes.
+
+The contract every backend that serves the ops' kernels implements is one Protocol, :class:`Backend`
+(``group_norm_forward``/``group_norm_backward``, ``attention_forward``/``attention_backward``);
+``implementation(name)`` returns the one named ``torch`` (the reference), ``cpp`` or ``triton``. The
+``native`` fallback is PyTorch's own ops under plain autograd, outside the ``fastdiff::`` ops. Inputs are
+checked once, in ``fastdiff.ops``, before a backend is resolved: the kernels behind a backend only assert
+their own invariants. The Triton kernels' limits come from ``fastdiff.kernels.limits`` (no Triton import).
 """
 
 import contextlib
@@ -28,9 +36,19 @@ import importlib.util
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
+from typing import Protocol
 
 import torch
+
+from fastdiff.kernels.limits import DTYPES as TRITON_DTYPES
+from fastdiff.kernels.limits import MAX_HEAD_DIM as MAX_TRITON_HEAD_DIM
+from fastdiff.kernels.limits import MAX_SAMPLE_ELEMENTS as MAX_TRITON_SAMPLE_ELEMENTS
+from fastdiff.ops import cpu_attention, reference
+
+Tensor = torch.Tensor
+OptTensor = Tensor | None
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 NATIVE = "native"
@@ -67,10 +85,116 @@ except ImportError as error:  # not built: a pure-Python install
 else:
     CPP_IMPORT_ERROR = ""
 
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPP_GROUP_NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MAX_TRITON_SAMPLE_ELEMENTS = 2**31
-"""The GroupNorm kernels index inside one sample with 32-bit offsets (the sample index is 64-bit)."""
+
+
+class Backend(Protocol):
+    """What serves the kernels of the ``fastdiff::`` ops for one backend name.
+
+    GroupNorm: x ``[N, C, *spatial]``, weight/bias ``[C]`` or None, scale/shift ``[N, C]`` or both None.
+    The forward returns (y like x, mean ``[N, G]``, rstd ``[N, G]``); the backward returns the gradients of
+    (x, weight, bias, scale, shift), None where ``needs_input_grad`` is False or the input is None.
+    Attention: q ``[B, H, Tq, D]``, k and v ``[B, H, Tk, D]`` of any strides; the forward returns (out, lse
+    ``[B, H, Tq]``), written into ``out`` when given; the backward returns (dq, dk, dv), written into the
+    given destinations. Arguments are checked by the op before the call.
+    """
+
+    def group_norm_forward(
+        self,
+        x: Tensor,
+        num_groups: int,
+        weight: OptTensor,
+        bias: OptTensor,
+        scale: OptTensor,
+        shift: OptTensor,
+        eps: float,
+        silu: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def group_norm_backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        num_groups: int,
+        weight: OptTensor,
+        bias: OptTensor,
+        scale: OptTensor,
+        shift: OptTensor,
+        mean: Tensor,
+        rstd: Tensor,
+        silu: bool,
+        needs_input_grad: Sequence[bool],
+    ) -> tuple[OptTensor, OptTensor, OptTensor, OptTensor, OptTensor]: ...
+
+    def attention_forward(
+        self, q: Tensor, k: Tensor, v: Tensor, scale: float, out: OptTensor = None
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def attention_backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        scale: float,
+        dq: OptTensor = None,
+        dk: OptTensor = None,
+        dv: OptTensor = None,
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+class ModuleBackend:
+    """A :class:`Backend` whose GroupNorm and attention functions live in two modules, each imported on
+    first use (the Triton kernels import Triton)."""
+
+    def __init__(self, name: str, group_norm: Callable[[], ModuleType], attention: Callable[[], ModuleType]):
+        self.name = name
+        self._group_norm = group_norm
+        self._attention = attention
+
+    def group_norm_forward(self, *args) -> tuple[Tensor, Tensor, Tensor]:
+        return self._group_norm().group_norm_forward(*args)
+
+    def group_norm_backward(self, *args) -> tuple[OptTensor, OptTensor, OptTensor, OptTensor, OptTensor]:
+        return self._group_norm().group_norm_backward(*args)
+
+    def attention_forward(self, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        return self._attention().attention_forward(*args, **kwargs)
+
+    def attention_backward(self, *args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+        return self._attention().attention_backward(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"ModuleBackend({self.name!r})"
+
+
+def _triton_group_norm_module() -> ModuleType:
+    from fastdiff.kernels import group_norm
+
+    return group_norm
+
+
+def _triton_attention_module() -> ModuleType:
+    from fastdiff.kernels import attention
+
+    return attention
+
+
+IMPLEMENTATIONS: dict[str, Backend] = {
+    "torch": ModuleBackend("torch", lambda: reference, lambda: reference),
+    "cpp": ModuleBackend("cpp", lambda: cpp_extension, lambda: cpu_attention),
+    "triton": ModuleBackend("triton", _triton_group_norm_module, _triton_attention_module),
+}
+
+
+def implementation(name: str) -> Backend:
+    """The :class:`Backend` that a resolved backend name (``torch``, ``cpp``, ``triton``) runs."""
+    try:
+        return IMPLEMENTATIONS[name]
+    except KeyError:
+        raise ValueError(f"no kernels for backend {name!r}; known: {sorted(IMPLEMENTATIONS)}") from None
 
 
 class BackendUnavailableError(RuntimeError):
@@ -163,8 +287,11 @@ def _triton_refusal(device: torch.device, dtype: torch.dtype) -> str:
     missing = _triton_missing()
     if missing:
         return missing
-    if device.type not in ("cuda", "cpu"):
-        return f"Triton kernels run on CUDA tensors (or CPU tensors, interpreted), got device {device}"
+    if device.type not in ("cuda", "cpu", "meta"):
+        return (
+            "Triton kernels run on CUDA tensors (or CPU tensors, interpreted; meta tensors: launches "
+            f"recorded, not run), got device {device}"
+        )
     if dtype not in TRITON_DTYPES:
         return f"Triton kernels take float32, float16 or bfloat16, got {dtype}"
     return ""
@@ -214,29 +341,42 @@ def auto_cuda(op: str, triton_why: str, native: str) -> str:
     return NATIVE
 
 
-def _triton_group_norm_refusal(x: torch.Tensor) -> str:
+def _triton_group_norm_refusal(x: torch.Tensor, params: Sequence[OptTensor]) -> str:
     why = _triton_refusal(x.device, x.dtype)
+    wrong = [t.dtype for t in params if t is not None and t.dtype not in TRITON_DTYPES]
+    if not why and wrong:
+        why = f"Triton kernels take float32, float16 or bfloat16 parameters, got {wrong[0]}"
     if not why and x.dim() > 1 and x[:1].numel() >= MAX_TRITON_SAMPLE_ELEMENTS:
         why = f"one sample of x has {x[:1].numel()} elements, the kernels take fewer than 2**31"
     return why
 
 
-def resolve_group_norm(x: torch.Tensor) -> str:
-    """The backend that runs a GroupNorm-family op on ``x``: ``triton``, ``cpp``, ``torch`` or ``native``."""
+def _resolve(
+    op: str, device: torch.device, triton_why: Callable[[], str], cpp_why: Callable[[], str], native: str
+) -> str:
+    """The one policy every op family follows: a forced backend serves the call or raises why it cannot;
+    ``auto`` takes triton on CUDA (else ``native``, warning once, see ``auto_cuda``), cpp on the CPU (else
+    the reference), and the reference on any other device. Refusals are computed only when asked."""
     name = get_backend()
-    if name == "triton":
-        return _forced("group_norm", name, _triton_group_norm_refusal(x))
-    if name == "cpp":
-        return _forced("group_norm", name, _cpp_group_norm_refusal(x.device, x.dtype))
     if name == "torch":
         return name
-    if x.device.type == "cuda":
-        return auto_cuda("group_norm", _triton_group_norm_refusal(x), "F.group_norm (+ scale-shift, SiLU)")
-    return "torch" if _cpp_group_norm_refusal(x.device, x.dtype) else "cpp"
+    if name in ("triton", "cpp"):
+        return _forced(op, name, triton_why() if name == "triton" else cpp_why())
+    if device.type == "cuda":
+        return auto_cuda(op, triton_why(), native)
+    return "torch" if cpp_why() else "cpp"
 
 
-MAX_TRITON_HEAD_DIM = 256
-"""Largest head dim the Triton attention takes (fp16, bf16 and fp32; D is padded to a power of two)."""
+def resolve_group_norm(x: torch.Tensor, *params: OptTensor) -> str:
+    """The backend that runs a GroupNorm-family op on ``x`` (``params``: weight, bias, scale, shift, any
+    of them None): ``triton``, ``cpp``, ``torch`` or ``native``."""
+    return _resolve(
+        "group_norm",
+        x.device,
+        lambda: _triton_group_norm_refusal(x, params),
+        lambda: _cpp_group_norm_refusal(x.device, x.dtype),
+        "F.group_norm (+ scale-shift, SiLU)",
+    )
 
 
 def _triton_attention_refusal(q: torch.Tensor, head_dim: int) -> str:
@@ -253,14 +393,10 @@ def resolve_attention(q: torch.Tensor, head_dim: int) -> str:
     ``cpp`` for attention is PyTorch's fused C++ flash-attention CPU kernel (fastdiff's own C++ kernels
     cover the GroupNorm family).
     """
-    name = get_backend()
-    if name == "triton":
-        return _forced("attention", name, _triton_attention_refusal(q, head_dim))
-    if name == "cpp":
-        return _forced("attention", name, _cpp_attention_refusal(q.device, q.dtype))
-    if name == "torch":
-        return name
-    if q.device.type == "cuda":
-        why = _triton_attention_refusal(q, head_dim)
-        return auto_cuda("attention", why, "F.scaled_dot_product_attention")
-    return "cpp" if q.device.type == "cpu" else "torch"
+    return _resolve(
+        "attention",
+        q.device,
+        lambda: _triton_attention_refusal(q, head_dim),
+        lambda: _cpp_attention_refusal(q.device, q.dtype),
+        "F.scaled_dot_product_attention",
+    )

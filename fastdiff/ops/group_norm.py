@@ -8,30 +8,19 @@ the same kernels. Where Triton cannot serve a CUDA call under ``auto``, the ``na
 PyTorch's own kernels (``F.group_norm``, then scale-shift and SiLU) under plain autograd.
 """
 
-import importlib
 import math
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from fastdiff.ops import backend as backends
-from fastdiff.ops import reference, registry
+from fastdiff.ops import registry
 from fastdiff.ops.reference import compute_dtype, memory_format
 from fastdiff.ops.validate import check_float_tensor, check_positive_int, check_same_device
 
 Tensor = torch.Tensor
 OptTensor = Tensor | None
-
-
-def _implementation(name: str) -> ModuleType:
-    """The module holding ``group_norm_forward`` / ``group_norm_backward`` for backend ``name``."""
-    if name == "torch":
-        return reference
-    if name == "cpp":
-        return backends.cpp_extension
-    return importlib.import_module("fastdiff.kernels.group_norm")
 
 
 def _in_layout_of(like: Tensor, t: Tensor) -> Tensor:
@@ -58,7 +47,7 @@ def _group_norm_fwd_kernel(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if x.numel() == 0:
         return torch.empty_like(x), _stats_like(x, num_groups), _stats_like(x, num_groups)
-    y, mean, rstd = _implementation(backend).group_norm_forward(
+    y, mean, rstd = backends.implementation(backend).group_norm_forward(
         x, num_groups, weight, bias, scale, shift, eps, silu
     )
     dtype = compute_dtype(x.dtype)
@@ -102,7 +91,7 @@ def _group_norm_bwd_kernel(
             (torch.zeros_like(t) if t is not x else torch.empty_like(t)) if need else x.new_empty(0)
             for need, t in zip(needs, inputs, strict=True)
         )
-    grads = _implementation(backend).group_norm_backward(
+    grads = backends.implementation(backend).group_norm_backward(
         dy, x, num_groups, weight, bias, scale, shift, mean, rstd, silu, needs
     )
     return tuple(
@@ -214,7 +203,7 @@ def _group_norm(
         scale = _check_scale_shift("scale", scale, x)
         shift = _check_scale_shift("shift", shift, x)
     check_same_device("x", x, weight=weight, bias=bias, scale=scale, shift=shift)
-    backend = backends.resolve_group_norm(x)
+    backend = backends.resolve_group_norm(x, weight, bias, scale, shift)
     if backend == backends.NATIVE:
         return native_group_norm(x, num_groups, weight, bias, scale, shift, float(eps), silu)
     args = (_dense(x), num_groups, weight, bias, scale, shift, float(eps), silu)

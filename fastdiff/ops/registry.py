@@ -24,11 +24,14 @@ NAMESPACE = "fastdiff"
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter overrides neither torch function nor dispatch
+
+
 def plain_eager(args: tuple) -> bool:
-    """True when ``args`` hold only plain tensors and nothing traces or intercepts the call."""
+    """True when ``args`` hold only plain tensors or parameters and nothing traces or intercepts the call."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
-    return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
+    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
 
 
 class Op:
