@@ -21,9 +21,10 @@ except ImportError:
         raise
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from fastdiff.kernels import launch
+
 from benchmarks.configs import IMAGENET_64, UPSAMPLER_256, UNetConfig
 from fastdiff import ops
-from fastdiff.kernels import launch
 
 # At most this many distinct compilations per train step (issue 19: fewer cold compiles on a GPU).
 BUDGETS = {IMAGENET_64.name: 40, UPSAMPLER_256.name: 60}

@@ -12,12 +12,12 @@ import types
 
 import pytest
 import torch
-
-from fastdiff import ops
 from fastdiff.kernels import attention as attn
 from fastdiff.kernels import launch
 from fastdiff.kernels.attention import MAX_HEAD_DIM, attention_backward, attention_forward
 from fastdiff.kernels.attention import configs as attn_configs
+
+from fastdiff import ops
 from fastdiff.ops import backend as backends
 
 # Max error allowed, relative to the largest magnitude of the reference (at least 1).

@@ -19,11 +19,12 @@ except ImportError:
         raise
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from fastdiff import ops
 from fastdiff.kernels import group_norm as gn
 from fastdiff.kernels import launch
 from fastdiff.kernels.group_norm import host as gn_host
 from fastdiff.kernels.traffic import count_traffic
+
+from fastdiff import ops
 
 # The interpreter evaluates SiLU's exp(-z) in numpy, which warns when it overflows to inf (the right value).
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
