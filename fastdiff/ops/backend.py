@@ -10,7 +10,9 @@ Backends (what ``use_backend`` / ``FASTDIFF_BACKEND`` / ``--kernels`` name):
   C++ flash-attention CPU kernel.
 * ``torch``: the float32 reference (``fastdiff.ops.reference``), any device: the executable spec the
   kernels are tested against. Served only when forced, or for devices no kernel serves (e.g. meta).
-* ``auto`` (default): CUDA -> triton, CPU -> cpp (the reference when the extension is not built).
+* ``auto`` (default): CUDA -> triton; CPU -> per op, dtype and instruction set, the faster of ``cpp`` and
+  PyTorch's own ops (``native`` GroupNorm, ``math`` attention), by the measured table in
+  ``fastdiff.ops.cpu_policy`` (GroupNorm: the reference when the extension is not built).
 
 Fallback policy (one for every op family, ``auto_cuda``): where Triton cannot serve a CUDA call under
 ``auto`` (Triton missing or older than ``MIN_TRITON``, a dtype or size the kernels do not take), the op
@@ -45,14 +47,18 @@ import torch
 from fastdiff.kernels.limits import DTYPES as TRITON_DTYPES
 from fastdiff.kernels.limits import MAX_HEAD_DIM as MAX_TRITON_HEAD_DIM
 from fastdiff.kernels.limits import MAX_SAMPLE_ELEMENTS as MAX_TRITON_SAMPLE_ELEMENTS
-from fastdiff.ops import cpu_attention, reference
+from fastdiff.ops import cpu_attention, cpu_policy, reference
 
 Tensor = torch.Tensor
 OptTensor = Tensor | None
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 NATIVE = "native"
-"""What ``auto`` resolves to on CUDA when Triton cannot serve a call: PyTorch's own CUDA kernels."""
+"""PyTorch's own fused kernels (``F.group_norm``, ``F.scaled_dot_product_attention``): what ``auto`` resolves
+to on CUDA when Triton cannot serve a call, and on a CPU where ``cpu_policy`` measured them faster."""
+MATH = "math"
+"""Attention from PyTorch's matmul and an fp32 softmax under plain autograd (the weights stored): what
+``auto`` resolves to on a CPU where ``cpu_policy`` measured it faster than the flash kernel."""
 
 MIN_TRITON = (3, 4)
 """Oldest Triton the kernels take (the launch layer reads ``triton.knobs``); the tests run 3.9."""
@@ -364,7 +370,9 @@ def resolve_group_norm(x: torch.Tensor, *params: OptTensor) -> str:
     if x.device.type == "cuda":
         why = _triton_group_norm_refusal(x, params)
         return auto_cuda("group_norm", why, "F.group_norm (+ scale-shift, SiLU)")
-    return "torch" if _cpp_group_norm_refusal(x.device, x.dtype) else "cpp"
+    if _cpp_group_norm_refusal(x.device, x.dtype):
+        return "torch"
+    return NATIVE if cpu_policy.group_norm_choice(x.dtype) == "native" else "cpp"
 
 
 def _triton_attention_refusal(q: torch.Tensor, head_dim: int) -> str:
@@ -374,9 +382,23 @@ def _triton_attention_refusal(q: torch.Tensor, head_dim: int) -> str:
     return why
 
 
-def resolve_attention(q: torch.Tensor, head_dim: int) -> str:
-    """The backend that runs attention on ``q`` (``[B, H, T, D]`` or qkv) with head dim ``head_dim``:
-    ``triton``, ``cpp``, ``torch`` or ``native`` (``F.scaled_dot_product_attention``, auto's CUDA fallback).
+def _attention_sizes(q: torch.Tensor, head_dim: int, keys: int | None) -> tuple[int, int]:
+    """(Tq * Tk, B * H * Tq * Tk) of attention on ``q``: qkv ``[B, 3*H*D, T]`` or ``[B, H, Tq, D]``."""
+    if q.dim() == 3:
+        batch_heads, queries = q.shape[0] * (q.shape[1] // (3 * head_dim)), q.shape[2]
+    else:
+        batch_heads, queries = q.shape[0] * q.shape[1], q.shape[2]
+    query_keys = queries * (queries if keys is None else keys)
+    return query_keys, batch_heads * query_keys
+
+
+def resolve_attention(
+    q: torch.Tensor, head_dim: int, keys: int | None = None, grad: bool | None = None
+) -> str:
+    """The backend that runs attention on ``q`` (``[B, H, Tq, D]`` or qkv ``[B, 3*H*D, T]``) with head dim
+    ``head_dim``: ``triton``, ``cpp``, ``torch``, ``native`` (``F.scaled_dot_product_attention``, auto's
+    CUDA fallback) or ``math`` (auto's choice on some CPUs, see ``cpu_policy``). ``keys``: Tk (None: Tq);
+    ``grad``: whether gradients will be taken (None: grad mode is on and q requires grad).
 
     ``cpp`` for attention is PyTorch's fused C++ flash-attention CPU kernel (fastdiff's own C++ kernels
     cover the GroupNorm family).
@@ -391,4 +413,9 @@ def resolve_attention(q: torch.Tensor, head_dim: int) -> str:
     if q.device.type == "cuda":
         why = _triton_attention_refusal(q, head_dim)
         return auto_cuda("attention", why, "F.scaled_dot_product_attention")
-    return "cpp" if q.device.type == "cpu" else "torch"
+    if q.device.type != "cpu":
+        return "torch"
+    if grad is None:
+        grad = torch.is_grad_enabled() and q.requires_grad
+    query_keys, scores = _attention_sizes(q, head_dim, keys)
+    return MATH if cpu_policy.attention_choice(q.dtype, query_keys, scores, grad) == "math" else "cpp"
