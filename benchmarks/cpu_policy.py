@@ -14,6 +14,7 @@ paired, interleaved rounds (``benchmarks.timing``):
   attention ATen's flash-attention CPU kernel);
 * ``native``: PyTorch's own ops as fastdiff's ``native`` path runs them (``native_group_norm``,
   ``native_qkv_attention``);
+* ``math`` (attention only): matmul, fp32 softmax, matmul (``math_qkv_attention``), auto's other CPU path;
 * ``eager``: improved-diffusion's code (``benchmarks.eager``), the baseline of every ratio.
 
 Each ratio is eager's median seconds over the contestant's (above 1: faster than eager); the spread is the
@@ -42,12 +43,12 @@ import torch
 
 from benchmarks import eager
 from benchmarks.configs import YARDSTICK, KernelCall, unet_kernel_calls
-from benchmarks.machine import cpu_model, load_average
+from benchmarks.machine import load_average
 from benchmarks.timing import Clock, Contestant, PairedResult, measure_paired
 from fastdiff import ops
 from fastdiff.ops import backend as backends
 from fastdiff.ops import cpu_policy
-from fastdiff.ops.attention import native_qkv_attention
+from fastdiff.ops.attention import math_qkv_attention, native_qkv_attention
 from fastdiff.ops.group_norm import native_group_norm
 
 NUM_GROUPS = 32
@@ -55,7 +56,6 @@ BATCH = 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = ("contiguous", "channels_last")
 PASSES = ("forward", "forward+backward")
-CONTESTANTS = ("cpp", "native", "eager")
 CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 """The /proc/cpuinfo flags that decide which kernels are fast here."""
 
@@ -86,15 +86,9 @@ def _native(kernel: str) -> Callable:
 
 def cpu_facts() -> dict:
     """CPU model, its relevant ISA flags, torch's view of it, threads, and the load right now."""
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    flags = cpu_policy.cpu_flags() or set()
     return {
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_policy.cpu_model(),
         "cpu_flags": [f for f in CPU_FLAGS if f in flags],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpp_isa": backends.cpp_extension._group_norm_isa() if backends.cpp_extension is not None else None,
@@ -174,11 +168,11 @@ def ratio(result: PairedResult, name: str, baseline: str = "eager") -> Ratio:
     return Ratio(result.median(baseline) / result.median(name), quartiles[0], quartiles[-1])
 
 
-def resolved_backend(call: KernelCall, tensors: list[torch.Tensor]) -> str:
-    """What ``auto`` runs for this call."""
+def resolved_backend(call: KernelCall, tensors: list[torch.Tensor], grad: bool) -> str:
+    """What ``auto`` runs for this call (``grad``: gradients will be taken)."""
     with ops.use_backend("auto"):
         if call.kernel == "qkv_attention":
-            return backends.resolve_attention(tensors[0], call.shape[0] // (3 * call.heads))
+            return backends.resolve_attention(tensors[0], call.shape[0] // (3 * call.heads), grad=grad)
         x, weight, bias, *scale_shift = tensors
         return backends.resolve_group_norm(x, weight, bias, *scale_shift)
 
@@ -200,6 +194,8 @@ def measure_ops(rounds: int, min_round_s: float, kernels: list[str] | None, cloc
                     "native": (_native(call.kernel), "auto"),
                     "eager": (EAGER_FUNCTIONS[call.kernel], "auto"),
                 }
+                if call.kernel == "qkv_attention":
+                    functions["math"] = (math_qkv_attention, "auto")
                 for pass_name in PASSES:
                     contestants = [
                         Contestant(name, op_runner(call, fn, tensors, pass_name, backend))
@@ -216,9 +212,9 @@ def measure_ops(rounds: int, min_round_s: float, kernels: list[str] | None, cloc
                         "dtype": dtype_name,
                         "layout": layout,
                         "pass": pass_name,
-                        "auto": resolved_backend(call, tensors),
+                        "auto": resolved_backend(call, tensors, grad=pass_name != "forward"),
                         "median_s": {n: result.median(n) for n in result.samples},
-                        "ratio_vs_eager": {n: vars(ratio(result, n)) for n in ("cpp", "native")},
+                        "ratio_vs_eager": {n: vars(ratio(result, n)) for n in result.samples if n != "eager"},
                     }
                     records.append(record)
                     print(_op_line(record), flush=True)
@@ -232,7 +228,7 @@ def _label(record: dict) -> str:
 
 
 def _op_line(record: dict) -> str:
-    cells = "  ".join(str(Ratio(**record["ratio_vs_eager"][n])) for n in ("cpp", "native"))
+    cells = "  ".join(f"{n} {Ratio(**r)}" for n, r in record["ratio_vs_eager"].items())
     eager_ms = record["median_s"]["eager"] * 1e3
     return f"{_label(record)} eager {eager_ms:8.3f} ms  {cells}  auto={record['auto']}"
 
@@ -251,7 +247,7 @@ def weighted_summary(records: list[dict]) -> list[dict]:
             "dtype": k[1],
             "layout": k[2],
             "pass": k[3],
-            "ratio_vs_eager": {n: totals["eager"] / totals[n] for n in ("cpp", "native")},
+            "ratio_vs_eager": {n: totals["eager"] / totals[n] for n in totals if n != "eager"},
         }
         for k, totals in groups.items()
     ]
@@ -340,12 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     out: dict = {"machine": facts}
     if args.part in ("all", "ops"):
         print("ratios eager/contestant: median [interquartile range of per-round ratios]; >1 beats eager")
-        print(f"{'op':<28} {'shape':<14} {'dt':<4} {'layout':<13} {'pass':<16} {'':>17}  cpp{'':>15}native")
         out["ops"] = measure_ops(args.rounds, args.min_round_s, args.kernels, clock)
         out["ops_weighted"] = weighted_summary(out["ops"])
         print("UNet-weighted (each shape's median x its calls per forward), eager/contestant:")
         for s in out["ops_weighted"]:
-            cells = "  ".join(f"{n} {s['ratio_vs_eager'][n]:.2f}" for n in ("cpp", "native"))
+            cells = "  ".join(f"{n} {r:.2f}" for n, r in s["ratio_vs_eager"].items())
             print(f"  {s['kernel']:<28} {s['dtype']:<4} {s['layout']:<13} {s['pass']:<16} {cells}")
     if args.part in ("all", "step"):
         out["steps"] = measure_steps(args.step_rounds, clock)

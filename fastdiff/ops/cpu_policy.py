@@ -34,6 +34,7 @@ was asked; this table is only ``auto``'s.
 """
 
 import math
+import platform
 from functools import cache
 from pathlib import Path
 
@@ -69,14 +70,34 @@ def isa_from_flags(flags: set[str]) -> str:
     return "default"
 
 
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line's value in ``/proc/cpuinfo`` (Linux), or None."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return None
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(field):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's ``/proc/cpuinfo`` flags (Linux), or None where there is no such file."""
+    flags = _cpuinfo("flags")
+    return None if flags is None else set(flags.split())
+
+
 @cache
 def cpu_isa() -> str:
     """This CPU's ISA level (``/proc/cpuinfo`` on Linux; elsewhere from torch's CPU capability)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return isa_from_flags(set(line.split(":", 1)[1].split()))
+    flags = cpu_flags()
+    if flags is not None:
+        return isa_from_flags(flags)
     capability = torch.backends.cpu.get_cpu_capability()
     return "avx512" if "AVX512" in capability else "avx2" if "AVX2" in capability else "default"
 

@@ -10,6 +10,7 @@ import torch
 
 from fastdiff import ops
 from fastdiff.ops import backend as backends
+from fastdiff.ops import cpu_policy
 from fastdiff.selftest.records import BASELINE_SLACK, ERROR_FACTOR, FLOOR_ULPS, STATUSES, Options, Result
 
 SCHEMA = "fastdiff.selftest/1"
@@ -34,6 +35,8 @@ def versions(options: Options) -> dict[str, Any]:
         "triton_interpreter": backends.TRITON_INTERPRET,
         "cpp_extension": "built" if backends.cpp_extension is not None else backends.CPP_IMPORT_ERROR,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_model": cpu_policy.cpu_model(),
+        "cpu_auto": cpu_policy.describe(),
     }
     if options.is_cuda:
         props = torch.cuda.get_device_properties(options.device)
@@ -49,7 +52,7 @@ def versions(options: Options) -> dict[str, Any]:
 def check_versions(options: Options) -> list[Result]:
     info = versions(options)
     gpu = info.get("gpu")
-    where = f"CPU, {info['cpu_threads']} threads"
+    where = f"CPU {info['cpu_model']} ({info['cpu_auto']['isa']}), {info['cpu_threads']} threads"
     if gpu:
         where = f"{gpu['name']} ({gpu['arch']}, {gpu['memory_gib']} GiB)"
     detail = (
