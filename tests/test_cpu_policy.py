@@ -186,3 +186,13 @@ def test_math_attention_on_empty_inputs(no_amx):
     assert out.shape == (0, 8, 5)
     (grad,) = torch.autograd.grad(out.sum(), qkv)
     assert grad.shape == qkv.shape
+
+
+def test_selftest_versions_name_the_cpu_and_autos_picks():
+    from fastdiff.selftest.records import Options
+    from fastdiff.selftest.report import check_versions
+
+    (result,) = check_versions(Options(torch.device("cpu"), quick=True))
+    assert result.data["cpu_model"] == cpu_policy.cpu_model() and result.data["cpu_model"]
+    assert result.data["cpu_auto"] == cpu_policy.describe()
+    assert cpu_policy.cpu_model() in result.detail and cpu_policy.cpu_isa() in result.detail

@@ -14,9 +14,10 @@ EPYC with AVX-512 and AVX512_BF16, no AMX (torch 2.13, 1 thread, improved-diffus
 batch 16; ratios are eager time over the candidate's, medians of paired rounds of CPU time on a shared
 machine, about +-15% run to run):
 
-* GroupNorm, GroupNorm+SiLU, scale-shift GroupNorm+SiLU: ``cpp`` beats eager in every dtype (fp32, bf16),
-  layout and pass once each shape is weighted by its calls per UNet (1.1x-7x), and beats ``native``
-  everywhere: ``cpp`` on every ISA and dtype.
+* GroupNorm, GroupNorm+SiLU, scale-shift GroupNorm+SiLU: with each shape weighted by its calls per UNet,
+  ``cpp`` beats eager (1.0x-5.7x) and ``native`` in every dtype (fp32, bf16), layout and pass but one:
+  plain GroupNorm, fp32, contiguous, forward+backward (``cpp`` 0.85x, ``native`` 0.91x: a tie within the
+  noise, both short of eager on small contiguous groups): ``cpp`` on every ISA and dtype.
 * Attention, forward (fp32 and bf16) and fp32 forward+backward: the flash kernel wins from T = 256 (1.3x-
   2.7x eager) and loses below (T = 16, 64, 128: 0.5x-1.0x) where ``math`` runs at eager's speed: the
   flash kernel from ``Tq * Tk >= 256 * 256``, ``math`` below.
