@@ -9,18 +9,8 @@ from typing import Any
 
 import torch
 
-from fastdiff.ops import available_backends
+from fastdiff.ops import available_backends, cpu_policy
 from fastdiff.ops import backend as backends
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _version(package: str) -> str | None:
@@ -56,7 +46,8 @@ def load_average() -> list[float] | None:
 def machine_info() -> dict[str, Any]:
     """CPU, cores, GPU, library versions, fastdiff's backends and the git commit."""
     info: dict[str, Any] = {
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_policy.cpu_model(),
+        "cpu_auto": cpu_policy.describe(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

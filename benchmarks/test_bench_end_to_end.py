@@ -1,7 +1,7 @@
 """End-to-end benchmarks: a training step and DDIM sampling of a whole UNet.
 
 Contestants, all the same model object: ``fastdiff`` (its default kernels: backend ``auto``, which is
-``cpp`` on CPU when the extension is built and ``triton`` on CUDA), ``torch`` (fastdiff's ``torch``
+``triton`` on CUDA and on CPU the picks of ``fastdiff.ops.cpu_policy``), ``torch`` (fastdiff's ``torch``
 reference backend) and ``eager`` (the fused modules swapped for improved-diffusion's eager code,
 ``fastdiff.selftest.eager.eager_modules``: what the same UNet costs without fastdiff). Groups: training in
 fp32 and bf16 autocast, with and without gradient checkpointing (``use_checkpoint``); sampling in fp32 and

@@ -4,7 +4,9 @@ Every contestant is warmed up first (``torch.compile`` compiles there; that firs
 ``first_call_s``), then the rounds run contestant after contestant, the order rotating each round so no
 contestant always follows the same one. A round runs a contestant ``iterations`` times back to back, with
 ``iterations`` chosen from the warm-up so a round lasts about ``min_round_s``. On CUDA a round is timed with
-CUDA events; on CPU with ``time.perf_counter``.
+CUDA events; on CPU with ``time.perf_counter``, or with another clock given as ``clock`` (e.g.
+``time.process_time``: the CPU seconds of this process, which other processes on a shared machine disturb
+far less than wall time when torch runs one thread).
 
 Peak memory, per contestant, on its first call (so lazily created state, such as an optimizer's, counts):
 the most bytes allocated at once during the call above what was allocated before it. On CUDA from
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 Runner = Callable[[], object]
+Clock = Callable[[], float]
 
 
 @dataclass
@@ -61,8 +64,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_iterations(run: Runner, iterations: int, device: torch.device) -> float:
-    """Seconds for ``iterations`` back-to-back calls of ``run`` (CUDA events on CUDA)."""
+def time_iterations(
+    run: Runner, iterations: int, device: torch.device, clock: Clock = time.perf_counter
+) -> float:
+    """Seconds for ``iterations`` back-to-back calls of ``run`` (CUDA events on CUDA, else ``clock``)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
@@ -72,10 +77,10 @@ def time_iterations(run: Runner, iterations: int, device: torch.device) -> float
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1000.0
-    begin = time.perf_counter()
+    begin = clock()
     for _ in range(iterations):
         run()
-    return time.perf_counter() - begin
+    return clock() - begin
 
 
 # --- peak memory ----------------------------------------------------------------------------------
@@ -130,9 +135,10 @@ def measure_paired(
     warmup: int,
     min_round_s: float,
     with_memory: bool = False,
+    clock: Clock = time.perf_counter,
 ) -> PairedResult:
     """Warm up each contestant (peak memory of its first call if ``with_memory``), then ``rounds``
-    interleaved rounds."""
+    interleaved rounds, timed with ``clock`` on CPU."""
     if rounds < 1 or warmup < 1:
         raise ValueError(f"rounds and warmup must be positive, got rounds={rounds}, warmup={warmup}")
     names = [c.name for c in contestants]
@@ -144,14 +150,14 @@ def measure_paired(
     for contestant in contestants:
         last = first_call[contestant.name]
         for _ in range(warmup - 1):
-            last = time_iterations(contestant.run, 1, device)
+            last = time_iterations(contestant.run, 1, device, clock)
         iterations[contestant.name] = max(1, math.ceil(min_round_s / max(last, 1e-9)))
     samples: dict[str, list[float]] = {c.name: [] for c in contestants}
     for index in range(rounds):
         shift = index % len(contestants)
         for contestant in contestants[shift:] + contestants[:shift]:
             count = iterations[contestant.name]
-            samples[contestant.name].append(time_iterations(contestant.run, count, device) / count)
+            samples[contestant.name].append(time_iterations(contestant.run, count, device, clock) / count)
     return PairedResult(
         samples=samples,
         iterations=iterations,

@@ -3,7 +3,8 @@
 Module names, Sequential indices and parameter shapes are exactly the reference's, so improved-diffusion
 (and guided-diffusion) checkpoints load with ``strict=True`` and give the same outputs. What differs is
 inside: every GroupNorm(+SiLU)(+scale-shift) is one fused :mod:`fastdiff.ops` call, attention is
-:func:`fastdiff.ops.qkv_attention` (the T x T matrix is never stored), gradient checkpointing is
+:func:`fastdiff.ops.qkv_attention` (the flash kernels never store the T x T matrix; ``auto`` stores it
+on CPUs where PyTorch's matmuls are faster, see ``fastdiff.ops.cpu_policy``), gradient checkpointing is
 ``torch.utils.checkpoint`` (RNG state restored on recompute), and precision is left to ``torch.amp``.
 
 Where the reference's ``nn.Sequential`` held ``GroupNorm32, SiLU`` the fused module sits at the norm's

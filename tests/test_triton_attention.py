@@ -446,7 +446,7 @@ def test_native_fallback_matches_float64(monkeypatch):
     ref_out, _, *ref_grads = _reference(q, k, v, 24**-0.5, dout)
     with ops.use_backend("torch"):
         qkv_reference = ops.qkv_attention(qkv.double(), 2, "split")
-    monkeypatch.setattr(backends, "resolve_attention", lambda q, head_dim: backends.NATIVE)
+    monkeypatch.setattr(backends, "resolve_attention", lambda q, head_dim, **_: backends.NATIVE)
     out = ops.flash_attention(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     for what, actual, reference in zip(

@@ -5,7 +5,8 @@ output and the qkv gradient in that layout, so no reshape or copy surrounds the 
 
 Where ``auto`` resolves to ``native`` (a CUDA call the Triton kernels cannot serve, see
 ``backend.resolve_attention``), both functions run ``F.scaled_dot_product_attention`` with PyTorch's own
-autograd instead of a ``fastdiff::`` op.
+autograd instead of a ``fastdiff::`` op; where it resolves to ``math`` (a CPU where the flash kernel is
+the slower, see ``cpu_policy``), they run ``math_attention``: matmul, fp32 softmax, matmul.
 """
 
 import math
@@ -157,11 +158,47 @@ def qkv_attention(qkv: Tensor, num_heads: int, order: str = "legacy") -> Tensor:
         raise ValueError(f"qkv width {width} must be a positive multiple of 3 * num_heads = {3 * num_heads}")
     backend = backends.resolve_attention(qkv, width // (3 * num_heads))
     if backend == backends.NATIVE:
-        q, k, v = qkv_views(qkv.contiguous(), num_heads, order)
-        b, _, t = qkv.shape
-        return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, width // 3, t)
+        return native_qkv_attention(qkv, num_heads, order)
+    if backend == backends.MATH:
+        return math_qkv_attention(qkv, num_heads, order)
     out, _ = _qkv_attention_fwd(qkv.contiguous(), num_heads, order, backend)
     return out
+
+
+def native_qkv_attention(qkv: Tensor, num_heads: int, order: str = "legacy") -> Tensor:
+    """``qkv_attention`` from PyTorch's own ``F.scaled_dot_product_attention`` under plain autograd:
+    ``[B, 3*H*D, T]`` -> ``[B, H*D, T]`` in qkv's dtype. What ``auto`` runs where it resolves ``native``."""
+    b, width, t = qkv.shape
+    q, k, v = qkv_views(qkv.contiguous(), num_heads, order)
+    return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, width // 3, t)
+
+
+def _math_weights(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """``softmax(scale * q k^T)`` ``[B, H, Tq, Tk]`` in q's dtype, the softmax in the compute dtype."""
+    weights = torch.matmul(q * scale, k.transpose(-1, -2))
+    return torch.softmax(weights, dim=-1, dtype=compute_dtype(q.dtype)).to(q.dtype)
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``softmax(scale * q k^T) v`` from PyTorch's matmul and a float32 (float64) softmax, plain autograd.
+
+    q ``[B, H, Tq, D]``, k and v ``[B, H, Tk, D]`` -> ``[B, H, Tq, D]``, all in q's dtype (autocast off): the
+    scores and weights round to that dtype between the matmuls, as in improved-diffusion's attention, and
+    the ``[B, H, Tq, Tk]`` weights are stored for the backward. What ``auto`` runs where it resolves
+    ``math`` (see ``cpu_policy``).
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        return torch.matmul(_math_weights(q, k, scale), v)
+
+
+def math_qkv_attention(qkv: Tensor, num_heads: int, order: str = "legacy") -> Tensor:
+    """``qkv_attention`` by ``math_attention``'s formula: ``[B, 3*H*D, T]`` -> ``[B, H*D, T]``. The output
+    is computed as ``v^T w^T`` straight into the qkv layout (no transposing copy)."""
+    b, width, t = qkv.shape
+    q, k, v = qkv_views(qkv.contiguous(), num_heads, order)
+    with torch.autocast(qkv.device.type, enabled=False):
+        out = torch.matmul(v.transpose(-1, -2), _math_weights(q, k, q.shape[-1] ** -0.5).transpose(-1, -2))
+    return out.reshape(b, width // 3, t)
 
 
 # --- separate q, k, v ----------------------------------------------------------------------------
@@ -254,8 +291,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None)
         scale = head_dim**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
-    backend = backends.resolve_attention(q, head_dim)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    backend = backends.resolve_attention(q, head_dim, keys=k.shape[2], grad=grad)
     if backend == backends.NATIVE:
         return F.scaled_dot_product_attention(q, k, v, scale=float(scale))
+    if backend == backends.MATH:
+        return math_attention(q, k, v, float(scale))
     out, _ = _attention_fwd(q, k, v, float(scale), backend)
     return out

@@ -10,7 +10,9 @@ Backends (what ``use_backend`` / ``FASTDIFF_BACKEND`` / ``--kernels`` name):
   C++ flash-attention CPU kernel.
 * ``torch``: the float32 reference (``fastdiff.ops.reference``), any device: the executable spec the
   kernels are tested against. Served only when forced, or for devices no kernel serves (e.g. meta).
-* ``auto`` (default): CUDA -> triton, CPU -> cpp (the reference when the extension is not built).
+* ``auto`` (default): CUDA -> triton; CPU -> per op, dtype and instruction set, the faster of ``cpp`` and
+  PyTorch's own ops (``native`` GroupNorm, ``math`` attention), by the measured table in
+  ``fastdiff.ops.cpu_policy`` (GroupNorm: the reference when the extension is not built).
 
 Fallback policy (one for every op family, ``auto_cuda``): where Triton cannot serve a CUDA call under
 ``auto`` (Triton missing or older than ``MIN_TRITON``, a dtype or size the kernels do not take), the op
@@ -45,14 +47,18 @@ import torch
 from fastdiff.kernels.limits import DTYPES as TRITON_DTYPES
 from fastdiff.kernels.limits import MAX_HEAD_DIM as MAX_TRITON_HEAD_DIM
 from fastdiff.kernels.limits import MAX_SAMPLE_ELEMENTS as MAX_TRITON_SAMPLE_ELEMENTS
-from fastdiff.ops import cpu_attention, reference
+from fastdiff.ops import cpu_attention, cpu_policy, reference
 
 Tensor = torch.Tensor
 OptTensor = Tensor | None
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 NATIVE = "native"
-"""What ``auto`` resolves to on CUDA when Triton cannot serve a call: PyTorch's own CUDA kernels."""
+"""PyTorch's own fused kernels (``F.group_norm``, ``F.scaled_dot_product_attention``): what ``auto`` resolves
+to on CUDA when Triton cannot serve a call, and on a CPU where ``cpu_policy`` measured them faster."""
+MATH = "math"
+"""Attention from PyTorch's matmul and an fp32 softmax under plain autograd (the weights stored): what
+``auto`` resolves to on a CPU where ``cpu_policy`` measured it faster than the flash kernel."""
 
 MIN_TRITON = (3, 4)
 """Oldest Triton the kernels take (the launch layer reads ``triton.knobs``); the tests run 3.9."""
@@ -352,11 +358,18 @@ def _triton_group_norm_refusal(x: torch.Tensor, params: Sequence[OptTensor]) -> 
 
 
 def _resolve(
-    op: str, device: torch.device, triton_why: Callable[[], str], cpp_why: Callable[[], str], native: str
+    op: str,
+    device: torch.device,
+    triton_why: Callable[[], str],
+    cpp_why: Callable[[], str],
+    native: str,
+    cpu_pick: Callable[[], str],
 ) -> str:
     """The one policy every op family follows: a forced backend serves the call or raises why it cannot;
-    ``auto`` takes triton on CUDA (else ``native``, warning once, see ``auto_cuda``), cpp on the CPU (else
-    the reference), and the reference on any other device. Refusals are computed only when asked."""
+    ``auto`` takes triton on CUDA (else ``native``, warning once, see ``auto_cuda``), on the CPU what
+    ``cpu_pick`` chooses (``fastdiff.ops.cpu_policy``: cpp, or PyTorch's own op where that is faster there)
+    when the cpp backend can serve, else the reference, and the reference on any other device. Refusals
+    are computed only when asked."""
     name = get_backend()
     if name == "torch":
         return name
@@ -364,7 +377,7 @@ def _resolve(
         return _forced(op, name, triton_why() if name == "triton" else cpp_why())
     if device.type == "cuda":
         return auto_cuda(op, triton_why(), native)
-    return "torch" if cpp_why() else "cpp"
+    return "torch" if cpp_why() else cpu_pick()
 
 
 def resolve_group_norm(x: torch.Tensor, *params: OptTensor) -> str:
@@ -376,6 +389,7 @@ def resolve_group_norm(x: torch.Tensor, *params: OptTensor) -> str:
         lambda: _triton_group_norm_refusal(x, params),
         lambda: _cpp_group_norm_refusal(x.device, x.dtype),
         "F.group_norm (+ scale-shift, SiLU)",
+        lambda: NATIVE if cpu_policy.group_norm_choice(x.dtype) == "native" else "cpp",
     )
 
 
@@ -386,9 +400,23 @@ def _triton_attention_refusal(q: torch.Tensor, head_dim: int) -> str:
     return why
 
 
-def resolve_attention(q: torch.Tensor, head_dim: int) -> str:
-    """The backend that runs attention on ``q`` (``[B, H, T, D]`` or qkv) with head dim ``head_dim``:
-    ``triton``, ``cpp``, ``torch`` or ``native`` (``F.scaled_dot_product_attention``, auto's CUDA fallback).
+def _attention_sizes(q: torch.Tensor, head_dim: int, keys: int | None) -> tuple[int, int]:
+    """(Tq * Tk, B * H * Tq * Tk) of attention on ``q``: qkv ``[B, 3*H*D, T]`` or ``[B, H, Tq, D]``."""
+    if q.dim() == 3:
+        batch_heads, queries = q.shape[0] * (q.shape[1] // (3 * head_dim)), q.shape[2]
+    else:
+        batch_heads, queries = q.shape[0] * q.shape[1], q.shape[2]
+    query_keys = queries * (queries if keys is None else keys)
+    return query_keys, batch_heads * query_keys
+
+
+def resolve_attention(
+    q: torch.Tensor, head_dim: int, keys: int | None = None, grad: bool | None = None
+) -> str:
+    """The backend that runs attention on ``q`` (``[B, H, Tq, D]`` or qkv ``[B, 3*H*D, T]``) with head dim
+    ``head_dim``: ``triton``, ``cpp``, ``torch``, ``native`` (``F.scaled_dot_product_attention``, auto's
+    CUDA fallback) or ``math`` (auto's choice on some CPUs, see ``cpu_policy``). ``keys``: Tk (None: Tq);
+    ``grad``: whether gradients will be taken (None: grad mode is on and q requires grad).
 
     ``cpp`` for attention is PyTorch's fused C++ flash-attention CPU kernel (fastdiff's own C++ kernels
     cover the GroupNorm family).
@@ -399,4 +427,13 @@ def resolve_attention(q: torch.Tensor, head_dim: int) -> str:
         lambda: _triton_attention_refusal(q, head_dim),
         lambda: _cpp_attention_refusal(q.device, q.dtype),
         "F.scaled_dot_product_attention",
+        lambda: _cpu_attention_pick(q, head_dim, keys, grad),
     )
+
+
+def _cpu_attention_pick(q: torch.Tensor, head_dim: int, keys: int | None, grad: bool | None) -> str:
+    """``cpp`` (the flash kernel) or ``math`` for attention on the CPU, by ``cpu_policy``."""
+    if grad is None:
+        grad = torch.is_grad_enabled() and q.requires_grad
+    query_keys, scores = _attention_sizes(q, head_dim, keys)
+    return MATH if cpu_policy.attention_choice(q.dtype, query_keys, scores, grad) == "math" else "cpp"

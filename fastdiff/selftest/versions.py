@@ -8,6 +8,7 @@ import torch
 
 from fastdiff import ops
 from fastdiff.ops import backend as backends
+from fastdiff.ops import cpu_policy
 from fastdiff.selftest import compiles
 from fastdiff.selftest.records import Check, Options, Result, not_run
 
@@ -33,6 +34,8 @@ def versions(options: Options) -> dict[str, Any]:
         "triton_interpreter": backends.TRITON_INTERPRET,
         "cpp_extension": "built" if backends.cpp_extension is not None else backends.CPP_IMPORT_ERROR,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_model": cpu_policy.cpu_model(),
+        "cpu_auto": cpu_policy.describe(),
         "compile_counter": "launch.compile_count" if compiles.count() is not None else "unavailable",
     }
     if options.is_cuda:
@@ -49,7 +52,7 @@ def versions(options: Options) -> dict[str, Any]:
 def _check_versions(options: Options) -> Result:
     info = versions(options)
     gpu = info.get("gpu")
-    where = f"CPU, {info['cpu_threads']} threads"
+    where = f"CPU {info['cpu_model']} ({info['cpu_auto']['isa']}), {info['cpu_threads']} threads"
     if gpu:
         where = f"{gpu['name']} ({gpu['arch']}, {gpu['memory_gib']} GiB)"
     detail = (
