@@ -97,6 +97,7 @@ def test_ops_under_inductor_match_eager_and_float64(device, backend, dtype):
     assert got[0].is_contiguous(memory_format=torch.channels_last), "x's layout is kept through the graph"
 
 
+@pytest.mark.slow
 def test_train_cli_compile_step_on_cpu(tmp_path):
     """Two training steps of the tiny UNet through ``python -m fastdiff.train --compile True``."""
     command = [
