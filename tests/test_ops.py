@@ -361,9 +361,10 @@ def test_group_norm_on_cuda_falls_back_to_native_once_with_a_warning(monkeypatch
     assert "triton" not in backends.available_backends()
 
 
-def test_backend_refusal_answers_the_cli_check():
+def test_backend_refusal_answers_the_cli_check(monkeypatch):
     assert backends.backend_refusal("auto", torch.device("cpu")) == ""
     assert backends.backend_refusal("torch", torch.device("cuda", 0)) == ""
+    monkeypatch.setattr(backends, "cpp_extension", object())  # built or not, the device is refused
     assert "CPU tensors only" in backends.backend_refusal("cpp", torch.device("cuda", 0))
     assert backends.backend_refusal("triton", torch.device("cpu")) == ""  # the interpreter
     if not torch.cuda.is_available():

@@ -15,6 +15,10 @@ binary serves every channels-per-group count of a tile shape (a UNet has 4 to 32
 of unaligned channel offsets in channels_last tiles. Spatial sizes and strides stay specialised: they
 decide the vector width along the unit-stride axis."""
 
+# Triton before 3.9 (seen with 3.6) asserts in its OptimizeThreadLocality pass when the result of a
+# reduction accumulated in a loop has two uses; such a result then goes through one select first.
+_ONE_USE_LOOP_REDUCTIONS = tl.constexpr(tuple(map(int, triton.__version__.split(".")[:2])) < (3, 9))
+
 # ----------------------------------------------------------------------------------------------------
 # Shared device helpers
 # ----------------------------------------------------------------------------------------------------
@@ -550,6 +554,9 @@ def _gn_bwd_split_apply_kernel(
             slots = (n * C + ch)[:, None] * num_chunks + q[None, :]
             total_a += tl.sum(tl.load(part_a_ptr + slots, mask=q_mask, other=0.0), axis=1)
             total_b += tl.sum(tl.load(part_b_ptr + slots, mask=q_mask, other=0.0), axis=1)
+        if _ONE_USE_LOOP_REDUCTIONS:  # same values: masked lanes hold 0
+            total_a = tl.where(c_mask, total_a, 0.0)
+            total_b = tl.where(c_mask, total_b, 0.0)
         c1 += tl.sum(total_a * mult)
         c2 += tl.sum(total_b * mult)
         if WRITE_SUMS:
