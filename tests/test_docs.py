@@ -83,10 +83,6 @@ DOCUMENTED_RUNS = {
 TINY_RUNS = {"main": [], "guided": ["--class_dropout_prob", "0.1"]}
 """The workspace's training runs: the main job (embedded profile), and with a null class for guidance."""
 
-PENDING_LINKS = {"docs/install.md"}
-"""Linked guides written on another branch (drop at merge)."""
-
-
 @dataclass(frozen=True)
 class Command:
     """One documented command: where it is written, its environment assignments, its words, and whether it
@@ -622,9 +618,6 @@ def test_links_stay_inside_the_repository_and_resolve():
             file, _, anchor = target.partition("#")
             resolved = (path.parent / file).resolve() if file else path
             assert resolved.is_relative_to(ROOT), f"{path.name}: {target} is outside the repository"
-            relative = resolved.relative_to(ROOT).as_posix()
-            if relative in PENDING_LINKS and not resolved.exists():
-                continue
             assert resolved.exists(), f"{path.name}: {target} is missing"
             if anchor and resolved.suffix == ".md":
                 assert anchor in _anchors(resolved), f"{path.name}: {target}: no such heading"
