@@ -83,6 +83,7 @@ DOCUMENTED_RUNS = {
 TINY_RUNS = {"main": [], "guided": ["--class_dropout_prob", "0.1"]}
 """The workspace's training runs: the main job (embedded profile), and with a null class for guidance."""
 
+
 @dataclass(frozen=True)
 class Command:
     """One documented command: where it is written, its environment assignments, its words, and whether it
@@ -165,8 +166,10 @@ def all_commands() -> list[Command]:
 
 
 def split_launcher(argv: tuple[str, ...]) -> tuple[str, str, list[str]]:
-    """``(launcher, module, args)``: launcher is python, torchrun, pip or pytest; module is what
-    ``python -m`` / ``torchrun -m`` runs ("" for pip and pytest)."""
+    """``(launcher, module, args)``: launcher is python, python-c (``python -c CODE``), torchrun, pip or
+    pytest; module is what ``python -m`` / ``torchrun -m`` runs ("" for the others)."""
+    if argv[0] in ("python", "python3") and len(argv) == 3 and argv[1] == "-c":
+        return "python-c", "", [argv[2]]
     if argv[0] in ("python", "python3") and len(argv) > 2 and argv[1] == "-m":
         if argv[2] in ("pip", "pytest"):
             return argv[2], "", list(argv[3:])
@@ -343,6 +346,9 @@ def parse_command(command: Command) -> tuple[argparse.ArgumentParser | None, arg
         return None, None
     if launcher == "pytest":
         check_pytest(args)
+        return None, None
+    if launcher == "python-c":  # a one-line check: it must at least be valid Python
+        compile(args[0], command.where, "exec")
         return None, None
     # An entry point is run until it parses its arguments: only modules known to use argparse.
     assert module in RUN_MODULES or module in PARSE_ONLY, (
