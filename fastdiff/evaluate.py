@@ -30,6 +30,12 @@ from fastdiff.evaluation.sources import ImageSet, load_images
 from fastdiff.evaluation.stats import ReferenceStats, is_stats_file, load_stats, score
 from fastdiff.runtime.rng import seed_everything
 
+IGNORED_SAMPLE_FLAGS = {
+    "model_path": "a checkpoint to sample is given as --samples",
+    "out_dir": "nothing is written but the JSON line and --out, --save_ref_stats",
+    "grid_samples": "no grid is written",
+}
+"""fastdiff.sample's flags that mean nothing here; accepted, as earlier versions did, with a note."""
 SHAPES_DEFAULT_COUNT = 10_000
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
@@ -38,6 +44,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EvaluateCommand, set[
     """The checked evaluation config from ``argv`` and the flags given on it."""
     config, given = parse_command(EvaluateCommand, argv, "fastdiff.evaluate", __doc__)
     sample.check_sampler(config)
+    for flag, why in IGNORED_SAMPLE_FLAGS.items():
+        if flag in given:
+            print(f"note: --{flag} is ignored by fastdiff.evaluate ({why})", file=sys.stderr, flush=True)
     if not config.evaluate.ref or not config.evaluate.samples:
         raise ValueError("pass both --ref REF and --samples SAMPLES (see --help for the kinds)")
     return config, given

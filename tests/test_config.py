@@ -262,3 +262,9 @@ def test_every_entry_point_documents_each_flag_with_its_default(module, capsys):
     text = capsys.readouterr().out
     assert "(default: " in text and "flags:" in text
     assert "--image_size INT" in text and "--diffusion_steps INT" in text
+
+
+def test_evaluate_accepts_the_sample_flags_it_ignores_with_a_note(capsys):
+    config, given = evaluate.parse_args(["--ref", "shapes", "--samples", "s.npz", "--grid_samples", "4"])
+    assert "grid_samples" in given and config.sample.grid_samples == 4
+    assert "note: --grid_samples is ignored by fastdiff.evaluate" in capsys.readouterr().err

@@ -309,7 +309,7 @@ class EvaluateCommand(Bundle):
 
     evaluate: EvaluateConfig = section(EvaluateConfig)
     evaluation: EvalConfig = section(EvalConfig, only=("inception",))
-    sample: SampleConfig = section(SampleConfig, only=("num_samples", "batch_size", "sample_classes"))
+    sample: SampleConfig = section(SampleConfig)
     sampling: SamplingConfig = section(SamplingConfig)
     runtime: RuntimeConfig = section(RuntimeConfig, **INFERENCE_RUNTIME)
     model: ModelConfig = section(ModelConfig)
