@@ -20,7 +20,13 @@ except ImportError:
 
 from fastdiff.kernels import report
 
-from benchmarks.compile_summary import OTHER_TRITONS, REFERENCE_TRITON, cache_name, committed_reports
+from benchmarks.compile_summary import (
+    KNOWN_SPILLS,
+    OTHER_TRITONS,
+    REFERENCE_TRITON,
+    cache_name,
+    committed_reports,
+)
 
 ARCHS = (80, 90)
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -109,8 +115,9 @@ def test_table_lists_every_row():
 @pytest.mark.parametrize("version", [REFERENCE_TRITON, *OTHER_TRITONS])
 def test_committed_report_builds_every_current_spec_without_spills(version):
     """The committed report of each Triton (the newest, and the one GPU machines carry) covers today's
-    specs for sm_80 and sm_90 with no failure, no spill and no local memory (regenerate it under that
-    Triton: ``benchmarks.compile_summary.compile_rows("fresh", "benchmarks/results")``)."""
+    specs for sm_80 and sm_90 with no failure and no spill or local memory beyond ``KNOWN_SPILLS`` (none
+    under the newest). Regenerate a report under its Triton with
+    ``benchmarks.compile_summary.compile_rows("fresh", "benchmarks/results")``."""
     stored = json.loads(committed_reports(RESULTS_DIR)[version].read_text())
     assert stored["key"]["triton"].startswith(f"{version}."), stored["key"]
     assert stored["key"]["archs"] == list(ARCHS)
@@ -120,10 +127,13 @@ def test_committed_report_builds_every_current_spec_without_spills(version):
     assert len(rows) == len(expected)
     failed = [f"{row['kernel']} {row['arch']}: {row['error'][:200]}" for row in rows if row["error"]]
     assert not failed, f"triton {version} rejects:\n" + "\n".join(failed)
-    spilled = [f"{row['kernel']} {row['arch']}: {row['spills']} bytes" for row in rows if row["spills"]]
-    assert not spilled, f"register spills under triton {version}:\n" + "\n".join(spilled)
+    spilled = {f"{row['kernel']} {row['arch']}" for row in rows if row["spills"] or row["local"]}
+    known = KNOWN_SPILLS.get(version, frozenset())
+    assert spilled == known, (
+        f"triton {version}: new spills {sorted(spilled - known)}, fixed {sorted(known - spilled)}"
+    )
     for row in rows:
-        assert 0 < row["registers"] <= 255 and row["local"] == 0, row
+        assert 0 < row["registers"] <= 255, row
 
 
 def test_each_triton_minor_has_its_own_report_file():
