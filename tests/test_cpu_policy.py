@@ -190,9 +190,9 @@ def test_math_attention_on_empty_inputs(no_amx):
 
 def test_selftest_versions_name_the_cpu_and_autos_picks():
     from fastdiff.selftest.records import Options
-    from fastdiff.selftest.report import check_versions
+    from fastdiff.selftest.versions import _check_versions
 
-    (result,) = check_versions(Options(torch.device("cpu"), quick=True))
+    result = _check_versions(Options(torch.device("cpu"), quick=True))
     assert result.data["cpu_model"] == cpu_policy.cpu_model() and result.data["cpu_model"]
     assert result.data["cpu_auto"] == cpu_policy.describe()
     assert cpu_policy.cpu_model() in result.detail and cpu_policy.cpu_isa() in result.detail

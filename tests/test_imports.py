@@ -15,29 +15,32 @@ import pytest
 import fastdiff
 
 
-def _module_names() -> list[str]:
-    """Dotted names of every ``.py`` file under the fastdiff package, following the kernels link."""
-    root = Path(fastdiff.__file__).parent
+def _module_names(root: Path, package: str) -> list[str]:
+    """Dotted names of every ``.py`` file of ``package``, whose files are under ``root``."""
     names = []
     for folder, dirs, files in os.walk(root, followlinks=True):
         dirs[:] = sorted(d for d in dirs if (Path(folder, d) / "__init__.py").exists())
-        package = Path(folder).relative_to(root.parent).parts
+        parts = (package, *Path(folder).relative_to(root).parts)
         for file in sorted(files):
             if file.endswith(".py"):
                 stem = file.removesuffix(".py")
-                names.append(".".join(package if stem == "__init__" else (*package, stem)))
+                names.append(".".join(parts if stem == "__init__" else (*parts, stem)))
     return names
 
 
-MODULES = _module_names()
+KERNELS_ROOT = Path(importlib.util.find_spec("fastdiff.kernels").origin).parent
+"""Where fastdiff.kernels lives: kernels/ of the repository (setup.py's package_dir), or a link to it."""
+MODULES = sorted(
+    set(_module_names(Path(fastdiff.__file__).parent, "fastdiff"))
+    | set(_module_names(KERNELS_ROOT, "fastdiff.kernels"))
+)
 OPTIONAL = {"fastdiff.integrations.diffusers": "diffusers"}
 """Modules that need an optional extra, and the package whose absence skips them."""
 
 
 def test_walk_finds_the_packages_and_the_kernels():
     assert {"fastdiff", "fastdiff.ops.backend", "fastdiff.kernels", "fastdiff.selftest.run"} <= set(MODULES)
-    kernels = Path(fastdiff.__file__).parent / "kernels"
-    files = {f"fastdiff.kernels.{p.stem}" for p in kernels.glob("*.py") if p.stem != "__init__"}
+    files = {f"fastdiff.kernels.{p.stem}" for p in KERNELS_ROOT.glob("*.py") if p.stem != "__init__"}
     assert files and files <= set(MODULES)
 
 
