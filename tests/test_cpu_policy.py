@@ -196,3 +196,17 @@ def test_selftest_versions_name_the_cpu_and_autos_picks():
     assert result.data["cpu_model"] == cpu_policy.cpu_model() and result.data["cpu_model"]
     assert result.data["cpu_auto"] == cpu_policy.describe()
     assert cpu_policy.cpu_model() in result.detail and cpu_policy.cpu_isa() in result.detail
+
+
+def test_auto_traces_in_one_graph():
+    """auto's choice is made while torch.compile traces the op: it must not break the graph."""
+    qkv = torch.randn(2, 3 * 2 * 8, 16, requires_grad=True)
+
+    def attention(x):
+        return ops.qkv_attention(x, 2)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
+    with ops.use_backend("auto"):
+        torch.testing.assert_close(compiled(qkv), attention(qkv))
+    torch._dynamo.reset()

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import require_backend
 from error_bounds import assert_no_worse, max_error
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -178,7 +179,16 @@ class FastdiffOpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_compiled_patched_unet_traces_fastdiff_ops_in_one_graph():
+@pytest.fixture
+def fastdiff_kernels():
+    """The cpp backend forced: these tests count the fastdiff ops the patched modules call, and on a CPU
+    ``auto`` may run short attention as PyTorch's matmuls instead (``fastdiff.ops.cpu_policy``)."""
+    require_backend("cpp")
+    with ops.use_backend("cpp"):
+        yield
+
+
+def test_compiled_patched_unet_traces_fastdiff_ops_in_one_graph(fastdiff_kernels):
     model = unet_2d()
     resnets, self_attention, _, lone_norms = kinds(model)
     apply_fastdiff(model)
@@ -208,7 +218,7 @@ def test_compiled_patched_unet_traces_fastdiff_ops_in_one_graph():
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_patched_unet_runs_fastdiff_ops_and_remove_restores_it(name):
+def test_patched_unet_runs_fastdiff_ops_and_remove_restores_it(name, fastdiff_kernels):
     model = MODELS[name]()
     resnets, self_attention, cross_attention, lone_norms = kinds(model)
     attention = len(self_attention) + len(cross_attention)

@@ -36,7 +36,6 @@ was asked; this table is only ``auto``'s.
 
 import math
 import platform
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -93,14 +92,23 @@ def cpu_flags() -> set[str] | None:
     return None if flags is None else set(flags.split())
 
 
-@cache
-def cpu_isa() -> str:
+def _detect_isa() -> str:
     """This CPU's ISA level (``/proc/cpuinfo`` on Linux; elsewhere from torch's CPU capability)."""
     flags = cpu_flags()
     if flags is not None:
         return isa_from_flags(flags)
     capability = torch.backends.cpu.get_cpu_capability()
     return "avx512" if "AVX512" in capability else "avx2" if "AVX2" in capability else "default"
+
+
+CPU_ISA = _detect_isa()
+"""Read once at import: the ops consult it on every call, also while torch.compile traces them, where
+file reads and torch.backends queries would break the graph."""
+
+
+def cpu_isa() -> str:
+    """This CPU's ISA level (:data:`CPU_ISA`)."""
+    return CPU_ISA
 
 
 def _isa(isa: str | None) -> str:
