@@ -17,9 +17,15 @@ import random
 import zlib
 
 import pytest
+import setuptools  # noqa: F401  (before any test imports the stdlib distutils: see below)
 import torch
 
 from fastdiff import ops
+
+# torch.compile's inductor builds C++ with setuptools, whose distutils shim asserts when the standard
+# library's distutils (deprecated in Python 3.11) was imported first, as some earlier test in a full run
+# did (tests/test_inductor.py failed only after the suite's other tests). Importing setuptools first puts
+# its distutils in place for the whole session.
 
 KERNEL_BACKENDS = ("torch", "cpp", "triton")
 
