@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from conftest import NO_CUDA_REASON, require_backend
+from error_bounds import max_error
 from tiny_run import TINY_RUN_ARGV
 from torch._inductor.utils import run_and_get_code
 
@@ -66,6 +67,7 @@ CASES = [
     pytest.param("cuda", "triton", torch.bfloat16, id="cuda-triton-bf16"),
 ]
 TOLERANCE = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.bfloat16: dict(atol=6e-2, rtol=4e-2)}
+ROUNDOFF = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8}
 """Against float64; bf16 is checked in bf16 resolution (inputs are rounded to bf16 first)."""
 
 
@@ -91,8 +93,12 @@ def test_ops_under_inductor_match_eager_and_float64(device, backend, dtype):
         assert g.dtype == e.dtype and g.shape == e.shape, name
         # inductor fuses the torch ops around the calls and may round them differently from eager
         torch.testing.assert_close(g, e, **TOLERANCE[dtype], msg=lambda m, n=name: f"{n} vs eager: {m}")
-        torch.testing.assert_close(
-            g.double().cpu(), x, **TOLERANCE[dtype], msg=lambda m, n=name: f"{n} vs float64: {m}"
+        # against float64: no further from it than twice the eager ops in the same dtype, plus one unit of
+        # the dtype's roundoff of the largest value (a fixed bound fails on cancellations: in one full run a
+        # bf16 gradient element was 0.068 off, 41% of its value)
+        limit = 2 * max_error(e, x) + ROUNDOFF[dtype] * x.abs().max().item()
+        assert max_error(g, x) <= limit, (
+            f"{name}: {max_error(g, x):.3g} from float64 (eager: {max_error(e, x):.3g})"
         )
     assert got[0].is_contiguous(memory_format=torch.channels_last), "x's layout is kept through the graph"
 
