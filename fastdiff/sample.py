@@ -22,7 +22,7 @@ from fastdiff import dist_util, ops
 from fastdiff.builders import NUM_CLASSES
 from fastdiff.cli import parse_command, run_main
 from fastdiff.config import ConfigError, SampleCommand
-from fastdiff.diffusion.sampling import check_sampling_options, sample_batch
+from fastdiff.diffusion.sampling import sample_batch
 from fastdiff.runtime.image_grid import save_image_grid, to_uint8_nhwc
 from fastdiff.runtime.inference import InferenceSetup, output_dir, prepare_inference
 from fastdiff.runtime.rng import seed_everything
@@ -56,14 +56,8 @@ def prepare(config: SampleCommand, given: set[str], model_path: str, ctx) -> Inf
     """The model, diffusion, precision and kernels fastdiff.sample draws with, the sampling options
     checked against them."""
     setup = prepare_inference(config, given, model_path, ctx)
-    check_sampling_options(setup.diffusion, model=setup.model, **_checked_options(setup.config))
+    setup.config.sampling.check_against(setup.diffusion, setup.model)
     return setup
-
-
-def _checked_options(config: SampleCommand) -> dict:
-    options = config.sampling.options()
-    del options["clip_denoised"]
-    return options
 
 
 def generate(setup: InferenceSetup, ctx) -> tuple[np.ndarray, np.ndarray | None]:

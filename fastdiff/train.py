@@ -23,7 +23,6 @@ from fastdiff.cli import parse_command, run_main
 from fastdiff.config import DiffusionConfig, ModelConfig, RunConfig
 from fastdiff.data import BatchStream, build_dataset
 from fastdiff.diffusion import create_named_schedule_sampler
-from fastdiff.diffusion.sampling import check_sampling_options
 from fastdiff.runtime.backends import check_autotune, check_kernels
 from fastdiff.runtime.precision import Precision, resolve_precision
 from fastdiff.runtime.rng import derive_seed, seed_everything
@@ -102,10 +101,9 @@ def build_previews(config: RunConfig, model: torch.nn.Module):
     preview = config.preview
     respacing = preview_respacing(config.diffusion.diffusion_steps, preview.steps, preview.use_ddim)
     diffusion = build_diffusion(config.diffusion, respacing)
-    options = dataclasses.replace(preview, steps=0).options()
-    checked = {name: value for name, value in options.items() if name != "clip_denoised"}
-    check_sampling_options(diffusion, model=model, flag_prefix="preview_", **checked)
-    return diffusion, options
+    sampling = dataclasses.replace(preview, steps=0)
+    sampling.check_against(diffusion, model, flag_prefix="preview_")
+    return diffusion, sampling.options()
 
 
 def build_evaluation(

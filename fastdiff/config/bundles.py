@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 from fastdiff.config.fields import ConfigError, Section, coerce
 from fastdiff.config.sections import (
@@ -132,12 +132,6 @@ class Bundle:
                 raise ConfigError(f"--{flag}" if flag else "", f"{error.problem}{where}") from None
         return dataclasses.replace(self, **replaced)
 
-    def flags(self) -> dict[str, Any]:
-        """The flat view: flag name -> value, for every flag of this bundle."""
-        return {
-            flag: getattr(getattr(self, spec.section), spec.field) for flag, spec in self.flag_specs().items()
-        }
-
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig(Bundle):
@@ -158,17 +152,13 @@ class RunConfig(Bundle):
     evaluation: EvalConfig = section(EvalConfig)
     class_names: tuple[str, ...] = ()
 
-    SECTION_NAMES: ClassVar[tuple[str, ...]] = (
-        "model", "diffusion", "train", "runtime", "preview", "evaluation",
-    )  # fmt: skip
-
     def model_flags(self) -> dict[str, Any]:
         """improved-diffusion's flat model and diffusion flags (``model_and_diffusion_defaults()`` keys)."""
         return {**self.model.to_dict(), **self.diffusion.to_dict()}
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"format": RUN_CONFIG_FORMAT, "version": RUN_CONFIG_VERSION}
-        data.update({name: getattr(self, name).to_dict() for name in self.SECTION_NAMES})
+        data.update({name: getattr(self, name).to_dict() for name, _, _ in self.sections()})
         data["class_names"] = list(self.class_names)
         return data
 
@@ -189,7 +179,7 @@ class RunConfig(Bundle):
                 f"{source}: run config format version {version} is newer than this fastdiff reads "
                 f"({RUN_CONFIG_VERSION}): use the fastdiff that wrote it, or a newer one"
             )
-        expected = {"format", "version", "class_names", *cls.SECTION_NAMES}
+        expected = {"format", "version", "class_names", *(name for name, _, _ in cls.sections())}
         unknown = sorted(set(data) - expected)
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)} (expected {sorted(expected)})")

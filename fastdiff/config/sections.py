@@ -21,7 +21,7 @@ from fastdiff.config.fields import (
 )
 from fastdiff.diffusion.resample import SCHEDULE_SAMPLERS
 from fastdiff.diffusion.respace import space_timesteps
-from fastdiff.diffusion.sampling import SAMPLERS, SPACINGS
+from fastdiff.diffusion.sampling import SAMPLERS, SPACINGS, check_sampling_options
 from fastdiff.diffusion.schedules import BETA_SCHEDULES
 from fastdiff.ops.backend import BACKENDS
 from fastdiff.runtime.precision import PRECISIONS
@@ -276,6 +276,13 @@ class SamplingConfig(Section):
             eta=self.eta,
             clip_denoised=self.clip_denoised,
         )
+
+    def check_against(self, diffusion, model=None, flag_prefix: str = "") -> None:
+        """These options checked against ``diffusion`` (and ``model``, for guidance) before sampling; a
+        ValueError names the flag (``--{flag_prefix}sampler``, ...)."""
+        options = self.options()
+        del options["clip_denoised"]  # any value goes with any sampler
+        check_sampling_options(diffusion, model=model, flag_prefix=flag_prefix, **options)
 
 
 @dataclasses.dataclass(frozen=True)
