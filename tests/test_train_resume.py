@@ -179,6 +179,10 @@ def test_resume_from_improved_diffusion_files(tmp_path):
     model_after = torch.load(target / "model000003.pt", weights_only=True)
     for key, value in ema_after.items():
         torch.testing.assert_close(value, 0.9 * ema_before[key] + 0.1 * model_after[key])
+    state_ema = torch.load(target / "state000003.pt", weights_only=True)["ema"]
+    assert state_ema["num_updates"] == 3, "the full state holds the resumed EMA, not the one it replaced"
+    for name, value in state_ema["shadows"][0].items():
+        assert torch.equal(value, ema_after[name]), name
 
 
 def test_a_checkpoint_of_another_configuration_lists_the_mismatches(tmp_path):

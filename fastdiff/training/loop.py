@@ -335,7 +335,8 @@ class TrainLoop:
         self.last_saved_step = self.step
 
     def _state_registry(self) -> StateRegistry:
-        """The parts of a full training state, each with how it saves and loads (see training/state.py)."""
+        """The parts of a full training state, each with how it saves and loads (see training/state.py).
+        Each looks its part up when called: a resume from improved-diffusion's files replaces the EMA."""
         registry = StateRegistry()
         registry.register("step", lambda: self.step, self._set_step)
         registry.register(
@@ -345,13 +346,17 @@ class TrainLoop:
         registry.register("global_batch", lambda: self.global_batch, lambda _: None, required=False)
         registry.register("run_config", self.config.to_dict, lambda _: None, required=False)
         registry.register("model", lambda: _cpu_copy(self.model.state_dict()), self._load_model)
-        registry.register("optimizer", self.optimizer.state_dict, self.optimizer.load_state_dict)
-        registry.register("scaler", self._scaler_state, self._load_scaler, required=False)
-        registry.register("ema", self.ema.state_dict, self.ema.load_state_dict)
         registry.register(
-            "schedule_sampler", self.schedule_sampler.state_dict, self.schedule_sampler.load_state_dict
+            "optimizer", lambda: self.optimizer.state_dict(), lambda s: self.optimizer.load_state_dict(s)
         )
-        registry.register("data", self.data.state_dict, self.data.load_state_dict)
+        registry.register("scaler", self._scaler_state, self._load_scaler, required=False)
+        registry.register("ema", lambda: self.ema.state_dict(), lambda s: self.ema.load_state_dict(s))
+        registry.register(
+            "schedule_sampler",
+            lambda: self.schedule_sampler.state_dict(),
+            lambda s: self.schedule_sampler.load_state_dict(s),
+        )
+        registry.register("data", lambda: self.data.state_dict(), lambda s: self.data.load_state_dict(s))
         registry.register("rng", lambda: self._rng_states, self._restore_rng)
         if self.evaluation is not None:
             registry.register(
