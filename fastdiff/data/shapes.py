@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from fastdiff.data.image_folder import to_model_range
+from fastdiff.data.images import to_model_range
 from fastdiff.data.keys import ItemKey, flip_for, item_rng
 
 SHAPE_CLASSES = ("disc", "square", "triangle", "stripes")
