@@ -71,8 +71,8 @@ def build_parser(
         bare = {"nargs": "?", "const": True} if spec.kind is bool else {}  # `--quick` is `--quick True`
         groups[spec.section].add_argument(
             f"--{spec.flag}",
-            type=flag_type(spec.kind),
-            metavar=spec.kind.__name__.upper(),
+            type=str if spec.parse else flag_type(spec.kind),
+            metavar=getattr(spec.parse, "metavar", "VALUE") if spec.parse else spec.kind.__name__.upper(),
             help=f"{spec.help} (default: {spec.default!r})".replace("%", "%%"),
             **bare,
         )
