@@ -21,9 +21,9 @@ from fastdiff.config import (
     RunConfig,
     SampleCommand,
     load_run_config,
+    parse_image_size,
     write_run_config,
 )
-from fastdiff.config.sections import parse_image_size
 from fastdiff.data import BatchStream, ImageFolderDataset, build_dataset, render_shape
 from fastdiff.evaluation.inception import as_rgb, preprocess
 from fastdiff.evaluation.sources import load_images
