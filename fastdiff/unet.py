@@ -491,8 +491,8 @@ class UNetModel(nn.Module):
         bad = [side for side in sides if side % factors[-1]]
         if bad:
             raise ValueError(
-                f"image_size={image_size} (--image_size) must be divisible on every side by the total "
-                f"downsampling 2 ** (len(channel_mult) - 1) = {factors[-1]}; {bad[0]} is not"
+                f"image_size={image_size} must be divisible by 2 ** (len(channel_mult) - 1) = {factors[-1]}, "
+                f"the total downsampling, on every side (--image_size): {bad[0]} is not"
             )
 
     @property
