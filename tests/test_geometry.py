@@ -31,7 +31,7 @@ from fastdiff.evaluation.stats import ReferenceStats, load_stats
 from fastdiff.runtime.image_grid import grid_array, save_image_grid, to_uint8_nhwc
 from fastdiff.runtime.precision import resolve_precision
 from fastdiff.training.preview import SamplePreview
-from fastdiff.training.quality import reference_filename
+from fastdiff.training.quality import TrainingEvaluation, reference_filename
 from fastdiff.unet import UNetModel
 
 SMALL = dict(num_channels=32, num_res_blocks=1, channel_mult="1,2", num_heads=2)
@@ -315,6 +315,15 @@ def test_readers_keep_channels_and_non_square_sizes(tmp_path):
     assert load_stats(str(tmp_path / "old.npz"), "abc", 16, 3).image_size == (16, 16)
     assert reference_filename((3, 16, 16), 256) == "fid_reference_16px_256.npz"
     assert reference_filename((1, 16, 24), 8) == "fid_reference_16x24px_1ch_8.npz"
+
+
+def test_in_training_evaluation_refuses_channels_the_feature_network_cannot_score():
+    dataset = [(torch.zeros(2, 8, 12), 0)] * 8
+    with pytest.raises(ValueError, match=r"training data has 2 channels \(--in_channels\)"):
+        TrainingEvaluation(
+            model=None, sampling_diffusion=None, sampling={}, dataset=dataset, interval=1, num_samples=4,
+            num_ref=4, num_classes=None, seed=0, precision=None, ctx=None, log_dir="", ema_rate=0.9,
+        )  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------- end to end

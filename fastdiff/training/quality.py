@@ -31,6 +31,8 @@ from fastdiff.training.ema import ParameterEMA
 from fastdiff.training.preview import EmaSampler
 
 METRIC_NAMES = ("fid", "kid", "kid_std", "precision", "recall")
+FEATURE_CHANNELS = (1, 3, 4)
+"""Channel counts the feature network scores (grey repeated, RGBA without alpha)."""
 PR_K = 3
 
 
@@ -91,6 +93,12 @@ class TrainingEvaluation:
                 f"--eval_interval needs at least {least} reference images: --eval_ref is {num_ref} and the "
                 f"training data holds {len(dataset)}"
             )
+        shape = tuple(int(side) for side in dataset[0][0].shape)  # (C, H, W)
+        if shape[0] not in FEATURE_CHANNELS:
+            raise ValueError(
+                f"the feature network scores 1-, 3- or 4-channel images; the training data has {shape[0]} "
+                "channels (--in_channels)"
+            )
         self.interval = interval
         self.ctx = ctx
         self.log_dir = log_dir
@@ -100,7 +108,6 @@ class TrainingEvaluation:
         self.network = load_feature_network(inception, ctx.device)
         share = math.ceil(num_samples / ctx.world_size)
         self.num_samples = num_samples
-        shape = tuple(int(side) for side in dataset[0][0].shape)  # (C, H, W)
         generator = torch.Generator().manual_seed(derive_seed(seed, 0xE7A1, ctx.rank))
         noise = torch.randn((share, *shape), generator=generator)
         positions = torch.arange(share) * ctx.world_size + ctx.rank
