@@ -19,6 +19,7 @@ from fastdiff.config.sections import (
     EvaluateConfig,
     ModelConfig,
     NllConfig,
+    PrepareDataConfig,
     RuntimeConfig,
     SampleConfig,
     SamplingConfig,
@@ -41,6 +42,8 @@ class Placement:
     rename: Mapping[str, str] = dataclasses.field(default_factory=dict)
     only: tuple[str, ...] | None = None
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    positional: tuple[str, ...] = ()
+    """Fields given as positional arguments (in this order) instead of ``--flag`` options."""
 
     def flag(self, field: str) -> str:
         return self.rename.get(field, self.prefix + field)
@@ -68,6 +71,7 @@ class FlagSpec:
     default: Any
     help: str
     choices: tuple[Any, ...] | None
+    positional: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,7 @@ class Bundle:
                     defaults[field],
                     spec.metadata["help"],
                     spec.metadata["choices"],
+                    field in where.positional,
                 )
         return specs
 
@@ -318,3 +323,11 @@ class SelftestCommand(Bundle):
     """What ``fastdiff.selftest`` runs with."""
 
     selftest: SelftestConfig = section(SelftestConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareDataCommand(Bundle):
+    """What ``fastdiff.prepare_data`` runs with: SOURCE and OUT are positional."""
+
+    prepare: PrepareDataConfig = section(PrepareDataConfig, positional=("source", "out"))
+    model: ModelConfig = section(ModelConfig, only=("image_size", "class_cond"))

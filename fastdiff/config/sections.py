@@ -518,6 +518,21 @@ class EvaluateConfig(Section):
             raise ConfigError("kid_subset_size", f"must be >= 2, got {self.kid_subset_size}")
 
 
+@dataclasses.dataclass(frozen=True)
+class PrepareDataConfig(Section):
+    """fastdiff.prepare_data: the source to read, where the prepared dataset goes, how it is written."""
+
+    title: ClassVar[str] = "prepare_data"
+
+    source: str = option(
+        "", "an image folder, a dataset ZIP (.zip), an array file (.npz/.npy) or a prepared dataset"
+    )
+    out: str = option("", "the prepared dataset's directory (must not exist, unless --overwrite)")
+    workers: int = option(0, "decoding worker processes (0: one per usable CPU core)", check=non_negative)
+    overwrite: bool = option(False, "replace OUT if it is a prepared dataset or an empty directory")
+    limit: int = option(0, "write only the source's first this many items (0: all)", check=non_negative)
+
+
 def positive_finite(value: float) -> str | None:
     return None if math.isfinite(value) and value > 0 else f"must be positive and finite, got {value!r}"
 

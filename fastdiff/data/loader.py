@@ -7,9 +7,9 @@ import signal
 import numpy as np
 import torch
 
-from fastdiff.data.image_folder import ImageFolderDataset
 from fastdiff.data.sampler import DataPosition, ShardedBatchSampler
 from fastdiff.data.shapes import ShapesDataset
+from fastdiff.data.sources import open_source
 
 
 def build_dataset(
@@ -19,11 +19,9 @@ def build_dataset(
     random_flip: bool = False,
     seed: int = 0,
 ) -> torch.utils.data.Dataset:
-    """The image folder at ``data_dir``, or the embedded shapes dataset when ``data_dir`` is empty."""
+    """The source at ``data_dir`` (see fastdiff.data.sources), or the embedded shapes dataset when empty."""
     if data_dir:
-        return ImageFolderDataset(
-            data_dir, image_size, class_cond=class_cond, random_flip=random_flip, seed=seed
-        )
+        return open_source(data_dir, image_size, class_cond=class_cond, random_flip=random_flip, seed=seed)
     return ShapesDataset(image_size, random_flip=random_flip, flip_seed=seed)
 
 
