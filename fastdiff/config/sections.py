@@ -316,7 +316,11 @@ class TrainConfig(Section):
 
     title: ClassVar[str] = "training"
 
-    data_dir: str = option("", "image folder to train on ('': the embedded shapes dataset)")
+    data_dir: str = option(
+        "",
+        "image folder, prepared dataset, dataset ZIP or .npz/.npy array to train on ('': the embedded "
+        "shapes dataset)",
+    )
     schedule_sampler: str = option("uniform", "timestep sampler", choices=SCHEDULE_SAMPLERS)
     lr: float = option(1e-4, "learning rate", check=positive)
     weight_decay: float = option(0.0, "AdamW weight decay", check=non_negative)
@@ -480,7 +484,9 @@ class NllConfig(Section):
     title: ClassVar[str] = "nll"
 
     model_path: str = option("", "a model*.pt or ema_*.pt file")
-    data_dir: str = option("", "image folder ('': the embedded shapes dataset)")
+    data_dir: str = option(
+        "", "image folder, prepared dataset, dataset ZIP or .npz/.npy array ('': the embedded shapes dataset)"
+    )
     num_samples: int = option(1000, "images to evaluate", check=positive)
     batch_size: int = option(1, "images per rank per batch", check=positive)
     out_dir: str = option("", "where to write the per-step terms (default: the directory of --model_path)")
