@@ -3,6 +3,8 @@
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -234,3 +236,13 @@ def test_prepare_data_command(folder, tmp_path, capsys):
         prepare_data.main(argv)
     with pytest.raises(SystemExit):
         prepare_data.main([str(folder)])  # OUT is required
+
+
+def test_command_line_errors_are_one_line_naming_the_problem(folder, prepared):
+    command = [sys.executable, "-m", "fastdiff.prepare_data", str(folder), str(prepared), "--image_size", "9"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"fastdiff.prepare_data: error: {prepared} already exists: pass --overwrite True to replace it, or "
+        "choose another OUT"
+    )
