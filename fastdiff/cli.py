@@ -71,14 +71,17 @@ def build_parser(
     for spec in specs.values():
         if spec.positional:
             groups[spec.section].add_argument(
-                spec.flag, type=flag_type(spec.kind), metavar=spec.flag.upper(), help=spec.help
+                spec.flag,
+                type=str if spec.parse else flag_type(spec.kind),
+                metavar=spec.flag.upper(),
+                help=spec.help,
             )
             continue
         bare = {"nargs": "?", "const": True} if spec.kind is bool else {}  # `--quick` is `--quick True`
         groups[spec.section].add_argument(
             f"--{spec.flag}",
-            type=flag_type(spec.kind),
-            metavar=spec.kind.__name__.upper(),
+            type=str if spec.parse else flag_type(spec.kind),
+            metavar=getattr(spec.parse, "metavar", "VALUE") if spec.parse else spec.kind.__name__.upper(),
             help=f"{spec.help} (default: {spec.default!r})".replace("%", "%%"),
             **bare,
         )

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from fastdiff.cli import parse_command, run_main
 from fastdiff.config import PrepareDataCommand
+from fastdiff.data.images import CHANNEL_MODES
 from fastdiff.data.prepared import PreparedDataset, PreparedWriter
 from fastdiff.data.sources import open_source
 
@@ -63,6 +64,10 @@ def prepare(
     """Write the prepared dataset of ``source_path`` to ``out`` (module docstring); returns its path."""
     if not out:
         raise ValueError("OUT is empty: name the directory to write the prepared dataset to")
+    if isinstance(channels, bool) or channels not in CHANNEL_MODES:
+        raise ValueError(
+            f"--in_channels {channels}: images are prepared as 1 (grey), 3 (RGB) or 4 (RGBA) channels"
+        )
     if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(source_path):
         raise ValueError(f"OUT {out} is SOURCE itself: write the prepared dataset somewhere else")
     source = open_source(source_path, image_size, channels, class_cond, resize_prepared=True)
@@ -105,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = prepare(
         settings.source,
         settings.out,
-        model.image_size,
-        3,
+        model.image_hw,
+        model.in_channels,
         model.class_cond,
         workers=workers,
         overwrite=settings.overwrite,

@@ -77,7 +77,7 @@ def _written(tmp_path, edit) -> str:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d.update(version=RUN_CONFIG_VERSION + 1), "format version 2 is newer than this fastdiff"),
+        (lambda d: d.update(version=RUN_CONFIG_VERSION + 1), "format version 3 is newer than this fastdiff"),
         (lambda d: d["train"].update(learning_rate=1.0), r"unknown field\(s\) train\.learning_rate"),
         (lambda d: d["model"].pop("num_channels"), r"missing field\(s\) model\.num_channels"),
         (lambda d: d.pop("diffusion"), "missing field 'diffusion'"),
@@ -261,7 +261,7 @@ def test_every_entry_point_documents_each_flag_with_its_default(module, capsys):
         module.main(["--help"])
     text = capsys.readouterr().out
     assert "(default: " in text and "flags:" in text
-    assert "--image_size INT" in text and "--diffusion_steps INT" in text
+    assert "--image_size SIZE" in text and "--in_channels INT" in text and "--diffusion_steps INT" in text
 
 
 def test_evaluate_accepts_the_sample_flags_it_ignores_with_a_note(capsys):

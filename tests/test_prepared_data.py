@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fastdiff import prepare_data
-from fastdiff.data import BatchStream, ImageDataError, ItemKey
+from fastdiff.data import BatchStream, ImageDataError, ItemKey, build_dataset
 from fastdiff.data.prepared import (
     DATA_FILENAME,
     FORMAT_VERSION,
@@ -226,16 +226,43 @@ def test_a_prepared_dataset_is_a_source_and_says_so(prepared):
 
 def test_prepare_data_command(folder, tmp_path, capsys):
     out = tmp_path / "cli"
-    argv = [str(folder), str(out), "--image_size", "9", "--workers", "2", "--limit", "5"]
+    argv = [
+        str(folder),
+        str(out),
+        "--image_size",
+        "9,14",
+        "--in_channels",
+        "1",
+        "--workers",
+        "2",
+        "--limit",
+        "5",
+    ]
     assert prepare_data.main(argv) == 0
-    assert f"wrote prepared dataset {out}: 5 images 9x9x3" in capsys.readouterr().out
-    dataset = PreparedDataset(str(out), 9, 3)
-    reference = FolderDataset(str(folder), 9)
+    assert f"wrote prepared dataset {out}: 5 images 9x14x1" in capsys.readouterr().out
+    dataset = PreparedDataset(str(out), SIZE, 1)
+    reference = FolderDataset(str(folder), SIZE, channels=1)
     assert all(torch.equal(dataset[i][0], reference[i][0]) for i in range(5))
+    assert dataset[0][0].shape == (1, *SIZE)
     with pytest.raises(FileExistsError, match="--overwrite"):
         prepare_data.main(argv)
+    with pytest.raises(ValueError, match=r"--in_channels 2: images are prepared as 1 \(grey\), 3"):
+        prepare_data.main([str(folder), str(tmp_path / "two"), "--in_channels", "2"])
     with pytest.raises(SystemExit):
         prepare_data.main([str(folder)])  # OUT is required
+
+
+def test_build_dataset_takes_any_channel_count_from_a_prepared_dataset(tmp_path, folder):
+    with PreparedWriter(str(tmp_path / "latents"), 3, (2, 4), 8, kind="latents") as writer:
+        writer.data[:] = np.arange(3 * 8 * 2 * 4).reshape(3, 8, 2, 4)
+        path = writer.commit()
+    dataset = build_dataset(path, (2, 4), 8)
+    assert isinstance(dataset, PreparedDataset) and dataset[2][0].shape == (8, 2, 4)
+    assert float(dataset[2][0][7, 1, 3]) == 3 * 8 * 2 * 4 - 1
+    with pytest.raises(PreparedDataError, match=r"the dataset has 8 channel.*--in_channels is 3"):
+        build_dataset(path, (2, 4), 3)
+    with pytest.raises(ValueError, match=f"--in_channels 8: --data_dir '{folder}' loads as 1"):
+        build_dataset(str(folder), SIZE, 8)
 
 
 def test_command_line_errors_are_one_line_naming_the_problem(folder, prepared):

@@ -41,6 +41,7 @@ from fastdiff.config.sections import (
     parse_attention_resolutions,
     parse_channel_mult,
     parse_ema_rates,
+    parse_image_size,
 )
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "parse_attention_resolutions",
     "parse_channel_mult",
     "parse_ema_rates",
+    "parse_image_size",
     "with_saved_model",
     "write_run_config",
 ]
