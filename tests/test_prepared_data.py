@@ -261,7 +261,7 @@ def test_build_dataset_takes_any_channel_count_from_a_prepared_dataset(tmp_path,
     assert float(dataset[2][0][7, 1, 3]) == 3 * 8 * 2 * 4 - 1
     with pytest.raises(PreparedDataError, match=r"the dataset has 8 channel.*--in_channels is 3"):
         build_dataset(path, (2, 4), 3)
-    with pytest.raises(ValueError, match=f"--in_channels 8: --data_dir '{folder}' loads as 1"):
+    with pytest.raises(ValueError, match=f"--in_channels 8: the image folder '{folder}' loads as 1"):
         build_dataset(str(folder), SIZE, 8)
 
 

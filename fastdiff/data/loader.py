@@ -30,7 +30,7 @@ def build_dataset(
     if data_dir and source_kind(data_dir) == "prepared dataset":
         return open_source(data_dir, image_size, channels, class_cond, random_flip, seed)
     if isinstance(channels, bool) or channels not in CHANNEL_MODES:
-        source = f"--data_dir {data_dir!r}" if data_dir else "the embedded shapes dataset"
+        source = f"the {source_kind(data_dir)} {data_dir!r}" if data_dir else "the embedded shapes dataset"
         raise ValueError(
             f"--in_channels {channels}: {source} loads as 1 (grey), 3 (RGB) or 4 (RGBA) channels; other "
             "channel counts need prepared or latent data"
