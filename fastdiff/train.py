@@ -24,6 +24,7 @@ from fastdiff.cli import parse_command, run_main
 from fastdiff.config import DiffusionConfig, ModelConfig, RunConfig
 from fastdiff.config.sections import image_sides
 from fastdiff.data import BatchStream, build_dataset
+from fastdiff.data.sources import describe_dataset
 from fastdiff.diffusion import create_named_schedule_sampler
 from fastdiff.runtime.backends import check_autotune, check_kernels
 from fastdiff.runtime.precision import Precision, resolve_precision
@@ -219,7 +220,7 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
             f"training on {ctx.world_size} process(es), device {ctx.device}, precision {precision.name}, "
             f"batch {batch_size} per rank / {global_batch} global (microbatch {microbatch}), "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-            f"data: {train.data_dir or 'embedded shapes'} ({len(dataset)} images), log dir {train.log_dir}",
+            f"data: {describe_dataset(dataset)}, log dir {train.log_dir}",
         )
         loop = TrainLoop(
             config=config,

@@ -19,6 +19,7 @@ from fastdiff.config.sections import (
     EvaluateConfig,
     ModelConfig,
     NllConfig,
+    PrepareDataConfig,
     RuntimeConfig,
     SampleConfig,
     SamplingConfig,
@@ -44,6 +45,8 @@ class Placement:
     rename: Mapping[str, str] = dataclasses.field(default_factory=dict)
     only: tuple[str, ...] | None = None
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    positional: tuple[str, ...] = ()
+    """Fields given as positional arguments (in this order) instead of ``--flag`` options."""
 
     def flag(self, field: str) -> str:
         return self.rename.get(field, self.prefix + field)
@@ -73,6 +76,8 @@ class FlagSpec:
     choices: tuple[Any, ...] | None
     parse: Any = None
     """The field's parser (its flag reads a string), or None."""
+    positional: bool = False
+    """Given as a positional argument, not a ``--flag``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Bundle:
                     spec.metadata["help"],
                     spec.metadata["choices"],
                     spec.metadata.get("parse"),
+                    field in where.positional,
                 )
         return specs
 
@@ -326,3 +332,11 @@ class SelftestCommand(Bundle):
     """What ``fastdiff.selftest`` runs with."""
 
     selftest: SelftestConfig = section(SelftestConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareDataCommand(Bundle):
+    """What ``fastdiff.prepare_data`` runs with: SOURCE and OUT are positional."""
+
+    prepare: PrepareDataConfig = section(PrepareDataConfig, positional=("source", "out"))
+    model: ModelConfig = section(ModelConfig, only=("image_size", "in_channels", "class_cond"))

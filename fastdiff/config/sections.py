@@ -407,7 +407,11 @@ class TrainConfig(Section):
 
     title: ClassVar[str] = "training"
 
-    data_dir: str = option("", "image folder to train on ('': the embedded shapes dataset)")
+    data_dir: str = option(
+        "",
+        "image folder, prepared dataset, dataset ZIP or .npz/.npy array to train on ('': the embedded "
+        "shapes dataset)",
+    )
     schedule_sampler: str = option("uniform", "timestep sampler", choices=SCHEDULE_SAMPLERS)
     lr: float = option(1e-4, "learning rate", check=positive)
     weight_decay: float = option(0.0, "AdamW weight decay", check=non_negative)
@@ -571,7 +575,9 @@ class NllConfig(Section):
     title: ClassVar[str] = "nll"
 
     model_path: str = option("", "a model*.pt or ema_*.pt file")
-    data_dir: str = option("", "image folder ('': the embedded shapes dataset)")
+    data_dir: str = option(
+        "", "image folder, prepared dataset, dataset ZIP or .npz/.npy array ('': the embedded shapes dataset)"
+    )
     num_samples: int = option(1000, "images to evaluate", check=positive)
     batch_size: int = option(1, "images per rank per batch", check=positive)
     out_dir: str = option("", "where to write the per-step terms (default: the directory of --model_path)")
@@ -607,6 +613,21 @@ class EvaluateConfig(Section):
     def check(self) -> None:
         if self.kid_subset_size < 2:
             raise ConfigError("kid_subset_size", f"must be >= 2, got {self.kid_subset_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareDataConfig(Section):
+    """fastdiff.prepare_data: the source to read, where the prepared dataset goes, how it is written."""
+
+    title: ClassVar[str] = "prepare_data"
+
+    source: str = option(
+        "", "an image folder, a dataset ZIP (.zip), an array file (.npz/.npy) or a prepared dataset"
+    )
+    out: str = option("", "the prepared dataset's directory (must not exist, unless --overwrite)")
+    workers: int = option(0, "decoding worker processes (0: one per usable CPU core)", check=non_negative)
+    overwrite: bool = option(False, "replace OUT if it is a prepared dataset or an empty directory")
+    limit: int = option(0, "write only the source's first this many items (0: all)", check=non_negative)
 
 
 def positive_finite(value: float) -> str | None:

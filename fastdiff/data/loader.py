@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fastdiff.data.image_folder import ImageFolderDataset
 from fastdiff.data.images import CHANNEL_MODES
 from fastdiff.data.sampler import DataPosition, ShardedBatchSampler
 from fastdiff.data.shapes import ShapesDataset
+from fastdiff.data.sources import open_source, source_kind
 
 
 def build_dataset(
@@ -22,20 +22,21 @@ def build_dataset(
     random_flip: bool = False,
     seed: int = 0,
 ) -> torch.utils.data.Dataset:
-    """The image folder at ``data_dir``, or the embedded shapes dataset when ``data_dir`` is empty, at
-    ``image_size`` (a side or ``(height, width)``) with ``channels`` (``--in_channels``) per image: items are
-    float32 ``[channels, height, width]``. Images convert to 1, 3 or 4 channels (a ValueError naming
-    ``--in_channels`` for another count)."""
+    """The source at ``data_dir`` (an image folder, a prepared dataset, a dataset ZIP or an array file: see
+    fastdiff.data.sources), or the embedded shapes dataset when ``data_dir`` is empty, at ``image_size`` (a
+    side or ``(height, width)``) with ``channels`` (``--in_channels``) per image: items are float32
+    ``[channels, height, width]``. Images convert to 1, 3 or 4 channels (a ValueError naming
+    ``--in_channels`` for another count); a prepared dataset must hold ``channels`` (any count)."""
+    if data_dir and source_kind(data_dir) == "prepared dataset":
+        return open_source(data_dir, image_size, channels, class_cond, random_flip, seed)
     if isinstance(channels, bool) or channels not in CHANNEL_MODES:
-        source = f"the image folder {data_dir!r}" if data_dir else "the embedded shapes dataset"
+        source = f"the {source_kind(data_dir)} {data_dir!r}" if data_dir else "the embedded shapes dataset"
         raise ValueError(
             f"--in_channels {channels}: {source} loads as 1 (grey), 3 (RGB) or 4 (RGBA) channels; other "
             "channel counts need prepared or latent data"
         )
     if data_dir:
-        return ImageFolderDataset(
-            data_dir, image_size, channels, class_cond=class_cond, random_flip=random_flip, seed=seed
-        )
+        return open_source(data_dir, image_size, channels, class_cond, random_flip, seed)
     return ShapesDataset(image_size, random_flip=random_flip, flip_seed=seed, channels=channels)
 
 
