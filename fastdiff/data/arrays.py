@@ -27,9 +27,10 @@ from fastdiff.data.images import (
     check_channels,
     image_size_of,
     resize_to_cover,
+    to_model_range,
 )
 from fastdiff.data.keys import ItemKey, flip_for
-from fastdiff.data.prepared import mapped_to_model_range, npy_layout
+from fastdiff.data.prepared import npy_layout
 
 MAX_LABEL = 1000
 """Labels index the class embedding of a class-conditional model (1000 classes, as in the reference)."""
@@ -169,4 +170,4 @@ class ArrayFileDataset(torch.utils.data.Dataset):
         array = self.item_array(key.index)
         if self.random_flip and flip_for(self.seed, key):
             array = array[:, ::-1]
-        return mapped_to_model_range(array), self.labels[key.index]
+        return to_model_range(array), self.labels[key.index]

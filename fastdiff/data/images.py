@@ -105,5 +105,6 @@ def load_image(
 
 
 def to_model_range(array: np.ndarray) -> torch.Tensor:
-    """uint8 ``[H, W, C]`` -> float32 ``[C, H, W]`` in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float().div_(127.5).sub_(1.0)
+    """uint8 ``[H, W, C]`` (read-only or memory-mapped too) -> a new float32 ``[C, H, W]`` in [-1, 1]."""
+    planar = np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)  # a writeable copy
+    return torch.from_numpy(planar).div_(127.5).sub_(1.0)

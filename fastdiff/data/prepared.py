@@ -280,13 +280,6 @@ def check_array_file(file: str, shape: tuple[int, ...], dtype: str, header_bytes
     return offset
 
 
-def mapped_to_model_range(array: np.ndarray) -> torch.Tensor:
-    """A read-only (mapped) uint8 ``[H, W, C]`` -> float32 ``[C, H, W]`` in [-1, 1], as ``to_model_range``.
-    A one-channel image's transpose is already contiguous and would reach torch still read-only: it is
-    copied first (the others are copied by the transpose)."""
-    return to_model_range(np.array(array) if array.shape[-1] == 1 else array)
-
-
 class PreparedDataset(torch.utils.data.Dataset):
     """A prepared dataset; ``dataset[ItemKey(index, epoch)]`` -> (float32 ``[C, H, W]``, label).
 
@@ -384,6 +377,6 @@ class PreparedDataset(torch.utils.data.Dataset):
         item = self.item_array(key.index)
         flip = self.random_flip and flip_for(self.seed, key)
         if self.kind == "images":
-            return mapped_to_model_range(item[:, ::-1] if flip else item), self.labels[key.index]
+            return to_model_range(item[:, ::-1] if flip else item), self.labels[key.index]
         latent = torch.from_numpy(np.array(item[:, :, ::-1] if flip else item, dtype=np.float32))
         return latent, self.labels[key.index]
