@@ -345,3 +345,20 @@ def test_check_vae_matches_refuses_another_vae_naming_both_fingerprints(tmp_path
         check_vae_matches(vae, edited, "run")
     with pytest.raises(TypeError, match="info must be a LatentInfo, got dict"):
         check_vae_matches(vae, info.to_dict(), "run")
+
+
+def test_downsampling_factor_counts_the_encoder_levels_that_downsample():
+    three_levels = small_vae(
+        seed=6,
+        block_out_channels=(32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+    assert downsampling_factor(three_levels) == 4  # diffusers: every level but the last halves the size
+    latents = encode_images(three_levels, images(1, 12, 20))
+    assert latents.shape == (1, 4, 3, 5)
+    assert decode_latents(three_levels, latents).shape == (1, 3, 12, 20)
+    with pytest.raises(
+        ValueError, match="image size 12x18 does not divide by the VAE's downsampling factor 4"
+    ):
+        encode_images(three_levels, images(1, 12, 18))
