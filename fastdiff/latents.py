@@ -14,8 +14,10 @@
 Encoding takes the posterior **mean**, not a sample. LDM's and Stable Diffusion's training scripts draw a
 sample of the posterior ``N(mean, std^2)`` at every step from images encoded on the fly; a prepared
 dataset encodes each image once, so a stored sample would freeze one draw (no augmentation) while making
-the dataset depend on a random seed. The mean is deterministic, and for KL-regularised autoencoders such as
-Stable Diffusion's (KL weight 1e-6) the posterior's std is small next to the spread of the latents.
+the dataset depend on a random seed. The mean is deterministic: the same images and VAE give the same
+latents. Training on it leaves out the posterior noise that a per-step sample adds; for a VAE trained with a
+small KL weight, as Stable Diffusion's (1e-6 in LDM's kl-f8 config), that noise is expected to be small, but
+fastdiff has not measured it.
 
 Normalisation, as diffusers' pipelines do it: with ``scaling_factor`` s and ``shift_factor`` m (0 when the
 config has none), ``latents = (z - m) * s`` and ``z = latents / s + m``. A VAE whose config has per-channel
