@@ -251,6 +251,20 @@ def test_ddpm_and_ddim_match_the_code_before_issue_13(name):
     assert torch.equal(out, fixture["output"])
 
 
+SOLVER_FIXTURES = torch.load(
+    os.path.join(os.path.dirname(__file__), "data", "solver_reference.pt"), weights_only=True
+)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVER_FIXTURES))
+def test_ode_samplers_on_their_grids_match_the_code_before_issue_21(name):
+    from data.make_solver_fixtures import run_case
+
+    case = SOLVER_FIXTURES[name]
+    out = run_case(case["flags"], case["sampler"], case["spacing"], case["steps"], case["clip"])
+    assert torch.equal(out, case["output"])
+
+
 def test_steps_respace_ddpm_like_timestep_respacing():
     """--steps N (uniform) is --timestep_respacing N, bit for bit."""
     from data.make_sampler_fixtures import SHAPE, analytic_model
