@@ -6,18 +6,18 @@ for bit. tests/test_sampling.py compares today's ``sample_batch`` with this file
 own file (``sampler_reference.pt``, make_sampler_fixtures.py).
 
 The model is make_sampler_fixtures' analytic function of (x, t), so the file holds only the outputs:
-``{name: {"flags": create_gaussian_diffusion kwargs, "sampler", "spacing", "steps", "clip", "output": [2, 2, 4, 4]}}``.
+``{name: {"flags": create_gaussian_diffusion kwargs, "sampler", "spacing", "steps", "clip",
+"output": [2, 2, 4, 4]}}``.
 Run from the repository root: ``PYTHONPATH=.:tests python tests/data/make_solver_fixtures.py``.
 """
 
 import os
 
 import torch
+from data.make_sampler_fixtures import SHAPE, analytic_model
 
 from fastdiff.diffusion import create_gaussian_diffusion
 from fastdiff.diffusion.sampling import sample_batch
-
-from data.make_sampler_fixtures import SHAPE, analytic_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE_FILE = "solver_reference.pt"
