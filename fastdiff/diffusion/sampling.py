@@ -62,14 +62,33 @@ import torch
 
 from .gaussian_diffusion import GaussianDiffusion, Model, ModelMeanType, ModelVarType
 from .respace import SpacedDiffusion, space_timesteps
+from .solvers import (
+    UNIPC_VARIANTS,
+    GridPoint,
+    solve_dpmpp_2m,
+    solve_dpmpp_3m,
+    solve_euler,
+    solve_heun,
+    solve_unipc,
+)
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun", "euler")
-SPACINGS = ("auto", "uniform", "quadratic", "karras", "logsnr")
-FREE_SPACINGS = ("karras", "logsnr")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "heun", "euler")
+ODE_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "unipc", "heun", "euler")
+SPACINGS = ("auto", "uniform", "quadratic", "trailing", "karras", "logsnr", "capped_karras", "capped_logsnr")
+CAPPED_SPACINGS = {"capped_karras": "karras", "capped_logsnr": "logsnr"}
+"""Spacings that start the ODE at --sigma_max (a step from the noisiest trained step), and the spacing of
+their points below it."""
+FREE_SPACINGS = ("karras", "logsnr", *CAPPED_SPACINGS)
 """Spacings whose noise levels fall between trained steps: ODE samplers only."""
-MIN_STEPS = {"ddpm": 1, "ddim": 1, "euler": 1, "dpmpp_2m": 2, "heun": 2}
-"""Fewest grid points per sampler: the second-order ones need two to be second order."""
+MIN_STEPS = {"ddpm": 1, "ddim": 1, "euler": 1, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 2, "heun": 2}
+"""Fewest grid points per sampler: the higher-order ones need as many as their order."""
+SOLVER_ORDERS = {"unipc": (1, 2, 3), "dpmpp_3m": (3,), "dpmpp_2m": (2,)}
+"""The orders --solver_order may ask of each multistep sampler (0: the first, its default, for dpmpp_*)."""
+DEFAULT_SOLVER_ORDER = {"unipc": 3, "dpmpp_3m": 3, "dpmpp_2m": 2}
 KARRAS_RHO = 7.0
+SIGMA_CAP = {"unipc": 20.0}
+"""The default --sigma_max per sampler, 80 (EDM's sigma_max for data in [-1, 1], Karras et al. 2022) for the
+others: where the data's share of x_t is 1/80 (1/20) of the noise's (see the module docstring)."""
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -121,15 +140,6 @@ class NoiseSchedule:
         return GridPoint(t, 1.0 / scale, sigma / scale)
 
 
-@dataclass(frozen=True)
-class GridPoint:
-    """One noise level: the model timestep, alpha_t and sigma_t (x_t = alpha_t x_0 + sigma_t noise)."""
-
-    t: float
-    alpha: float
-    sigma: float
-
-
 def step_indices(num_steps: int, steps: int, spacing: str) -> list[int]:
     """``steps`` distinct trained step indices in [0, num_steps), increasing, with 0 and num_steps - 1."""
     if spacing == "uniform":
@@ -152,19 +162,66 @@ def resolve_spacing(sampler: str, spacing: str) -> str:
     the ODE samplers (the grid they are most accurate on, see the module docstring)."""
     if spacing != "auto":
         return spacing
-    return "uniform" if sampler in ("ddpm", "ddim") else "logsnr"
+    return "uniform" if sampler in ("ddpm", "ddim") else "capped_logsnr"
 
 
-def sampling_grid(schedule: NoiseSchedule, steps: int, spacing: str) -> list[GridPoint]:
-    """``steps`` grid points from the noisiest trained step down to step 0."""
+def trailing_indices(num_steps: int, steps: int) -> list[int]:
+    """diffusers' "trailing" trained steps: K - 1 - round(i K / N) for i < N, increasing (the last of them
+    step K - 1, then even strides of K / N; the smallest is K / N - 1, not 0)."""
+    return sorted({num_steps - 1 - round(i * num_steps / steps) for i in range(steps)})
+
+
+def largest_finite_sigma(schedule: NoiseSchedule) -> float:
+    """The schedule's largest finite EDM noise level (below the pure-noise step of zero terminal SNR)."""
+    sigmas = schedule.edm_sigmas()
+    return float(sigmas[np.isfinite(sigmas)][-1])
+
+
+def resolved_sigma_max(schedule: NoiseSchedule, sigma_max: float = 0.0, sampler: str = "") -> float:
+    """The noise level a capped grid starts its ODE at: ``sigma_max``, or for 0 the smaller of the
+    sampler's :data:`SIGMA_CAP` (80 if none) and the schedule's largest finite noise level."""
+    if sigma_max != 0.0:
+        return float(sigma_max)
+    return min(SIGMA_CAP.get(sampler, 80.0), largest_finite_sigma(schedule))
+
+
+def _free_levels(high: float, low: float, count: int, spacing: str) -> list[float]:
+    """``count`` >= 2 noise levels from ``high`` to ``low``: Karras' rho = 7 or log-uniform."""
+    fractions = [i / (count - 1) for i in range(count)]
+    if spacing == "karras":
+        s_max, s_min = high ** (1.0 / KARRAS_RHO), low ** (1.0 / KARRAS_RHO)
+        return [(s_max + f * (s_min - s_max)) ** KARRAS_RHO for f in fractions]
+    return [math.exp(math.log(high) + f * (math.log(low) - math.log(high))) for f in fractions]
+
+
+def sampling_grid(
+    schedule: NoiseSchedule, steps: int, spacing: str, sigma_max: float = 0.0, sampler: str = ""
+) -> list[GridPoint]:
+    """``steps`` grid points from the noisiest trained step down to step 0 (trailing: to step K/N - 1).
+
+    The capped spacings go from the noisiest trained step to ``sigma_max`` (:func:`resolved_sigma_max`,
+    0: ``sampler``'s default) in one step, then by their spacing to step 0; with 2 points, the noisiest
+    step and step 0.
+    """
+    if spacing == "trailing":
+        return [schedule.point(i) for i in reversed(trailing_indices(schedule.num_steps, steps))]
     if spacing not in FREE_SPACINGS:
         return [schedule.point(i) for i in reversed(step_indices(schedule.num_steps, steps, spacing))]
     sigmas = schedule.edm_sigmas()
+    finite = np.flatnonzero(np.isfinite(sigmas))
+    top, bottom = int(finite[-1]), 0
+    if spacing in CAPPED_SPACINGS:
+        cap = resolved_sigma_max(schedule, sigma_max, sampler)
+        noisiest = schedule.point(schedule.num_steps - 1)
+        if steps <= 2:
+            return [noisiest, schedule.point(bottom)][:steps]
+        if cap >= sigmas[-1]:  # the schedule starts at or below the cap: nothing to skip
+            return sampling_grid(schedule, steps, CAPPED_SPACINGS[spacing])
+        levels = _free_levels(cap, float(sigmas[bottom]), steps - 1, CAPPED_SPACINGS[spacing])
+        return [noisiest, *(schedule.point_at_sigma(s) for s in levels[:-1]), schedule.point(bottom)]
     head: list[GridPoint] = []
     if not math.isfinite(sigmas[-1]):  # zero terminal SNR: start at the pure-noise step, then the grid
         head, steps = [schedule.point(schedule.num_steps - 1)], steps - 1
-    finite = np.flatnonzero(np.isfinite(sigmas))
-    top, bottom = int(finite[-1]), 0
     if steps == 1:
         return [*head, schedule.point(top)]
     fractions = [i / (steps - 1) for i in range(1, steps - 1)]
@@ -241,6 +298,9 @@ def check_sampling_options(
     model: Any = None,
     eta: float = 0.0,
     flag_prefix: str = "",
+    solver_order: int = 0,
+    unipc_variant: str = "bh2",
+    sigma_max: float = 0.0,
 ) -> int:
     """Check the options against the diffusion (and the model, when given, for guidance) before sampling.
 
@@ -249,6 +309,7 @@ def check_sampling_options(
     """
     sampler_flag, steps_flag = f"--{flag_prefix}sampler", f"--{flag_prefix}steps"
     spacing_flag, guidance_flag = f"--{flag_prefix}timestep_spacing", f"--{flag_prefix}guidance_scale"
+    order_flag, cap_flag = f"--{flag_prefix}solver_order", f"--{flag_prefix}sigma_max"
     if sampler not in SAMPLERS:
         raise ValueError(f"{sampler_flag} must be one of {list(SAMPLERS)}, got {sampler!r}")
     if timestep_spacing not in SPACINGS:
@@ -257,8 +318,8 @@ def check_sampling_options(
     if timestep_spacing in FREE_SPACINGS and sampler in ("ddpm", "ddim"):
         raise ValueError(
             f"{spacing_flag} {timestep_spacing} places noise levels between trained steps, which "
-            f"{sampler_flag} {sampler} cannot step to: use uniform or quadratic, or a dpmpp_2m, heun or "
-            "euler sampler"
+            f"{sampler_flag} {sampler} cannot step to: use uniform, quadratic or trailing, or one of "
+            f"{list(ODE_SAMPLERS)}"
         )
     trained = diffusion.num_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -268,6 +329,23 @@ def check_sampling_options(
         raise ValueError(f"{steps_flag} {steps} exceeds the {trained} trained timesteps of this diffusion")
     if count < MIN_STEPS[sampler]:
         raise ValueError(f"{sampler_flag} {sampler} needs {steps_flag} >= {MIN_STEPS[sampler]}, got {steps}")
+    if solver_order != 0:
+        allowed = SOLVER_ORDERS.get(sampler, ())
+        if isinstance(solver_order, bool) or solver_order not in allowed:
+            expected = f"one of {list(allowed)} (or 0: {DEFAULT_SOLVER_ORDER[sampler]})" if allowed else "0"
+            raise ValueError(
+                f"{order_flag} for {sampler_flag} {sampler} must be {expected}, got {solver_order!r}"
+            )
+        if count < solver_order:
+            raise ValueError(
+                f"{order_flag} {solver_order} needs {steps_flag} >= {solver_order} (a step of order p uses "
+                f"the x_0 predictions at p grid points), got {count}"
+            )
+    if unipc_variant not in UNIPC_VARIANTS:
+        raise ValueError(
+            f"--{flag_prefix}unipc_variant must be one of {list(UNIPC_VARIANTS)}, got {unipc_variant!r}"
+        )
+    _check_sigma_max(diffusion, sigma_max, timestep_spacing, cap_flag, spacing_flag)
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"--eta applies to {sampler_flag} ddim only, got eta {eta} with {sampler}")
     mean_type = diffusion.model_mean_type
@@ -292,6 +370,28 @@ def check_sampling_options(
     return count
 
 
+def _check_sigma_max(
+    diffusion: GaussianDiffusion, sigma_max: float, spacing: str, cap_flag: str, spacing_flag: str
+) -> None:
+    """--sigma_max: 0 (the sampler's default), or with a capped spacing a noise level inside the schedule."""
+    if isinstance(sigma_max, bool) or not isinstance(sigma_max, (int, float)) or not sigma_max >= 0:
+        raise ValueError(f"{cap_flag} must be a number >= 0 (0: the sampler's default), got {sigma_max!r}")
+    if sigma_max == 0:
+        return
+    if spacing not in CAPPED_SPACINGS:
+        raise ValueError(
+            f"{cap_flag} applies to {spacing_flag} {' or '.join(CAPPED_SPACINGS)} only, got {spacing}"
+        )
+    schedule = NoiseSchedule.from_diffusion(diffusion)
+    smallest, largest = float(schedule.edm_sigmas()[0]), largest_finite_sigma(schedule)
+    if not smallest < sigma_max <= largest:
+        raise ValueError(
+            f"{cap_flag} {sigma_max} is beyond this schedule: its noise levels sigma/alpha run from "
+            f"{smallest:.4g} (step 0) to {largest:.4g} (the noisiest finite step); give one in that range "
+            "or 0"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 
@@ -305,6 +405,9 @@ def sample_batch(
     timestep_spacing: str = "auto",
     guidance_scale: float = 1.0,
     eta: float = 0.0,
+    solver_order: int = 0,
+    unipc_variant: str = "bh2",
+    sigma_max: float = 0.0,
     clip_denoised: bool = True,
     model_kwargs: dict[str, Any] | None = None,
     noise: torch.Tensor | None = None,
@@ -316,12 +419,17 @@ def sample_batch(
     :param diffusion: the (respaced) GaussianDiffusion the model was trained with.
     :param sampler, steps, timestep_spacing, guidance_scale: see ``fastdiff.config.SamplingConfig``.
     :param eta: DDIM's noise (ddim only).
+    :param solver_order, unipc_variant, sigma_max: unipc's order and B(h), the capped grids' start (0: the
+        sampler's defaults; see ``SamplingConfig``).
     :param clip_denoised: clamp every x_0 prediction to [-1, 1].
     :param model_kwargs: e.g. ``{"y": labels [N]}``; guidance needs y.
     :param noise: the starting x_T [N, C, ...] (standard normal if None).
     :return: [N, C, ...] samples, computed without autograd.
     """
-    count = check_sampling_options(diffusion, sampler, steps, timestep_spacing, guidance_scale, model, eta)
+    count = check_sampling_options(
+        diffusion, sampler, steps, timestep_spacing, guidance_scale, model, eta,
+        solver_order=solver_order, unipc_variant=unipc_variant, sigma_max=sigma_max,
+    )  # fmt: skip
     timestep_spacing = resolve_spacing(sampler, timestep_spacing)
     # The starting noise, on the model's device unless told otherwise (drawn as p_sample_loop draws it).
     x, device = GaussianDiffusion._initial_noise(model, shape, noise, device)
@@ -330,16 +438,30 @@ def sample_batch(
     common = dict(noise=x, clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=device)
     if sampler in ("ddpm", "ddim"):
         if count != diffusion.num_timesteps or timestep_spacing != "uniform":
-            diffusion = respaced(diffusion, step_indices(diffusion.num_timesteps, count, timestep_spacing))
+            indices = (
+                trailing_indices(diffusion.num_timesteps, count)
+                if timestep_spacing == "trailing"
+                else step_indices(diffusion.num_timesteps, count, timestep_spacing)
+            )
+            diffusion = respaced(diffusion, indices)
         if sampler == "ddim":
             return diffusion.ddim_sample_loop(model, shape, progress=progress, eta=eta, **common)
         return diffusion.p_sample_loop(model, shape, progress=progress, **common)
     schedule = NoiseSchedule.from_diffusion(diffusion)
-    grid = sampling_grid(schedule, count, timestep_spacing)
+    grid = sampling_grid(schedule, count, timestep_spacing, sigma_max, sampler)
     denoiser = Denoiser(model, diffusion, schedule, clip_denoised, model_kwargs or {})
-    solver = {"euler": solve_euler, "heun": solve_heun, "dpmpp_2m": solve_dpmpp_2m}[sampler]
     with torch.no_grad():
-        return solver(denoiser, x, grid)
+        if sampler == "unipc":
+            return solve_unipc(
+                denoiser, x, grid, solver_order or DEFAULT_SOLVER_ORDER["unipc"], unipc_variant
+            )
+        solver = {
+            "euler": solve_euler,
+            "heun": solve_heun,
+            "dpmpp_2m": solve_dpmpp_2m,
+            "dpmpp_3m": solve_dpmpp_3m,
+        }
+        return solver[sampler](denoiser, x, grid)
 
 
 def respaced(diffusion: GaussianDiffusion, indices: Sequence[int]) -> SpacedDiffusion:
@@ -394,61 +516,3 @@ class Denoiser:
         else:
             x0 = (x - point.sigma * mean) / point.alpha
         return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
-
-
-CLEAN = GridPoint(t=-1.0, alpha=1.0, sigma=0.0)
-"""The end of every grid: no noise left."""
-
-
-def first_order_step(x: torch.Tensor, x0: torch.Tensor, here: GridPoint, there: GridPoint) -> torch.Tensor:
-    """x' = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) x0: Euler's (= DDIM's) step here -> there."""
-    ratio = there.sigma / here.sigma
-    return ratio * x + (there.alpha - here.alpha * ratio) * x0
-
-
-def solve_euler(denoise: Denoiser, x: torch.Tensor, grid: list[GridPoint]) -> torch.Tensor:
-    """Euler over ``grid`` then to s = 0: len(grid) model calls."""
-    for here, there in zip(grid, [*grid[1:], CLEAN], strict=True):
-        x = first_order_step(x, denoise(x, here), here, there)
-    return x
-
-
-def solve_heun(denoise: Denoiser, x: torch.Tensor, grid: list[GridPoint]) -> torch.Tensor:
-    """EDM's Heun (Algorithm 1, deterministic) over ``grid`` then to s = 0: 2 len(grid) - 1 model calls."""
-    for here, there in zip(grid, [*grid[1:], CLEAN], strict=True):
-        x0 = denoise(x, here)
-        predicted = first_order_step(x, x0, here, there)
-        if there.sigma == 0.0 or here.alpha == 0.0:
-            x = predicted
-            continue
-        # EDM variables: state y = x / alpha, noise level s = sigma / alpha, slope dy/ds = (y - D) / s.
-        s_here, s_there = here.sigma / here.alpha, there.sigma / there.alpha
-        y_here, y_there = x / here.alpha, predicted / there.alpha
-        slope_here = (y_here - x0) / s_here
-        slope_there = (y_there - denoise(predicted, there)) / s_there
-        x = there.alpha * (y_here + (s_there - s_here) * 0.5 * (slope_here + slope_there))
-    return x
-
-
-def _log_snr(point: GridPoint) -> float:
-    """lambda = log(alpha / sigma) (-inf where alpha = 0)."""
-    return -math.inf if point.alpha == 0.0 else math.log(point.alpha) - math.log(point.sigma)
-
-
-def solve_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, grid: list[GridPoint]) -> torch.Tensor:
-    """DPM-Solver++(2M) over ``grid`` then to s = 0: len(grid) model calls."""
-    previous_x0: torch.Tensor | None = None
-    previous_h = math.inf
-    for here, there in zip(grid, [*grid[1:], CLEAN], strict=True):
-        x0 = denoise(x, here)
-        if previous_x0 is None or there.sigma == 0.0:
-            corrected = x0
-        else:
-            h = _log_snr(there) - _log_snr(here)
-            half_inverse_r = h / (2.0 * previous_h)  # 1 / (2 r), r = h_prev / h; 0 after an infinite step
-            corrected = (1.0 + half_inverse_r) * x0 - half_inverse_r * previous_x0
-        if there.sigma != 0.0:
-            previous_h = _log_snr(there) - _log_snr(here)
-        x = first_order_step(x, corrected, here, there)
-        previous_x0 = x0
-    return x
