@@ -74,10 +74,27 @@ def _written(tmp_path, edit) -> str:
     return str(path)
 
 
+def test_a_version_1_run_config_takes_the_defaults_of_the_later_fields(tmp_path):
+    """Version 2 added the preview's solver_order, unipc_variant and sigma_max (issue 21)."""
+
+    def as_version_1(data):
+        data["version"] = 1
+        for field in ("solver_order", "unipc_variant", "sigma_max"):
+            del data["preview"][field]
+
+    config = load_run_config(_written(tmp_path, as_version_1))
+    assert config.preview == RunConfig().preview
+    with pytest.raises(ValueError, match=r"missing field\(s\) preview\.sigma_max"):
+        load_run_config(_written(tmp_path, lambda d: d["preview"].pop("sigma_max")))
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d.update(version=RUN_CONFIG_VERSION + 1), "format version 2 is newer than this fastdiff"),
+        (
+            lambda d: d.update(version=RUN_CONFIG_VERSION + 1),
+            f"format version {RUN_CONFIG_VERSION + 1} is newer than this fastdiff",
+        ),
         (lambda d: d["train"].update(learning_rate=1.0), r"unknown field\(s\) train\.learning_rate"),
         (lambda d: d["model"].pop("num_channels"), r"missing field\(s\) model\.num_channels"),
         (lambda d: d.pop("diffusion"), "missing field 'diffusion'"),

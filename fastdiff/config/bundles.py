@@ -29,7 +29,10 @@ from fastdiff.config.sections import (
 RUN_CONFIG_FILENAME = "run_config.json"
 LEGACY_FLAGS_FILENAME = "model_flags.json"
 RUN_CONFIG_FORMAT = "fastdiff-run-config"
-RUN_CONFIG_VERSION = 1
+RUN_CONFIG_VERSION = 2
+ADDED_FIELDS = {2: {"preview": ("solver_order", "unipc_variant", "sigma_max")}}
+"""The fields each run-config version added, by section: a file of an earlier version takes their defaults
+(version 2: the sampling flags of issue 21)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +190,14 @@ class RunConfig(Bundle):
         for name, kind, _ in cls.sections():
             if name not in data:
                 raise ValueError(f"{source}: missing field '{name}'")
-            sections[name] = _section_from_dict(kind, data[name], name, source)
+            values = data[name]
+            added = [
+                field for later, by in ADDED_FIELDS.items() if later > version for field in by.get(name, ())
+            ]
+            if added and isinstance(values, dict):  # an earlier version's file: the defaults it did not have
+                defaults = getattr(cls(), name)
+                values = {**{field: getattr(defaults, field) for field in added}, **values}
+            sections[name] = _section_from_dict(kind, values, name, source)
         names = data.get("class_names", [])
         if not isinstance(names, list) or not all(isinstance(item, str) for item in names):
             raise ValueError(f"{source}: field 'class_names' must be a list of strings")
