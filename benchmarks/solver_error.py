@@ -38,7 +38,12 @@ ROWS = (
     ("heun", "karras", 10), ("heun", "logsnr", 10), ("heun", "karras", 25), ("heun", "logsnr", 25),
     ("dpmpp_2m", "uniform", 20), ("dpmpp_2m", "karras", 20), ("dpmpp_2m", "logsnr", 20),
     ("dpmpp_2m", "uniform", 50), ("dpmpp_2m", "karras", 50), ("dpmpp_2m", "logsnr", 50),
+    ("dpmpp_2m", "auto", 5), ("dpmpp_2m", "auto", 10), ("dpmpp_2m", "auto", 20),
+    ("dpmpp_3m", "logsnr", 10), ("dpmpp_3m", "auto", 5), ("dpmpp_3m", "auto", 10), ("dpmpp_3m", "auto", 20),
+    ("unipc", "logsnr", 10), ("unipc", "trailing", 10), ("unipc", "auto", 5), ("unipc", "auto", 8),
+    ("unipc", "auto", 10), ("unipc", "auto", 15), ("unipc", "auto", 20), ("heun", "auto", 10),
 )  # fmt: skip
+"""(sampler, spacing, steps) rows; ``auto`` is the sampler's default grid (capped_logsnr for these)."""
 
 
 ZERO_SNR = dict(predict_v=True, rescale_zero_terminal_snr=True)

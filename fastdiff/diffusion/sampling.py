@@ -1,5 +1,5 @@
-"""One place to sample a batch: DDPM, DDIM, DPM-Solver++(2M), EDM's Heun and Euler, with optional
-classifier-free guidance, over any model of a (respaced) GaussianDiffusion.
+"""One place to sample a batch: DDPM, DDIM, DPM-Solver++(2M) and (3M), UniPC, EDM's Heun and Euler, with
+optional classifier-free guidance, over any model of a (respaced) GaussianDiffusion.
 
 Every sampler takes the same three things: a model function (the network, possibly guided), the noise
 schedule it was trained with (the diffusion's alpha_bar at its discrete steps) and a grid of steps.
@@ -7,42 +7,59 @@ schedule it was trained with (the diffusion's alpha_bar at its discrete steps) a
 - ``ddpm`` and ``ddim`` are GaussianDiffusion's own ``p_sample_loop`` and ``ddim_sample_loop`` (the one
   implementation, improved-diffusion's results bit for bit), run on the diffusion respaced to the chosen
   trained steps. One model call per step.
-- ``euler``, ``heun`` and ``dpmpp_2m`` integrate the probability-flow ODE in the variance-preserving
-  variables x_t = alpha_t x_0 + sigma_t noise (alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t);
-  EDM's noise level is s = sigma_t / alpha_t and its state x_t / alpha_t). They see the model only through
-  its x_0 prediction D(x_t, t), converted from epsilon, x_0 or v (the mean channels of a learned-sigma model).
-  Each ends with the step to s = 0, whose result is D at the last grid point, as DDIM's last step is.
-
-  * ``euler``: x' = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) D. This is Euler's step of EDM's ODE
-    dx/ds = (x - D)/s written in these variables (Karras et al. 2022, Algorithm 1 without the correction),
-    which is also DDIM's deterministic update and DPM-Solver++'s first-order one. One call per step.
-  * ``heun``: EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1): an Euler step to s',
-    then the trapezoidal correction with the slope at s'; no correction on the last step (to s = 0). For N
-    grid points: 2N - 1 model calls. From an infinite s (zero terminal SNR) the first step is the Euler step,
-    the only one defined there.
-  * ``dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), multistep, data prediction, in
-    lambda = log(alpha/sigma): x' = (sigma'/sigma) x - alpha' (e^-h - 1) D_c with h = lambda' - lambda,
-    D_c = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1}/h; the first step and the last (to s = 0) are
-    first order. One call per step.
+- ``euler``, ``heun``, ``dpmpp_2m``, ``dpmpp_3m`` and ``unipc`` integrate the probability-flow ODE in the
+  variance-preserving variables x_t = alpha_t x_0 + sigma_t noise (alpha_t = sqrt(alpha_bar_t), sigma_t =
+  sqrt(1 - alpha_bar_t); EDM's noise level is s = sigma_t / alpha_t and its state x_t / alpha_t), in
+  ``fastdiff.diffusion.solvers`` (formulas there). They see the model only through its x_0 prediction
+  D(x_t, t), converted from epsilon, x_0 or v (the mean channels of a learned-sigma model), clamped to
+  [-1, 1] with clip_denoised. Each ends with the step to s = 0, whose result is D at the last grid point, as
+  DDIM's last step is. heun makes 2N - 1 model calls for N grid points, the others N: euler (DDIM's
+  update), heun (EDM's Algorithm 1), dpmpp_2m and dpmpp_3m (Lu et al. 2022, multistep, data prediction) and
+  unipc (Zhao et al. 2023: predictor of order --solver_order, 3 by default, and a corrector that reuses the
+  next step's model call; B(h) variant bh2 by default).
 
 Grids (``timestep_spacing``) over the diffusion's K trained steps, N points from the noisiest step to step 0:
 ``uniform`` (improved-diffusion's even spacing, ``space_timesteps(K, [N])``), ``quadratic`` (step indices
-(K-1) (i/(N-1))^2, rounded and kept distinct), ``karras`` (EDM's
+(K-1) (i/(N-1))^2, rounded and kept distinct), ``trailing`` (diffusers' K-1-round(iK/N): from step K-1 by
+even strides, ending at step K/N-1 rather than 0), ``karras`` (EDM's
 s_i = (s_max^(1/7) + i/(N-1) (s_min^(1/7) - s_max^(1/7)))^7 between the schedule's extreme noise levels;
-ODE samplers only) and ``logsnr`` (log s, i.e. lambda = -log s, evenly spaced between the same extremes:
-DPM-Solver's "logSNR" grid, on which every dpmpp_2m step has the same h; ODE samplers only). uniform and
-quadratic land on trained steps. Noise levels between trained steps are mapped to a fractional timestep by
-linear interpolation of log s over the trained steps (the model is called with that fractional timestep,
-which the UNet's sinusoidal embedding takes as it is), and the schedule's alpha, sigma at that point come
-from s itself.
+ODE samplers only), ``logsnr`` (log s, i.e. lambda = -log s, evenly spaced between the same extremes:
+DPM-Solver's "logSNR" grid; ODE samplers only) and ``capped_logsnr`` / ``capped_karras``: the noisiest
+trained step, then the logsnr / karras spacing from ``--sigma_max`` down to step 0 (ODE samplers only).
+uniform, quadratic and trailing land on trained steps. Noise levels between trained steps are mapped to a
+fractional timestep by linear interpolation of log s over the trained steps (the model is called with that
+fractional timestep, which the UNet's sinusoidal embedding takes as it is), and the schedule's alpha, sigma
+at that point come from s itself.
 
-Which grid: on a cosine schedule the uniform grid's last steps grow fast in lambda (h/h_prev ~ 3 at 20
-steps), where dpmpp_2m's extrapolation 1/(2r) amplifies the model's errors; ``logsnr`` keeps r = 1. On the
-embedded shapes model at 20 calls, the RMS distance of dpmpp_2m's samples from the converged ODE solution
-is 0.024 on ``logsnr``, 0.091 on ``karras`` and 0.099 on ``uniform`` (DDIM: 0.073 at 20 calls, 0.032 at 50;
-``benchmarks/solver_error.py``);
-heun's and euler's errors are also smallest on ``logsnr``. The default, ``auto``, is ``uniform`` for ddpm and
-ddim (improved-diffusion's results) and ``logsnr`` for dpmpp_2m, heun and euler.
+Which grid: ``auto`` is ``uniform`` for ddpm and ddim (improved-diffusion's results) and ``capped_logsnr``
+for the ODE samplers, with --sigma_max 80 (EDM's sigma_max for data in [-1, 1]) and 20 for unipc. Above
+s ~ 80 the data's share of x_t is ~1/80 of the noise's and the solution barely moves: the first step, from
+the noisiest trained step, is Euler's (DDIM's) step to sigma_max, exact as D stops changing there (its error
+falls as (c/sigma_max)^2 for data of scale c), and every other point goes where the solution does change.
+Per schedule (s at the top trained steps; measured with ``benchmarks/solver_error.py --closed_form``, Gaussian
+data with scales log-uniform over [0.05, 2] and the exact denoiser, RMS error against the exact
+probability-flow map, in ``benchmarks/results/solver_error.md``):
+
+* cosine (1000 and 4000 steps): the clipped last beta makes s jump 642 -> 20291 (1000 steps) or
+  2567 -> 81160 (4000) at the top step, and s > 80 spans 5.5 (6.9) of the 15 (16) units of log s. A log-SNR
+  grid from the top spends a third of its points there (4 of 20 inside the top interval alone); the capped
+  grid none. At 20 calls (1000 steps), logsnr -> capped_logsnr: unipc 7.0e-3 -> 9.5e-5, dpmpp_3m 1.1e-2 ->
+  2.8e-3, dpmpp_2m 2.1e-2 -> 1.1e-2, heun (19 calls) 0.40 -> 0.21, euler 0.13 -> 0.089 (euler is better
+  still on ``uniform``, 0.055; heun on logsnr from 40 calls on).
+* linear (1000, 4000): s_max ~ 155, and the 0.7 units of log s above 80 hold 70 (269) trained steps whose
+  solution does not move either; the cap changes little here (errors within 10-30% of logsnr, either way).
+* zero terminal SNR (linear or cosine, rescaled): s = inf at the top step, and then 1.5e4 (linear) or 663
+  (cosine); the capped grid steps from pure noise straight to sigma_max, the only step defined from s = inf.
+  unipc's corrector is not applied after that step (infinite h), which leaves it a floor of ~2.4e-3 from 20
+  calls on (dpmpp_3m at sigma_max = 80: ~1e-4).
+
+With the default grids the one-call-per-step solvers' errors fall with the calls from 10 calls on (unipc at
+20 calls: 1e-4 on cosine and linear, dpmpp_3m 2.7e-3, dpmpp_2m 1.1e-2, euler 8.9e-2), except dpmpp_3m from
+40 to 80 (the ~1e-4 floor of its first step) and unipc on zero terminal SNR (above); from 5 to 10 calls
+dpmpp_3m, dpmpp_2m and (on cosine 4000) unipc are not monotone: third-order extrapolation over log-SNR steps
+of 1.2-1.6 overshoots on the smallest data scales. heun's and euler's fall everywhere, heun from 39 at 5
+calls (2 grid points, a step from s = 80 to s_min with a correction at s_min) to 0.2 at 19: heun needs many
+calls. ``trailing`` errors are not comparable (its grid ends at step K/N - 1, its reference there).
 
 Classifier-free guidance (Ho & Salimans 2022) with scale w: eps = eps_uncond + w (eps_cond - eps_uncond),
 applied to the model's mean output (epsilon, x_0 or v alike), both halves in one forward on a doubled batch;
