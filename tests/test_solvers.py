@@ -139,6 +139,22 @@ def test_default_grids_error_falls_from_10_calls(sampler, schedule):
     assert all(a > b for a, b in itertools.pairwise(falling)), errors
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(noise_schedule="cosine"),
+        dict(noise_schedule="linear"),
+        dict(noise_schedule="linear", predict_v=True, rescale_zero_terminal_snr=True),
+    ],
+    ids=["cosine", "linear", "zero-snr"],
+)
+def test_unipc_default_error_falls_at_every_call_count(flags):
+    """The issue's goal, met by unipc (order 2, bh2, capped_logsnr from sigma_max 20) at 5-80 calls."""
+    diffusion = create_gaussian_diffusion(steps=1000, **flags)
+    errors = _errors(diffusion, "unipc", "auto", [5, 8, 10, 15, 20, 40, 80])
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
+
+
 # ---------------------------------------------------------------- agreement with diffusers
 
 

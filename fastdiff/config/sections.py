@@ -249,7 +249,7 @@ class SamplingConfig(Section):
         choices=SPACINGS,
     )
     solver_order: int = option(
-        0, "unipc's order, 1-3 (0: 3); dpmpp_2m and dpmpp_3m take only their own (2, 3)", check=non_negative
+        0, "unipc's order, 1-3 (0: 2); dpmpp_2m and dpmpp_3m take only their own (2, 3)", check=non_negative
     )
     unipc_variant: str = option(
         "bh2", "unipc's B(h): bh2 (1 - e^-h) or bh1 (h); see docs/sampling.md", choices=UNIPC_VARIANTS

@@ -15,7 +15,7 @@ schedule it was trained with (the diffusion's alpha_bar at its discrete steps) a
   [-1, 1] with clip_denoised. Each ends with the step to s = 0, whose result is D at the last grid point, as
   DDIM's last step is. heun makes 2N - 1 model calls for N grid points, the others N: euler (DDIM's
   update), heun (EDM's Algorithm 1), dpmpp_2m and dpmpp_3m (Lu et al. 2022, multistep, data prediction) and
-  unipc (Zhao et al. 2023: predictor of order --solver_order, 3 by default, and a corrector that reuses the
+  unipc (Zhao et al. 2023: predictor of order --solver_order, 2 by default, and a corrector that reuses the
   next step's model call; B(h) variant bh2 by default).
 
 Grids (``timestep_spacing``) over the diffusion's K trained steps, N points from the noisiest step to step 0:
@@ -101,7 +101,7 @@ MIN_STEPS = {"ddpm": 1, "ddim": 1, "euler": 1, "dpmpp_2m": 2, "dpmpp_3m": 3, "un
 """Fewest grid points per sampler: the higher-order ones need as many as their order."""
 SOLVER_ORDERS = {"unipc": (1, 2, 3), "dpmpp_3m": (3,), "dpmpp_2m": (2,)}
 """The orders --solver_order may ask of each multistep sampler (0: the first, its default, for dpmpp_*)."""
-DEFAULT_SOLVER_ORDER = {"unipc": 3, "dpmpp_3m": 3, "dpmpp_2m": 2}
+DEFAULT_SOLVER_ORDER = {"unipc": 2, "dpmpp_3m": 3, "dpmpp_2m": 2}
 KARRAS_RHO = 7.0
 SIGMA_CAP = {"unipc": 20.0}
 """The default --sigma_max per sampler, 80 (EDM's sigma_max for data in [-1, 1], Karras et al. 2022) for the

@@ -182,7 +182,7 @@ def _unipc_weights(h: float, ratios: list[float], variant: str, fixed: bool) -> 
 
 
 def solve_unipc(
-    denoise: Denoise, x: torch.Tensor, grid: list[GridPoint], order: int = 3, variant: str = "bh2"
+    denoise: Denoise, x: torch.Tensor, grid: list[GridPoint], order: int = 2, variant: str = "bh2"
 ) -> torch.Tensor:
     """UniPC (Zhao et al. 2023: UniP-p predictor, UniC corrector, data prediction) over ``grid`` then to
     s = 0: len(grid) model calls.
@@ -191,8 +191,9 @@ def solve_unipc(
     predictions at the last p_i points: x' = (sigma'/sigma) x + alpha' (phi_1 D_0 + B(h) sum_k a_k (D_k - D_0)
     / r_k), r_k = (lambda_k - lambda_0) / h < 0. The model call at the predicted x' (the next step's call)
     then corrects it with UniC, which adds (D' - D_0) at r = 1 to the differences (order p_i + 1), and the
-    next step starts from the corrected x'. No correction follows the last step (no call is left) or a step
-    from alpha = 0 (infinite h). ``variant``: bh1 (B(h) = h) or bh2 (B(h) = 1 - e^-h).
+    next step starts from the corrected x'. No correction follows the last step (no call is left), nor with
+    bh1 a step from alpha = 0 (infinite h); an x_0 prediction at alpha = 0 is never differenced.
+    ``variant``: bh1 (B(h) = h) or bh2 (B(h) = 1 - e^-h).
     """
     if variant not in UNIPC_VARIANTS:
         raise ValueError(f"UniPC variant must be one of {list(UNIPC_VARIANTS)}, got {variant!r}")
@@ -205,13 +206,14 @@ def solve_unipc(
             there.sigma == 0.0
         ):  # the step to no noise: x_0 itself (a correction here would need one more call)
             return x0
-        if here.alpha == 0.0:  # from pure noise: the first-order step, the only one defined
-            history, last = [], None
+        if here.alpha == 0.0:  # from pure noise: the first-order step, the only one defined; with bh2
+            # (B(inf) = 1) UniC-1 corrects it, with bh1 (B(inf) = inf) it cannot
+            history, last = [(x0, -math.inf)], (x, here, 1) if variant == "bh2" else None
             x = _unipc_base(x, here, there, x0)
             continue
         if last is not None:
             x = _unic(last[0], last[1], here, x0, history, last[2], variant)
-        history = [*history, (x0, log_snr(here))][-order:]
+        history = [*(item for item in history if math.isfinite(item[1])), (x0, log_snr(here))][-order:]
         step_order = min(step_order, len(history))
         last = (x, here, step_order)
         x = _unip(x, here, there, history, step_order, variant)
