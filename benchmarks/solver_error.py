@@ -41,7 +41,8 @@ ROWS = (
     ("dpmpp_2m", "auto", 5), ("dpmpp_2m", "auto", 10), ("dpmpp_2m", "auto", 20),
     ("dpmpp_3m", "logsnr", 10), ("dpmpp_3m", "auto", 5), ("dpmpp_3m", "auto", 10), ("dpmpp_3m", "auto", 20),
     ("unipc", "logsnr", 10), ("unipc", "trailing", 10), ("unipc", "auto", 5), ("unipc", "auto", 8),
-    ("unipc", "auto", 10), ("unipc", "auto", 15), ("unipc", "auto", 20), ("heun", "auto", 10),
+    ("unipc", "auto", 10), ("unipc", "auto", 15), ("unipc", "auto", 20),
+    ("heun", "auto", 5), ("heun", "auto", 10),
 )  # fmt: skip
 """(sampler, spacing, steps) rows; ``auto`` is the sampler's default grid (capped_logsnr for these)."""
 

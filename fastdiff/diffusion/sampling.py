@@ -43,23 +43,26 @@ probability-flow map, in ``benchmarks/results/solver_error.md``):
 * cosine (1000 and 4000 steps): the clipped last beta makes s jump 642 -> 20291 (1000 steps) or
   2567 -> 81160 (4000) at the top step, and s > 80 spans 5.5 (6.9) of the 15 (16) units of log s. A log-SNR
   grid from the top spends a third of its points there (4 of 20 inside the top interval alone); the capped
-  grid none. At 20 calls (1000 steps), logsnr -> capped_logsnr: unipc 7.0e-3 -> 9.5e-5, dpmpp_3m 1.1e-2 ->
+  grid none. At 20 calls (1000 steps), logsnr -> capped_logsnr: unipc 2.0e-2 -> 4.8e-3, dpmpp_3m 1.1e-2 ->
   2.8e-3, dpmpp_2m 2.1e-2 -> 1.1e-2, heun (19 calls) 0.40 -> 0.21, euler 0.13 -> 0.089 (euler is better
   still on ``uniform``, 0.055; heun on logsnr from 40 calls on).
 * linear (1000, 4000): s_max ~ 155, and the 0.7 units of log s above 80 hold 70 (269) trained steps whose
   solution does not move either; the cap changes little here (errors within 10-30% of logsnr, either way).
 * zero terminal SNR (linear or cosine, rescaled): s = inf at the top step, and then 1.5e4 (linear) or 663
-  (cosine); the capped grid steps from pure noise straight to sigma_max, the only step defined from s = inf.
-  unipc's corrector is not applied after that step (infinite h), which leaves it a floor of ~2.4e-3 from 20
-  calls on (dpmpp_3m at sigma_max = 80: ~1e-4).
+  (cosine); the capped grid steps from pure noise straight to sigma_max, the only step defined from s = inf
+  (unipc's bh2 corrector follows it: B(inf) = 1).
 
-With the default grids the one-call-per-step solvers' errors fall with the calls from 10 calls on (unipc at
-20 calls: 1e-4 on cosine and linear, dpmpp_3m 2.7e-3, dpmpp_2m 1.1e-2, euler 8.9e-2), except dpmpp_3m from
-40 to 80 (the ~1e-4 floor of its first step) and unipc on zero terminal SNR (above); from 5 to 10 calls
-dpmpp_3m, dpmpp_2m and (on cosine 4000) unipc are not monotone: third-order extrapolation over log-SNR steps
-of 1.2-1.6 overshoots on the smallest data scales. heun's and euler's fall everywhere, heun from 39 at 5
-calls (2 grid points, a step from s = 80 to s_min with a correction at s_min) to 0.2 at 19: heun needs many
-calls. ``trailing`` errors are not comparable (its grid ends at step K/N - 1, its reference there).
+unipc's default order is 2: on the main job's model its RMS distance from the converged ODE solution at
+5/8/10 calls is 0.18/0.045/0.025 against 0.34/0.084/0.034 for order 3 (which is ahead in closed form from 10
+calls on); of the caps tried with it there, 20 and 40 tie at 8-10 calls (0.045/0.025, 0.047/0.024) and 10
+is worse (0.063/0.056). With the defaults unipc's closed-form error falls at
+every step from 5 to 80 calls on all six schedules measured (cosine 1000: 8.9e-2, 4.5e-2, 3.3e-2, 1.2e-2,
+4.8e-3, 5.5e-4, 5.4e-5), as do heun's and euler's (heun from 39 at 5 calls, 3 grid points, to 0.04 at 79:
+it needs many calls on any grid). dpmpp_2m's and dpmpp_3m's do not between 5 and 10 calls (dpmpp_2m
+0.21, 0.013, 0.028; dpmpp_3m 0.13, 0.26, 0.090: their extrapolation over log-SNR steps of 1.2-2.4 overshoots
+on the smallest scales, and 2M's 8-call error is a lucky cancellation), and dpmpp_3m's not from 40 to 80
+(1e-4 left by its first step to sigma_max = 80). ``trailing`` errors are not comparable (its grid ends at
+step K/N - 1, and its reference there).
 
 Classifier-free guidance (Ho & Salimans 2022) with scale w: eps = eps_uncond + w (eps_cond - eps_uncond),
 applied to the model's mean output (epsilon, x_0 or v alike), both halves in one forward on a doubled batch;
