@@ -150,7 +150,7 @@ class RunConfig(Bundle):
         prefix="preview_",
         rename={"use_ddim": "preview_ddim"},
         only=("sampler", "steps", "timestep_spacing", "guidance_scale", "use_ddim"),
-        defaults={"steps": 25, "use_ddim": True},
+        defaults={"sampler": "unipc", "steps": 20, "use_ddim": True},
     )
     evaluation: EvalConfig = section(EvalConfig)
     class_names: tuple[str, ...] = ()
