@@ -184,7 +184,8 @@ def _end_to_end_section(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _diffusers_section(records: list[dict[str, Any]]) -> list[str]:
-    """The diffusers integration benchmark (``test_bench_diffusers.py``), when it ran."""
+    """The diffusers integration benchmarks (``test_bench_diffusers.py``, ``test_bench_vae.py``), when
+    they ran."""
     if not records:
         return []
     header = [
@@ -215,7 +216,7 @@ def _diffusers_section(records: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## diffusers integration",
         "",
-        "A diffusers model's training step as built and after "
+        "A diffusers UNet's training step, or a VAE's decode under no_grad, as built and after "
         "`fastdiff.integrations.diffusers.apply_fastdiff` (same weights, backend `auto`).",
         "",
     ]

@@ -1,19 +1,12 @@
 """Models and diffusions from configs: the one place every path (training, previews, in-training
 evaluation, sample, nll, evaluate, improved-diffusion's ``create_model_and_diffusion``) builds them."""
 
-from fastdiff.config import (
-    ConfigError,
-    DiffusionConfig,
-    ModelConfig,
-    parse_attention_resolutions,
-    parse_channel_mult,
-)
+from fastdiff.config import ConfigError, DiffusionConfig, ModelConfig
 from fastdiff.diffusion import SpacedDiffusion, create_gaussian_diffusion, space_timesteps
 from fastdiff.unet import SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
 """Classes of a class-conditional model (ImageNet), as in the reference."""
-IMAGE_CHANNELS = 3
 
 
 def build_diffusion(config: DiffusionConfig, respacing: str | None = None) -> SpacedDiffusion:
@@ -36,11 +29,18 @@ def build_diffusion(config: DiffusionConfig, respacing: str | None = None) -> Sp
 
 
 def build_model(model: ModelConfig, diffusion: DiffusionConfig, small_size: int | None = None) -> UNetModel:
-    """The RGB UNet ``model`` describes (6 output channels when ``diffusion.learn_sigma``, 1000 classes with
-    ``class_cond``, one more null class with ``class_dropout_prob > 0``); with ``small_size``, the
-    super-resolution model producing ``image_size`` images from ``small_size`` ones."""
+    """The UNet ``model`` describes: ``in_channels`` in, as many out (twice when ``diffusion.learn_sigma``),
+    1000 classes with ``class_cond``, one more null class with ``class_dropout_prob > 0``; with
+    ``small_size``, the super-resolution model producing ``image_size`` images from ``small_size`` ones.
+    A ConfigError names the flag when the image size does not fit the UNet (``ModelConfig.geometry``)."""
+    try:
+        channel_mult, attention_factors = model.geometry()
+    except ConfigError as error:
+        raise ConfigError(f"--{error.field}", error.problem) from None
     kind = UNetModel
     if small_size is not None:
+        if not isinstance(model.image_size, int):
+            raise ConfigError("large_size", f"must be one side (square images), got {model.image_size!r}")
         if not 0 < small_size < model.image_size:
             raise ConfigError(
                 "small_size", f"must be positive and below large_size={model.image_size}, got {small_size}"
@@ -48,13 +48,13 @@ def build_model(model: ModelConfig, diffusion: DiffusionConfig, small_size: int 
         kind = SuperResModel
     return kind(
         image_size=model.image_size,
-        in_channels=IMAGE_CHANNELS,
+        in_channels=model.in_channels,
         model_channels=model.num_channels,
-        out_channels=IMAGE_CHANNELS * (2 if diffusion.learn_sigma else 1),
+        out_channels=model.in_channels * (2 if diffusion.learn_sigma else 1),
         num_res_blocks=model.num_res_blocks,
-        attention_resolutions=parse_attention_resolutions(model.attention_resolutions, model.image_size),
+        attention_resolutions=attention_factors,
         dropout=model.dropout,
-        channel_mult=parse_channel_mult(model.channel_mult, model.image_size),
+        channel_mult=channel_mult,
         num_classes=NUM_CLASSES if model.class_cond else None,
         use_checkpoint=model.use_checkpoint,
         num_heads=model.num_heads,

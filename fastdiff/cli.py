@@ -47,7 +47,8 @@ def build_parser(
     epilog: str = "",
     config_file: bool = False,
 ) -> argparse.ArgumentParser:
-    """The parser of ``python -m {prog}``: one ``--flag`` per field ``bundle`` places, grouped by section.
+    """The parser of ``python -m {prog}``: one ``--flag`` per field ``bundle`` places (a positional argument
+    for the fields its placement lists as positional), grouped by section.
 
     Defaults are left out of the namespace (``argparse.SUPPRESS``), so what it holds is exactly what was
     given; the help shows each default.
@@ -68,11 +69,19 @@ def build_parser(
     specs = bundle.flag_specs()
     groups = {name: parser.add_argument_group(f"{kind.title} flags") for name, kind, _ in bundle.sections()}
     for spec in specs.values():
+        if spec.positional:
+            groups[spec.section].add_argument(
+                spec.flag,
+                type=str if spec.parse else flag_type(spec.kind),
+                metavar=spec.flag.upper(),
+                help=spec.help,
+            )
+            continue
         bare = {"nargs": "?", "const": True} if spec.kind is bool else {}  # `--quick` is `--quick True`
         groups[spec.section].add_argument(
             f"--{spec.flag}",
-            type=flag_type(spec.kind),
-            metavar=spec.kind.__name__.upper(),
+            type=str if spec.parse else flag_type(spec.kind),
+            metavar=getattr(spec.parse, "metavar", "VALUE") if spec.parse else spec.kind.__name__.upper(),
             help=f"{spec.help} (default: {spec.default!r})".replace("%", "%%"),
             **bare,
         )

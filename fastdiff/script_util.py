@@ -46,10 +46,13 @@ __all__ = [
     "str2bool",
 ]
 
-FASTDIFF_OPTIONS = ("class_dropout_prob", "predict_v", "snr_gamma", "rescale_zero_terminal_snr")
-"""fastdiff's additions, whose defaults keep improved-diffusion's model and diffusion:
-``class_dropout_prob`` (> 0: a null class for classifier-free guidance; the trainer drops labels with this
-probability), ``predict_v``, ``snr_gamma`` (0: off) and ``rescale_zero_terminal_snr``."""
+FASTDIFF_OPTIONS = (
+    "in_channels", "class_dropout_prob", "predict_v", "snr_gamma", "rescale_zero_terminal_snr"
+)  # fmt: skip
+"""fastdiff's additions, whose defaults keep improved-diffusion's model and diffusion: ``in_channels`` (3:
+RGB; 1 grey, 4 RGBA), ``class_dropout_prob`` (> 0: a null class for classifier-free guidance; the trainer
+drops labels with this probability), ``predict_v``, ``snr_gamma`` (0: off) and
+``rescale_zero_terminal_snr``. (``image_size`` also takes ``(height, width)``.)"""
 
 CREATE_MODEL_ORDER = (
     "num_channels", "num_res_blocks", "learn_sigma", "class_cond", "use_checkpoint", "attention_resolutions",

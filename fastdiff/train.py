@@ -6,9 +6,10 @@ over ranks: give one and the other is derived, give both and they must agree.
 
 With no ``--data_dir`` it trains on the embedded shapes dataset; when, in addition, no model or diffusion flag
 is given (the objective flags ``--class_dropout_prob``, ``--predict_v``, ``--snr_gamma`` and
-``--rescale_zero_terminal_snr`` do not count), the small CPU profile ``EMBEDDED_PROFILE`` (listed at the end
-of ``--help``) fills every flag not given on the command line: a 16x16 class-conditional model that draws
-recognisable shapes after a few minutes on two CPU cores.
+``--rescale_zero_terminal_snr``, and the image flags ``--image_size`` and ``--in_channels``, do not count),
+the small CPU profile ``EMBEDDED_PROFILE`` (listed at the end of ``--help``) fills every flag not given on the
+command line: a 16x16 class-conditional model that draws recognisable shapes after a few minutes on two CPU
+cores (at another ``--image_size``, its attention stays at the 4x-downsampled level).
 """
 
 import dataclasses
@@ -21,7 +22,9 @@ from fastdiff import dist_util, ops
 from fastdiff.builders import build_diffusion, build_model, preview_respacing, preview_steps
 from fastdiff.cli import parse_command, run_main
 from fastdiff.config import DiffusionConfig, ModelConfig, RunConfig
+from fastdiff.config.sections import image_sides
 from fastdiff.data import BatchStream, build_dataset
+from fastdiff.data.sources import describe_dataset
 from fastdiff.diffusion import create_named_schedule_sampler
 from fastdiff.diffusion.sampling import ODE_SAMPLERS
 from fastdiff.runtime.backends import check_autotune, check_kernels
@@ -37,9 +40,13 @@ ModelFactory = Callable[[ModelConfig, DiffusionConfig], torch.nn.Module]
 pass another, e.g. improved-diffusion's own UNet, as ``main(argv, model_factory=...)``."""
 
 PROFILE_NEUTRAL_FLAGS = frozenset(
-    {"class_dropout_prob", "predict_v", "snr_gamma", "rescale_zero_terminal_snr"}
+    {"class_dropout_prob", "predict_v", "snr_gamma", "rescale_zero_terminal_snr", "in_channels", "image_size"}
 )
-"""Model and diffusion flags that leave the embedded profile on (objectives any model can train with)."""
+"""Model and diffusion flags that leave the embedded profile on: objectives any model can train with, and
+the shape of the images (the shapes dataset draws any size and channel count)."""
+PROFILE_ATTENTION_FACTOR = 4
+"""The profile's attention sits at the 4x-downsampled level: ``--attention_resolutions`` 4 at 16x16, and
+the longer side / 4 at another ``--image_size``."""
 
 EMBEDDED_PROFILE = dict(
     image_size=16,
@@ -71,11 +78,16 @@ that learns the embedded shapes dataset on a CPU in minutes (about 0.3 s per ste
 
 def embedded_preset(given: Mapping[str, Any]) -> dict[str, Any]:
     """:data:`EMBEDDED_PROFILE` when no --data_dir and no model or diffusion flag (other than
-    :data:`PROFILE_NEUTRAL_FLAGS`) is in ``given``; else nothing."""
+    :data:`PROFILE_NEUTRAL_FLAGS`) is in ``given``, its attention at :data:`PROFILE_ATTENTION_FACTOR` for
+    the ``--image_size`` given; else nothing."""
     model_flags = set(ModelConfig.field_names()) | set(DiffusionConfig.field_names())
     if given.get("data_dir") or set(given) & (model_flags - PROFILE_NEUTRAL_FLAGS):
         return {}
-    return EMBEDDED_PROFILE
+    try:
+        longer = max(image_sides(given.get("image_size", EMBEDDED_PROFILE["image_size"])))
+    except ValueError:
+        return EMBEDDED_PROFILE  # --image_size's own check reports it
+    return {**EMBEDDED_PROFILE, "attention_resolutions": str(max(1, longer // PROFILE_ATTENTION_FACTOR))}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, set[str]]:
@@ -173,8 +185,11 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
                 ctx, "note: --fp16_scale_growth is ignored (torch.amp.GradScaler manages the loss scale)"
             )
 
-        image_size, class_cond = config.model.image_size, config.model.class_cond
-        dataset = build_dataset(train.data_dir, image_size, class_cond, train.random_flip, runtime.seed)
+        class_cond = config.model.class_cond
+        dataset = build_dataset(
+            train.data_dir, config.model.image_hw, config.model.in_channels, class_cond, train.random_flip,
+            runtime.seed,
+        )  # fmt: skip
         class_names = tuple(dataset.class_names) if class_cond else ()
         config = dataclasses.replace(config.with_flags({"batch_size": batch_size}), class_names=class_names)
         data = BatchStream(
@@ -201,7 +216,7 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
             preview = SamplePreview(
                 model,
                 previews[0],
-                image_size,
+                (config.model.in_channels, *config.model.image_hw),
                 train.num_preview_samples,
                 len(class_names) if class_cond else None,
                 runtime.seed,
@@ -214,7 +229,7 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
             f"training on {ctx.world_size} process(es), device {ctx.device}, precision {precision.name}, "
             f"batch {batch_size} per rank / {global_batch} global (microbatch {microbatch}), "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-            f"data: {train.data_dir or 'embedded shapes'} ({len(dataset)} images), log dir {train.log_dir}",
+            f"data: {describe_dataset(dataset)}, log dir {train.log_dir}",
         )
         loop = TrainLoop(
             config=config,

@@ -263,6 +263,15 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def _image_sides(image_size: int | Sequence[int]) -> tuple[int, ...]:
+    """The sides an ``image_size`` names: ``(s,)`` for an int, ``(height, width)`` for a pair."""
+    if isinstance(image_size, Sequence) and not isinstance(image_size, str) and len(image_size) == 2:
+        return tuple(_check_int("image_size (height, width)", side, 1) for side in image_size)
+    if isinstance(image_size, Sequence) and not isinstance(image_size, str):
+        raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+    return (_check_int("image_size", image_size, 1),)
+
+
 class UNetModel(nn.Module):
     """The UNet of improved-diffusion with guided-diffusion's options: ``(x, timesteps, y) -> out``.
 
@@ -270,8 +279,10 @@ class UNetModel(nn.Module):
     in ``x``'s dtype. ``spatial`` has ``dims`` entries, and every downsampled one (all of them, or the
     inner two for ``dims=3``) must be divisible by ``2 ** (len(channel_mult) - 1)``.
 
-    :param image_size: the training resolution, or None. Only used to check ``attention_resolutions``
-        and ``channel_mult`` against it at construction; inputs of other sizes are accepted.
+    :param image_size: the training resolution (a side, or ``(height, width)``), or None. Only used to
+        check ``attention_resolutions`` and ``channel_mult`` against it at construction (every side
+        divisible by the total downsampling and by each attention factor); inputs of other sizes are
+        accepted.
     :param in_channels: channels of ``x``.
     :param model_channels: base width; level ``i`` has ``int(channel_mult[i] * model_channels)``
         channels, each divisible by 32 (the GroupNorm groups).
@@ -306,7 +317,7 @@ class UNetModel(nn.Module):
 
     def __init__(
         self,
-        image_size: int | None,
+        image_size: int | tuple[int, int] | None,
         in_channels: int,
         model_channels: int,
         out_channels: int,
@@ -425,7 +436,7 @@ class UNetModel(nn.Module):
 
     @staticmethod
     def _check_arguments(
-        image_size: int | None,
+        image_size: int | tuple[int, int] | None,
         in_channels: int,
         model_channels: int,
         out_channels: int,
@@ -456,6 +467,7 @@ class UNetModel(nn.Module):
                     f"expected a positive multiple of {NUM_GROUPS} (the GroupNorm groups)"
                 )
         factors = [2**level for level in range(len(channel_mult))]
+        sides = _image_sides(image_size) if image_size is not None else ()
         if isinstance(attention_resolutions, str):
             raise ValueError(
                 "attention_resolutions must be downsample factors (ints such as (2, 4)), got a string; "
@@ -466,23 +478,22 @@ class UNetModel(nn.Module):
                 raise ValueError(
                     f"attention_resolutions must hold positive int downsample factors, got {ds!r}"
                 )
-            if image_size is not None and image_size % ds:
+            if any(side % ds for side in sides):
                 raise ValueError(
                     f"attention_resolutions entry {ds} (a downsample factor) must divide "
-                    f"image_size={image_size}"
+                    f"image_size={image_size}" + (" on both sides" if len(sides) == 2 else "")
                 )
             if ds not in factors:
                 raise ValueError(
                     f"attention_resolutions entry {ds} is not a downsample factor of this model; with "
                     f"len(channel_mult)={len(channel_mult)} levels the factors are {factors}"
                 )
-        if image_size is not None:
-            _check_int("image_size", image_size, 1)
-            if image_size % factors[-1]:
-                raise ValueError(
-                    f"image_size={image_size} must be divisible by 2 ** (len(channel_mult) - 1) "
-                    f"= {factors[-1]}"
-                )
+        bad = [side for side in sides if side % factors[-1]]
+        if bad:
+            raise ValueError(
+                f"image_size={image_size} must be divisible by 2 ** (len(channel_mult) - 1) = {factors[-1]}, "
+                f"the total downsampling, on every side (--image_size): {bad[0]} is not"
+            )
 
     @property
     def inner_dtype(self) -> torch.dtype:

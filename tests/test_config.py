@@ -74,15 +74,16 @@ def _written(tmp_path, edit) -> str:
     return str(path)
 
 
-def test_a_version_1_run_config_takes_the_defaults_of_the_later_fields(tmp_path):
-    """Version 2 added the preview's solver_order, unipc_variant and sigma_max (issue 21)."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_earlier_run_config_takes_the_defaults_of_the_preview_solver_fields(tmp_path, version):
+    """Version 3 added the preview's solver_order, unipc_variant and sigma_max (issue 21)."""
 
-    def as_version_1(data):
-        data["version"] = 1
+    def as_earlier(data):
+        data["version"] = version
         for field in ("solver_order", "unipc_variant", "sigma_max"):
             del data["preview"][field]
 
-    config = load_run_config(_written(tmp_path, as_version_1))
+    config = load_run_config(_written(tmp_path, as_earlier))
     assert config.preview == RunConfig().preview
     with pytest.raises(ValueError, match=r"missing field\(s\) preview\.sigma_max"):
         load_run_config(_written(tmp_path, lambda d: d["preview"].pop("sigma_max")))
@@ -292,7 +293,7 @@ def test_every_entry_point_documents_each_flag_with_its_default(module, capsys):
         module.main(["--help"])
     text = capsys.readouterr().out
     assert "(default: " in text and "flags:" in text
-    assert "--image_size INT" in text and "--diffusion_steps INT" in text
+    assert "--image_size SIZE" in text and "--in_channels INT" in text and "--diffusion_steps INT" in text
 
 
 def test_evaluate_accepts_the_sample_flags_it_ignores_with_a_note(capsys):

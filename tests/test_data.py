@@ -114,7 +114,7 @@ def test_truncated_jpeg_is_named(tmp_path):
 def test_image_smaller_than_image_size_is_named_with_its_size(tmp_path):
     _write(tmp_path / "tiny.png", 6, 40)
     dataset = ImageFolderDataset(str(tmp_path), 8)
-    with pytest.raises(ImageDataError, match=r"tiny\.png.*6x40.*image_size 8"):
+    with pytest.raises(ImageDataError, match=r"tiny\.png.*6x40.*training size 8x8"):
         dataset[0]
 
 

@@ -4,9 +4,10 @@ Commands are the lines of the ```bash blocks: continuation lines joined, ``# com
 split into two commands, and leading ``VAR=value`` assignments kept as the command's environment. Each
 command gets one kind, shown in its test id:
 
-- ``run``: ``python -m fastdiff.{train,sample,nll,evaluate}``. Run in this process as ``python -m`` runs it
-  (``runpy``), at small sizes (``small_args``: 2 training steps, 4 samples, a 16x16 model, ...), in one
-  scratch directory holding the data folders, checkpoints and sample files the docs name (``workspace``).
+- ``run``: ``python -m fastdiff.{train,sample,nll,evaluate,prepare_data}``. Run in this process as
+  ``python -m`` runs it (``runpy``), at small sizes (``small_args``: 2 training steps, 4 samples, a 16x16
+  model, ...), in one scratch directory holding the data folders, checkpoints and sample files the docs
+  name (``workspace``).
   They run in the order the docs give them, README first.
 - ``parse``: everything else, for the reason ``PARSE_ONLY`` gives (torchrun needs GPUs, pip installs,
   benchmarks run for minutes or hours). Nothing runs; the flags are checked.
@@ -51,7 +52,13 @@ from test_eval_inception import require_inception
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-RUN_MODULES = ("fastdiff.train", "fastdiff.sample", "fastdiff.nll", "fastdiff.evaluate")
+RUN_MODULES = (
+    "fastdiff.train",
+    "fastdiff.sample",
+    "fastdiff.nll",
+    "fastdiff.evaluate",
+    "fastdiff.prepare_data",
+)
 """Entry points whose documented commands run here at small sizes."""
 
 PARSE_ONLY = {
@@ -63,6 +70,7 @@ PARSE_ONLY = {
     "benchmarks.training_quality": "trains the main job per seed and variant: an hour or more",
     "benchmarks.sampler_sweep": "samples and scores a trained main job many times",
     "benchmarks.solver_error": "solves the sampling ODE to convergence for every sampler",
+    "benchmarks.loader_throughput": "writes 512 JPEGs and times five loaders for minutes",
 }
 """Why a command is parsed and not run, by launcher or module."""
 
@@ -444,6 +452,10 @@ def small_args(module: str, args: list[str], index: int) -> list[str]:
             _set(args, "eval_ref", 4)
         else:
             _set(args, "eval_interval", 0)
+    elif module == "fastdiff.prepare_data":
+        if _get(args, "image_size") is not None:
+            _set(args, "image_size", 16)  # the size the docs' training commands shrink to
+        _set(args, "workers", 1)
     elif module == "fastdiff.evaluate":
         if _get(args, "image_size") is not None:
             _set(args, "image_size", 16)

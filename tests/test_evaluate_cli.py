@@ -120,8 +120,10 @@ def test_bad_input_names_the_file(tmp_path):
     with pytest.warns(UserWarning, match="RGBA converted to RGB"):
         assert load_images(str(folder), "--samples", image_size=8).images.shape == (2, 8, 8, 3)
     np.savez(tmp_path / "gray.npz", np.zeros((2, 4, 4), np.uint8))
-    with pytest.warns(UserWarning, match="grayscale"):
-        assert load_images(str(tmp_path / "gray.npz"), "--ref").images.shape == (2, 4, 4, 3)
+    assert load_images(str(tmp_path / "gray.npz"), "--ref").images.shape == (2, 4, 4, 1), "grey stays grey"
+    np.savez(tmp_path / "two.npz", np.zeros((2, 4, 4, 2), np.uint8))
+    with pytest.raises(ValueError, match=r"two\.npz.*C 1, 3 or 4"):
+        load_images(str(tmp_path / "two.npz"), "--ref")
     (folder / "c.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"c\.png"):
         load_images(str(folder), "--ref", image_size=8)

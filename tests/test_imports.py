@@ -34,7 +34,7 @@ MODULES = sorted(
     set(_module_names(Path(fastdiff.__file__).parent, "fastdiff"))
     | set(_module_names(KERNELS_ROOT, "fastdiff.kernels"))
 )
-OPTIONAL = {"fastdiff.integrations.diffusers": "diffusers"}
+OPTIONAL = {"fastdiff.integrations.diffusers": "diffusers", "fastdiff.latents": "diffusers"}
 """Modules that need an optional extra, and the package whose absence skips them."""
 
 

@@ -48,7 +48,7 @@ GUIDED_OPTIONS = dict(
     num_head_channels=-1, channel_mult="", resblock_updown=False, use_new_attention_order=False
 )
 FASTDIFF_OPTIONS = dict(
-    class_dropout_prob=0.0, predict_v=False, snr_gamma=0.0, rescale_zero_terminal_snr=False
+    in_channels=3, class_dropout_prob=0.0, predict_v=False, snr_gamma=0.0, rescale_zero_terminal_snr=False
 )
 
 

@@ -109,10 +109,22 @@ def test_embedded_profile_fills_only_what_is_not_given():
     assert training.max_steps > 0 and training.sample_interval > 0
     config, _ = train.parse_args(["--lr", "0.001", "--max_steps", "7"])
     assert config.model.image_size == 16 and config.train.lr == 0.001 and config.train.max_steps == 7
-    config, _ = train.parse_args(["--image_size", "32"])
+    config, _ = train.parse_args(["--num_res_blocks", "2"])
     assert (config.model.num_channels, config.train.batch_size, config.train.lr) == (128, 1, 1e-4), (
         "improved-diffusion's defaults"
     )
+    config, _ = train.parse_args(["--image_size", "16,24", "--in_channels", "1"])
+    assert (config.model.image_hw, config.model.in_channels, config.model.num_channels) == (
+        (16, 24),
+        1,
+        32,
+    ), "the image's size and channels keep the profile"
+    assert config.model.attention_resolutions == "6", "attention stays at the 4x-downsampled level (24 / 4)"
+    assert config.model.geometry() == ((1, 2, 2), (4,))
+    config, _ = train.parse_args(["--image_size", "32"])
+    assert config.model.attention_resolutions == "8" and config.model.geometry()[1] == (4,)
+    with pytest.raises(ValueError, match=r"--image_size 16,18: both sides must be divisible .* = 4"):
+        train.parse_args(["--image_size", "16,18"])
     config, _ = train.parse_args(["--data_dir", "somewhere"])
     assert config.model.image_size == 64 and config.train.ema_rate == "0.9999"
     config, _ = train.parse_args(["--predict_v", "True", "--rescale_zero_terminal_snr", "True"])

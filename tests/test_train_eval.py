@@ -66,7 +66,7 @@ def test_the_embedded_profile_trains_without_evaluation_when_the_network_is_miss
     assert config.evaluation.eval_interval == config.train.sample_interval and "eval_interval" not in given
     previews = (build_diffusion(config.diffusion, "10"), {"sampler": "ddim"})
     ctx = SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device("cpu"))
-    dataset = build_dataset("", config.model.image_size, config.model.class_cond)
+    dataset = build_dataset("", config.model.image_size, class_cond=config.model.class_cond)
     assert train.build_evaluation(config, given, None, previews, dataset, None, ctx) is None
     assert (
         "note: no sample-quality evaluation (the FID feature network is not installed"

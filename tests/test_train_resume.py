@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_run import TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
-from fastdiff import train
+from fastdiff import prepare_data, train
 
 TINY = [
     *TINY_RUN_ARGV,
@@ -89,6 +89,26 @@ def test_n_plus_n_steps_equal_2n_steps_exactly(tmp_path, small_dataset):
     for key in ("loss_history", "loss_counts"):
         assert torch.equal(final_straight["schedule_sampler"][key], final_resumed["schedule_sampler"][key])
     assert torch.equal(final_straight["rng"][0]["torch_cpu"], final_resumed["rng"][0]["torch_cpu"])
+
+
+def test_a_prepared_dataset_resumes_exactly_and_trains_as_its_folder(tmp_path, small_dataset, capsys):
+    """The prepared dataset of a folder gives the folder's run bit for bit, interrupted and resumed or not:
+    the same items, data order, flips, sharding and data position."""
+    prepared = tmp_path / "prepared"
+    prepare_data.prepare(str(small_dataset), str(prepared), 8, class_cond=True, progress=False)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    flags = [*RANDOM_EVERYWHERE, "--save_interval", "8"]
+    folder, data = ["--data_dir", str(small_dataset)], ["--data_dir", str(prepared)]
+    assert run_train(straight, *flags, *folder, "--max_steps", "8") == 0
+    assert run_train(resumed, *flags, *data, "--max_steps", "4") == 0
+    assert run_train(resumed, *flags, *data, "--max_steps", "8") == 0
+    assert "resumed from" in (resumed / "log.txt").read_text()
+    assert f"data: prepared dataset {prepared} (24 images, 8x8x3)" in capsys.readouterr().out
+    for name in ("model000008.pt", "ema_0.9_000008.pt", "ema_0.99_000008.pt", "opt000008.pt"):
+        assert_identical(straight / name, resumed / name)
+    states = [torch.load(run / "state000008.pt", weights_only=False) for run in (straight, resumed)]
+    assert states[0]["data"] == states[1]["data"] == {"epoch": 1, "offset": 8, "seed": 0, "dataset_len": 24}
+    assert states[0]["run_config"]["class_names"] == states[1]["run_config"]["class_names"]
 
 
 def as_version_2(state: dict) -> dict:

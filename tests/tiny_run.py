@@ -34,8 +34,9 @@ def one_thread():
 
 
 def tiny_loop(ctx, log_dir, precision_name: str = "fp32", batch: int = 4, **flags):
-    """A TrainLoop of the tiny model on the 8x8 shapes dataset (``batch`` per step), lr 1e-3, one EMA at
-    0.9, with ``flags`` (flat flag names, e.g. ``microbatch=2``) on top."""
+    """A TrainLoop of the tiny model on 64 items of the shapes dataset (8x8 RGB unless ``flags`` give another
+    ``image_size`` or ``in_channels``; ``batch`` per step), lr 1e-3, one EMA at 0.9, with ``flags`` (flat
+    flag names, e.g. ``microbatch=2``) on top."""
     from fastdiff.builders import build_diffusion, build_model
     from fastdiff.config import RunConfig
     from fastdiff.data import BatchStream, ShapesDataset
@@ -52,7 +53,9 @@ def tiny_loop(ctx, log_dir, precision_name: str = "fp32", batch: int = 4, **flag
         config=config,
         model=model,
         diffusion=diffusion,
-        data=BatchStream(ShapesDataset(8, length=64), batch, seed=0),
+        data=BatchStream(
+            ShapesDataset(config.model.image_hw, length=64, channels=config.model.in_channels), batch, seed=0
+        ),
         schedule_sampler=create_named_schedule_sampler(config.train.schedule_sampler, diffusion),
         ctx=ctx,
         precision=resolve_precision(precision_name, ctx.device),

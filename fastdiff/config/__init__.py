@@ -15,6 +15,7 @@ from fastdiff.config.bundles import (
     EvaluateCommand,
     NllCommand,
     Placement,
+    PrepareDataCommand,
     RunConfig,
     SampleCommand,
     SelftestCommand,
@@ -31,6 +32,7 @@ from fastdiff.config.sections import (
     EvaluateConfig,
     ModelConfig,
     NllConfig,
+    PrepareDataConfig,
     RuntimeConfig,
     SampleConfig,
     SamplingConfig,
@@ -39,6 +41,7 @@ from fastdiff.config.sections import (
     parse_attention_resolutions,
     parse_channel_mult,
     parse_ema_rates,
+    parse_image_size,
 )
 
 __all__ = [
@@ -57,6 +60,8 @@ __all__ = [
     "NllCommand",
     "NllConfig",
     "Placement",
+    "PrepareDataCommand",
+    "PrepareDataConfig",
     "RunConfig",
     "RuntimeConfig",
     "SampleCommand",
@@ -72,6 +77,7 @@ __all__ = [
     "parse_attention_resolutions",
     "parse_channel_mult",
     "parse_ema_rates",
+    "parse_image_size",
     "with_saved_model",
     "write_run_config",
 ]

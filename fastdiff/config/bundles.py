@@ -12,13 +12,14 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from fastdiff.config.fields import ConfigError, Section, coerce
+from fastdiff.config.fields import ConfigError, Section
 from fastdiff.config.sections import (
     DiffusionConfig,
     EvalConfig,
     EvaluateConfig,
     ModelConfig,
     NllConfig,
+    PrepareDataConfig,
     RuntimeConfig,
     SampleConfig,
     SamplingConfig,
@@ -29,10 +30,16 @@ from fastdiff.config.sections import (
 RUN_CONFIG_FILENAME = "run_config.json"
 LEGACY_FLAGS_FILENAME = "model_flags.json"
 RUN_CONFIG_FORMAT = "fastdiff-run-config"
-RUN_CONFIG_VERSION = 2
-ADDED_FIELDS = {2: {"preview": ("solver_order", "unipc_variant", "sigma_max")}}
-"""The fields each run-config version added, by section: a file of an earlier version takes their defaults
-(version 2: the sampling flags of issue 21)."""
+RUN_CONFIG_VERSION = 3
+FIELDS_ADDED = {
+    "model.in_channels": 2,
+    "preview.solver_order": 3,
+    "preview.unipc_variant": 3,
+    "preview.sigma_max": 3,
+}
+"""Fields a run config gained after version 1, with the version that added them: a file of an earlier
+version lacks them and they take their defaults (version 1 files are RGB models, ``in_channels`` 3;
+versions 1 and 2 predate the preview's solver flags of issue 21)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +51,8 @@ class Placement:
     rename: Mapping[str, str] = dataclasses.field(default_factory=dict)
     only: tuple[str, ...] | None = None
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    positional: tuple[str, ...] = ()
+    """Fields given as positional arguments (in this order) instead of ``--flag`` options."""
 
     def flag(self, field: str) -> str:
         return self.rename.get(field, self.prefix + field)
@@ -71,6 +80,10 @@ class FlagSpec:
     default: Any
     help: str
     choices: tuple[Any, ...] | None
+    parse: Any = None
+    """The field's parser (its flag reads a string), or None."""
+    positional: bool = False
+    """Given as a positional argument, not a ``--flag``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +117,8 @@ class Bundle:
                     defaults[field],
                     spec.metadata["help"],
                     spec.metadata["choices"],
+                    spec.metadata.get("parse"),
+                    field in where.positional,
                 )
         return specs
 
@@ -190,34 +205,29 @@ class RunConfig(Bundle):
         for name, kind, _ in cls.sections():
             if name not in data:
                 raise ValueError(f"{source}: missing field '{name}'")
-            values = data[name]
-            added = [
-                field for later, by in ADDED_FIELDS.items() if later > version for field in by.get(name, ())
-            ]
-            if added and isinstance(values, dict):  # an earlier version's file: the defaults it did not have
-                defaults = getattr(cls(), name)
-                values = {**{field: getattr(defaults, field) for field in added}, **values}
-            sections[name] = _section_from_dict(kind, values, name, source)
+            sections[name] = _section_from_dict(kind, data[name], name, source, version)
         names = data.get("class_names", [])
         if not isinstance(names, list) or not all(isinstance(item, str) for item in names):
             raise ValueError(f"{source}: field 'class_names' must be a list of strings")
         return cls(**sections, class_names=tuple(names))
 
 
-def _section_from_dict(kind: type[Section], values: Any, name: str, source: str) -> Section:
-    """A section from its JSON object; every field must be present, none unknown, each must pass."""
+def _section_from_dict(
+    kind: type[Section], values: Any, name: str, source: str, version: int = RUN_CONFIG_VERSION
+) -> Section:
+    """A section from its JSON object; every field the file's ``version`` had must be present (later ones,
+    :data:`FIELDS_ADDED`, take their defaults), none unknown, each must pass."""
     if not isinstance(values, dict):
         raise ValueError(f"{source}: field '{name}' must be an object, got {type(values).__name__}")
     fields = set(kind.field_names())
-    unknown, missing = sorted(set(values) - fields), sorted(fields - set(values))
+    expected = {field for field in fields if FIELDS_ADDED.get(f"{name}.{field}", 1) <= version}
+    unknown, missing = sorted(set(values) - fields), sorted(expected - set(values))
     if unknown:
         raise ValueError(f"{source}: unknown field(s) {', '.join(f'{name}.{f}' for f in unknown)}")
     if missing:
         raise ValueError(f"{source}: missing field(s) {', '.join(f'{name}.{f}' for f in missing)}")
     try:
-        return kind(
-            **{field: coerce(value, kind.field_type(field), field) for field, value in values.items()}
-        )
+        return kind(**values)  # each field is coerced (or parsed) and checked on creation
     except ConfigError as error:
         raise ValueError(f"{source}: field '{name}.{error.field}' {error.problem}") from None
 
@@ -328,3 +338,11 @@ class SelftestCommand(Bundle):
     """What ``fastdiff.selftest`` runs with."""
 
     selftest: SelftestConfig = section(SelftestConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareDataCommand(Bundle):
+    """What ``fastdiff.prepare_data`` runs with: SOURCE and OUT are positional."""
+
+    prepare: PrepareDataConfig = section(PrepareDataConfig, positional=("source", "out"))
+    model: ModelConfig = section(ModelConfig, only=("image_size", "in_channels", "class_cond"))

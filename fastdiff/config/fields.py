@@ -31,10 +31,21 @@ def option(
     *,
     choices: Sequence[Any] | None = None,
     check: Callable[[Any], str | None] | None = None,
+    parse: Callable[[Any], Any] | None = None,
 ) -> Any:
     """A config field: ``default``, the ``--help`` text, allowed ``choices`` and a ``check`` returning a
-    problem (a phrase such as "must be positive") or None."""
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "check": check}
+    problem (a phrase such as "must be positive") or None.
+
+    ``parse`` is for a field that is not one scalar type (``--image_size 64`` or ``48,64``): it turns the
+    command line's text, a JSON value or a Python value into the field's canonical value, raising
+    ValueError for anything else; the flag then reads a string (``parse.metavar``, or ``VALUE``, in
+    ``--help``)."""
+    metadata = {
+        "help": help,
+        "choices": tuple(choices) if choices is not None else None,
+        "check": check,
+        "parse": parse,
+    }
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -65,6 +76,17 @@ def coerce(value: Any, kind: type, name: str) -> Any:
     return value
 
 
+def _field_value(spec: dataclasses.Field, value: Any) -> Any:
+    """``value`` as field ``spec``'s canonical value: parsed by its ``parse``, else coerced to its type."""
+    parse = spec.metadata.get("parse")
+    if parse is None:
+        return coerce(value, spec.type, spec.name)
+    try:
+        return parse(value)
+    except ValueError as error:
+        raise ConfigError(spec.name, str(error)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     """Base of the config sections: checks every field on creation, then :meth:`check`."""
@@ -74,7 +96,7 @@ class Section:
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
-            value = coerce(getattr(self, spec.name), spec.type, spec.name)
+            value = _field_value(spec, getattr(self, spec.name))
             object.__setattr__(self, spec.name, value)
             choices = spec.metadata.get("choices")
             if choices is not None and value not in choices:

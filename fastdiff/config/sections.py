@@ -40,18 +40,61 @@ DEFAULT_CHANNEL_MULT = {
 improved-diffusion; 128 and 512 from guided-diffusion)."""
 
 
-def parse_channel_mult(channel_mult: str | Sequence[float], image_size: int) -> tuple[float, ...]:
-    """``""`` -> the reference's multipliers for ``image_size``; ``"1,2,2"`` -> ``(1, 2, 2)``;
-    a sequence of numbers is returned as a tuple. Entries may be fractional (``"0.5,1"``)."""
+ImageSizeValue = int | tuple[int, int]
+"""``--image_size``'s value: the side of square images, or ``(height, width)``."""
+
+
+def parse_image_size(value: object) -> ImageSizeValue:
+    """``64`` or ``"64"`` -> ``64``; ``"48,64"``, ``(48, 64)`` or ``[48, 64]`` -> ``(48, 64)`` (height,
+    width); a square pair (``"64,64"``) -> ``64``. ValueError for anything else."""
+    sides: object = value
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",")]
+        sides = [int(part) if part.isdigit() else part for part in parts]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        sides = [value]
+    if (
+        not isinstance(sides, (list, tuple))
+        or len(sides) not in (1, 2)
+        or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in sides)
+    ):
+        raise ValueError(
+            f"must be a positive integer (square images) or HEIGHT,WIDTH such as 48,64, got {value!r}"
+        )
+    if len(sides) == 1 or sides[0] == sides[1]:
+        return int(sides[0])
+    return int(sides[0]), int(sides[1])
+
+
+parse_image_size.metavar = "SIZE"  # type: ignore[attr-defined]  (shown in --help)
+
+
+def image_sides(image_size: ImageSizeValue) -> tuple[int, int]:
+    """``(height, width)`` of an image size (a side or a pair, as :func:`parse_image_size` accepts)."""
+    size = parse_image_size(image_size)
+    return (size, size) if isinstance(size, int) else size
+
+
+def size_text(image_size: ImageSizeValue) -> str:
+    """``64`` -> ``"64"``; ``(48, 64)`` -> ``"48,64"`` (the flag's own spelling)."""
+    return ",".join(str(side) for side in dict.fromkeys(image_sides(image_size)))
+
+
+def parse_channel_mult(channel_mult: str | Sequence[float], image_size: ImageSizeValue) -> tuple[float, ...]:
+    """``""`` -> the reference's multipliers for ``image_size`` (for non-square images, those of the longer
+    side); ``"1,2,2"`` -> ``(1, 2, 2)``; a sequence of numbers is returned as a tuple. Entries may be
+    fractional (``"0.5,1"``)."""
     if not isinstance(channel_mult, str):
         return tuple(channel_mult)
     if not channel_mult.strip():
-        if image_size not in DEFAULT_CHANNEL_MULT:
+        side = max(image_sides(image_size))
+        if side not in DEFAULT_CHANNEL_MULT:
+            which = "" if isinstance(image_size, int) else f" (the longer side of {size_text(image_size)})"
             raise ValueError(
-                f"no default channel_mult for image_size={image_size} (defaults exist for "
+                f"no default channel_mult for image_size={side}{which} (defaults exist for "
                 f"{sorted(DEFAULT_CHANNEL_MULT)}); pass channel_mult, e.g. '1,2,2,2'"
             )
-        return DEFAULT_CHANNEL_MULT[image_size]
+        return DEFAULT_CHANNEL_MULT[side]
     values = []
     for entry in channel_mult.split(","):
         try:
@@ -67,17 +110,19 @@ def parse_channel_mult(channel_mult: str | Sequence[float], image_size: int) -> 
 
 
 def parse_attention_resolutions(
-    attention_resolutions: str | Iterable[int], image_size: int
+    attention_resolutions: str | Iterable[int], image_size: ImageSizeValue
 ) -> tuple[int, ...]:
     """Resolutions ``"16,8"`` -> downsample factors ``(image_size // 16, image_size // 8)``.
 
     An empty string means no attention outside the middle block. Each resolution must divide
-    ``image_size``. A non-string iterable is taken as resolutions too.
+    ``image_size``. For non-square images a resolution names a feature map's longer side: the factor is
+    ``max(height, width) // resolution``. A non-string iterable is taken as resolutions too.
     """
     if isinstance(attention_resolutions, str):
         entries = [e for e in attention_resolutions.split(",") if e.strip()]
     else:
         entries = list(attention_resolutions)
+    side = max(image_sides(image_size))
     factors = []
     for entry in entries:
         try:
@@ -87,11 +132,12 @@ def parse_attention_resolutions(
                 "attention_resolutions must be comma-separated ints like '16,8', "
                 f"got {attention_resolutions!r}"
             ) from None
-        if res < 1 or image_size % res:
+        if res < 1 or side % res:
+            which = "image_size" if isinstance(image_size, int) else "the longer side of image_size"
             raise ValueError(
-                f"attention_resolutions entry {res} must be a positive divisor of image_size={image_size}"
+                f"attention_resolutions entry {res} must be a positive divisor of {which}={side}"
             )
-        factors.append(image_size // res)
+        factors.append(side // res)
     return tuple(factors)
 
 
@@ -134,7 +180,18 @@ class ModelConfig(Section):
 
     title: ClassVar[str] = "model"
 
-    image_size: int = option(64, "side of the images in pixels", check=positive)
+    image_size: ImageSizeValue = option(
+        64,
+        "side of the images in pixels, or HEIGHT,WIDTH (e.g. 48,64); both sides must divide by the UNet's "
+        "downsampling, 2 ** (levels - 1)",
+        parse=parse_image_size,
+    )
+    in_channels: int = option(
+        3,
+        "image channels: 1 grey, 3 RGB, 4 RGBA (other counts only from prepared or latent data); the model "
+        "outputs as many (twice with --learn_sigma)",
+        check=positive,
+    )
     num_channels: int = option(128, "channels of the UNet's first level", check=positive)
     num_res_blocks: int = option(2, "residual blocks per level", check=positive)
     num_heads: int = option(4, "attention heads (when num_head_channels is -1)", check=positive)
@@ -159,12 +216,15 @@ class ModelConfig(Section):
     )
 
     def check(self) -> None:
-        """Each field on its own; what depends on image_size (a default channel_mult for it, attention
-        resolutions that divide it) is checked when the model is built, once a run's config is complete."""
+        """Each field on its own, and an explicit channel_mult against image_size (both sides divisible by
+        the downsampling); what depends on a default for image_size (the default channel_mult, attention
+        resolutions that divide it) is checked by :meth:`geometry` when the model is built, once a run's
+        config is complete."""
         if self.channel_mult.strip():
             problem = _parsed_by(parse_channel_mult, self.image_size)(self.channel_mult)
             if problem:
                 raise ConfigError("channel_mult", problem)
+            self._check_downsampling(parse_channel_mult(self.channel_mult, self.image_size))
         for entry in filter(str.strip, self.attention_resolutions.split(",")):
             if not entry.strip().isdigit() or int(entry) < 1:
                 raise ConfigError(
@@ -183,6 +243,35 @@ class ModelConfig(Section):
         """Whether the model has a null class (classifier-free guidance)."""
         return self.class_dropout_prob > 0
 
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """``(height, width)`` of the images."""
+        return image_sides(self.image_size)
+
+    def _check_downsampling(self, channel_mult: tuple[float, ...]) -> None:
+        factor = 2 ** (len(channel_mult) - 1)
+        bad = [side for side in self.image_hw if side % factor]
+        if bad:
+            levels = ",".join(map(str, channel_mult))
+            raise ConfigError(
+                "image_size",
+                f"{size_text(self.image_size)}: both sides must be divisible by the UNet's total "
+                f"downsampling 2 ** (len(channel_mult) - 1) = {factor} (channel_mult {levels}); "
+                f"{bad[0]} is not",
+            )
+
+    def geometry(self) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """``(channel_mult, attention downsample factors)`` resolved for ``image_size`` (defaults and
+        resolutions by the longer side for non-square images); ConfigError names the field at fault."""
+        for name, parse in (("channel_mult", parse_channel_mult),
+                            ("attention_resolutions", parse_attention_resolutions)):  # fmt: skip
+            problem = _parsed_by(parse, self.image_size)(getattr(self, name))
+            if problem:
+                raise ConfigError(name, problem)
+        channel_mult = parse_channel_mult(self.channel_mult, self.image_size)
+        self._check_downsampling(channel_mult)
+        return channel_mult, parse_attention_resolutions(self.attention_resolutions, self.image_size)
+
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig(Section):
@@ -191,7 +280,9 @@ class DiffusionConfig(Section):
 
     title: ClassVar[str] = "diffusion"
 
-    learn_sigma: bool = option(False, "the model also predicts its variance (6 output channels)")
+    learn_sigma: bool = option(
+        False, "the model also predicts its variance (twice --in_channels output channels)"
+    )
     sigma_small: bool = option(False, "fixed variance: the posterior's (small) instead of beta (large)")
     diffusion_steps: int = option(1000, "trained timesteps", check=positive)
     noise_schedule: str = option("linear", "beta schedule", choices=BETA_SCHEDULES)
@@ -333,7 +424,11 @@ class TrainConfig(Section):
 
     title: ClassVar[str] = "training"
 
-    data_dir: str = option("", "image folder to train on ('': the embedded shapes dataset)")
+    data_dir: str = option(
+        "",
+        "image folder, prepared dataset, dataset ZIP or .npz/.npy array to train on ('': the embedded "
+        "shapes dataset)",
+    )
     schedule_sampler: str = option("uniform", "timestep sampler", choices=SCHEDULE_SAMPLERS)
     lr: float = option(1e-4, "learning rate", check=positive)
     weight_decay: float = option(0.0, "AdamW weight decay", check=non_negative)
@@ -497,7 +592,9 @@ class NllConfig(Section):
     title: ClassVar[str] = "nll"
 
     model_path: str = option("", "a model*.pt or ema_*.pt file")
-    data_dir: str = option("", "image folder ('': the embedded shapes dataset)")
+    data_dir: str = option(
+        "", "image folder, prepared dataset, dataset ZIP or .npz/.npy array ('': the embedded shapes dataset)"
+    )
     num_samples: int = option(1000, "images to evaluate", check=positive)
     batch_size: int = option(1, "images per rank per batch", check=positive)
     out_dir: str = option("", "where to write the per-step terms (default: the directory of --model_path)")
@@ -533,6 +630,21 @@ class EvaluateConfig(Section):
     def check(self) -> None:
         if self.kid_subset_size < 2:
             raise ConfigError("kid_subset_size", f"must be >= 2, got {self.kid_subset_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareDataConfig(Section):
+    """fastdiff.prepare_data: the source to read, where the prepared dataset goes, how it is written."""
+
+    title: ClassVar[str] = "prepare_data"
+
+    source: str = option(
+        "", "an image folder, a dataset ZIP (.zip), an array file (.npz/.npy) or a prepared dataset"
+    )
+    out: str = option("", "the prepared dataset's directory (must not exist, unless --overwrite)")
+    workers: int = option(0, "decoding worker processes (0: one per usable CPU core)", check=non_negative)
+    overwrite: bool = option(False, "replace OUT if it is a prepared dataset or an empty directory")
+    limit: int = option(0, "write only the source's first this many items (0: all)", check=non_negative)
 
 
 def positive_finite(value: float) -> str | None:

@@ -3,28 +3,41 @@
 import functools
 import random
 import signal
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from fastdiff.data.image_folder import ImageFolderDataset
+from fastdiff.data.images import CHANNEL_MODES
 from fastdiff.data.sampler import DataPosition, ShardedBatchSampler
 from fastdiff.data.shapes import ShapesDataset
+from fastdiff.data.sources import open_source, source_kind
 
 
 def build_dataset(
     data_dir: str,
-    image_size: int,
+    image_size: int | Sequence[int],
+    channels: int = 3,
     class_cond: bool = False,
     random_flip: bool = False,
     seed: int = 0,
 ) -> torch.utils.data.Dataset:
-    """The image folder at ``data_dir``, or the embedded shapes dataset when ``data_dir`` is empty."""
-    if data_dir:
-        return ImageFolderDataset(
-            data_dir, image_size, class_cond=class_cond, random_flip=random_flip, seed=seed
+    """The source at ``data_dir`` (an image folder, a prepared dataset, a dataset ZIP or an array file: see
+    fastdiff.data.sources), or the embedded shapes dataset when ``data_dir`` is empty, at ``image_size`` (a
+    side or ``(height, width)``) with ``channels`` (``--in_channels``) per image: items are float32
+    ``[channels, height, width]``. Images convert to 1, 3 or 4 channels (a ValueError naming
+    ``--in_channels`` for another count); a prepared dataset must hold ``channels`` (any count)."""
+    if data_dir and source_kind(data_dir) == "prepared dataset":
+        return open_source(data_dir, image_size, channels, class_cond, random_flip, seed)
+    if isinstance(channels, bool) or channels not in CHANNEL_MODES:
+        source = f"the {source_kind(data_dir)} {data_dir!r}" if data_dir else "the embedded shapes dataset"
+        raise ValueError(
+            f"--in_channels {channels}: {source} loads as 1 (grey), 3 (RGB) or 4 (RGBA) channels; other "
+            "channel counts need prepared or latent data"
         )
-    return ShapesDataset(image_size, random_flip=random_flip, flip_seed=seed)
+    if data_dir:
+        return open_source(data_dir, image_size, channels, class_cond, random_flip, seed)
+    return ShapesDataset(image_size, random_flip=random_flip, flip_seed=seed, channels=channels)
 
 
 def _init_worker(worker_id: int, base_seed: int) -> None:
@@ -38,7 +51,7 @@ def _init_worker(worker_id: int, base_seed: int) -> None:
 
 
 class BatchStream:
-    """Endless ``(images float32 [B, 3, S, S] in [-1, 1], {"y": int64 [B]} or {})`` for one rank.
+    """Endless ``(images float32 [B, C, H, W] in [-1, 1], {"y": int64 [B]} or {})`` for one rank.
 
     The order is :class:`ShardedBatchSampler`'s, so ``state_dict()`` (epoch and offset after the batches
     handed out so far) and ``load_state_dict`` resume it exactly; prefetched batches do not count as consumed.

@@ -7,14 +7,22 @@ a plain background colour and, in a contrasting colour, one of four classes (cla
 
 with random position, size, colour and (stripes) angle and period. Edges are anti-aliased by drawing at
 4x resolution and averaging. A small UNet learns recognisable samples of it on a CPU in minutes.
+
+Any ``(height, width)``: lengths are measured in units of the shorter side, so shapes keep their form
+(discs stay round) and their size relative to the shorter side, and positions spread over the whole
+image; a square image is drawn exactly as before non-square sizes existed. Any of 1, 3 or 4 channels:
+drawn in RGB, then converted by :mod:`fastdiff.data.images`' rule (grey is Pillow's ITU-R 601-2 luma, the
+same as an image folder loaded with ``channels=1``; RGBA is opaque).
 """
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 
-from fastdiff.data.image_folder import to_model_range
+from fastdiff.data.images import CHANNEL_MODES, ImageSize, check_channels, image_size_of, to_model_range
 from fastdiff.data.keys import ItemKey, flip_for, item_rng
 
 SHAPE_CLASSES = ("disc", "square", "triangle", "stripes")
@@ -39,23 +47,28 @@ def _contrasting_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return background, foreground
 
 
-def _coverage(class_index: int, rng: np.random.Generator, image_size: int) -> np.ndarray:
-    """Fraction of each pixel the shape covers, float64 ``[image_size, image_size]`` in [0, 1]."""
-    fine = image_size * SUPERSAMPLE
-    centres = (np.arange(fine) + 0.5) / fine
-    y, x = np.meshgrid(centres, centres, indexing="ij")
+def _coverage(class_index: int, rng: np.random.Generator, size: ImageSize) -> np.ndarray:
+    """Fraction of each pixel the shape covers, float64 ``[height, width]`` in [0, 1]; coordinates run over
+    ``[0, width / s] x [0, height / s]`` with ``s`` the shorter side."""
+    height, width = size
+    unit = min(size) * SUPERSAMPLE
+    extent = np.array([width, height]) / min(size)  # (x, y) extent in units of the shorter side
+    y, x = np.meshgrid(
+        (np.arange(height * SUPERSAMPLE) + 0.5) / unit, (np.arange(width * SUPERSAMPLE) + 0.5) / unit,
+        indexing="ij",
+    )  # fmt: skip
     if class_index == 0:
         radius = rng.uniform(0.18, 0.32)
-        cx, cy = rng.uniform(radius, 1.0 - radius, size=2)
+        cx, cy = rng.uniform(radius, extent - radius, size=2)
         mask = (x - cx) ** 2 + (y - cy) ** 2 <= radius**2
     elif class_index == 1:
         half = rng.uniform(0.15, 0.3)
-        cx, cy = rng.uniform(half, 1.0 - half, size=2)
+        cx, cy = rng.uniform(half, extent - half, size=2)
         mask = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
     elif class_index == 2:
         radius = rng.uniform(0.22, 0.38)
-        cx = rng.uniform(0.87 * radius, 1.0 - 0.87 * radius)
-        cy = rng.uniform(radius, 1.0 - 0.5 * radius)
+        cx = rng.uniform(0.87 * radius, extent[0] - 0.87 * radius)
+        cy = rng.uniform(radius, extent[1] - 0.5 * radius)
         angles = np.pi / 2 + np.array([0.0, 2.0, 4.0]) * np.pi / 3
         vx, vy = cx + radius * np.cos(angles), cy - radius * np.sin(angles)
         mask = np.ones_like(x, dtype=bool)
@@ -70,43 +83,61 @@ def _coverage(class_index: int, rng: np.random.Generator, image_size: int) -> np
         mask = np.mod(along, 1.0) < 0.5
     else:
         raise ValueError(f"class_index must be in [0, {len(SHAPE_CLASSES)}), got {class_index}")
-    return mask.reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE).mean(axis=(1, 3))
+    return mask.reshape(height, SUPERSAMPLE, width, SUPERSAMPLE).mean(axis=(1, 3))
 
 
-def render_shape(index: int, image_size: int, seed: int = 0) -> tuple[np.ndarray, int]:
-    """Item ``index`` of the shapes dataset: (uint8 ``[image_size, image_size, 3]``, class index)."""
-    if image_size < 4:
-        raise ValueError(f"image_size must be at least 4 for the shapes dataset, got {image_size}")
+def _shape_size(image_size: int | Sequence[int]) -> ImageSize:
+    size = image_size_of(image_size)
+    if min(size) < 4:
+        raise ValueError(
+            f"image_size must be at least 4 on each side for the shapes dataset, got {image_size}"
+        )
+    return size
+
+
+def render_shape(
+    index: int, image_size: int | Sequence[int], seed: int = 0, channels: int = 3
+) -> tuple[np.ndarray, int]:
+    """Item ``index`` of the shapes dataset: (uint8 ``[height, width, channels]``, class index);
+    ``image_size`` is a side or ``(height, width)``."""
+    size = _shape_size(image_size)
+    check_channels(channels)
     class_index = index % len(SHAPE_CLASSES)
     rng = item_rng(seed, ItemKey(index, 0))
     background, foreground = _contrasting_colours(rng)
-    alpha = _coverage(class_index, rng, image_size)[..., None]
+    alpha = _coverage(class_index, rng, size)[..., None]
     image = background * (1.0 - alpha) + foreground * alpha
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8), class_index
+    rgb = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    if channels == 3:
+        return rgb, class_index
+    converted = np.array(Image.fromarray(rgb).convert(CHANNEL_MODES[channels]))
+    return converted.reshape(*size, channels), class_index
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """``dataset[ItemKey(index, epoch)]`` -> (float32 ``[3, S, S]`` in [-1, 1], class index in [0, 4)).
+    """``dataset[ItemKey(index, epoch)]`` -> (float32 ``[C, H, W]`` in [-1, 1], class index in [0, 4)).
 
-    ``length`` items (any number: each is drawn on demand); images depend on (``content_seed``, index) only,
-    flips (``random_flip``) on (``flip_seed``, epoch, index).
+    ``length`` items (any number: each is drawn on demand) of ``image_size`` (a side or ``(height,
+    width)``) with ``channels`` 1, 3 or 4; images depend on (``content_seed``, index) only, flips
+    (``random_flip``) on (``flip_seed``, epoch, index).
     """
 
     class_names: ClassVar[list[str]] = list(SHAPE_CLASSES)
 
     def __init__(
         self,
-        image_size: int,
+        image_size: int | Sequence[int],
         length: int = DEFAULT_LENGTH,
         content_seed: int = 0,
         random_flip: bool = False,
         flip_seed: int = 0,
+        channels: int = 3,
     ) -> None:
-        if image_size < 4:
-            raise ValueError(f"image_size must be at least 4 for the shapes dataset, got {image_size}")
+        size = _shape_size(image_size)
         if length <= 0:
             raise ValueError(f"length must be positive, got {length}")
-        self.image_size = image_size
+        self.image_size = size
+        self.channels = check_channels(channels)
         self.length = length
         self.content_seed = content_seed
         self.random_flip = random_flip
@@ -119,7 +150,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         key = ItemKey.of(key)
         if not 0 <= key.index < self.length:
             raise IndexError(f"index {key.index} out of range for {self.length} items")
-        array, label = render_shape(key.index, self.image_size, self.content_seed)
+        array, label = render_shape(key.index, self.image_size, self.content_seed, self.channels)
         if self.random_flip and flip_for(self.flip_seed, key):
             array = array[:, ::-1]
         return to_model_range(array), label

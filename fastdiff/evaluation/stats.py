@@ -23,23 +23,38 @@ from fastdiff.evaluation.metrics import (
 STATS_FORMAT = "fastdiff-fid-stats-v1"
 
 
+def size_text(size: tuple[int, int]) -> str:
+    """``(48, 64)`` -> ``"48x64"`` (height x width)."""
+    return f"{size[0]}x{size[1]}"
+
+
+def _as_sides(image_size: int | tuple[int, int] | np.ndarray) -> tuple[int, int]:
+    sides = np.asarray(image_size).reshape(-1).tolist()
+    return (int(sides[0]), int(sides[-1]))
+
+
 @dataclass
 class ReferenceStats:
-    """Features ``[N, D]`` of reference images of side ``image_size`` and their moments; labels ``[N]``."""
+    """Features ``[N, D]`` of reference images of ``image_size`` (``(height, width)``; a side is taken for a
+    square) with ``channels`` channels, and their moments; labels ``[N]``."""
 
     features: np.ndarray
     labels: np.ndarray | None
-    image_size: int
+    image_size: tuple[int, int]
     network_sha1: str
+    channels: int = 3
 
     def __post_init__(self) -> None:
+        self.image_size = _as_sides(self.image_size)
         self.mu, self.sigma = feature_statistics(self.features)
 
     def subset(self, label: int) -> "ReferenceStats":
         """The reference images of class ``label``."""
         if self.labels is None:
             raise ValueError("the reference has no class labels: --per_class needs labelled references")
-        return ReferenceStats(self.features[self.labels == label], None, self.image_size, self.network_sha1)
+        return ReferenceStats(
+            self.features[self.labels == label], None, self.image_size, self.network_sha1, self.channels
+        )
 
     def save(self, path: str) -> None:
         """Write the ``.npz`` statistics file (atomically)."""
@@ -55,6 +70,7 @@ class ReferenceStats:
             features=self.features.astype(np.float32),
             labels=np.full(len(self.features), -1) if self.labels is None else self.labels.astype(np.int64),
             image_size=np.array(self.image_size),
+            channels=np.array(self.channels),
             network_sha1=np.array(self.network_sha1),
         )
         os.replace(partial, path)
@@ -69,8 +85,14 @@ def is_stats_file(path: str) -> bool:
         return False
 
 
-def load_stats(path: str, network_sha1: str, image_size: int | None = None) -> ReferenceStats:
-    """Read a statistics file, refusing one made with another feature network or (when given) image size."""
+def load_stats(
+    path: str,
+    network_sha1: str,
+    image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
+) -> ReferenceStats:
+    """Read a statistics file, refusing one made with another feature network or (when given) image size
+    (a side or ``(height, width)``) or channel count."""
     try:
         with np.load(path) as data:
             if "format" not in data.files or str(data["format"]) != STATS_FORMAT:
@@ -78,8 +100,9 @@ def load_stats(path: str, network_sha1: str, image_size: int | None = None) -> R
             stats = ReferenceStats(
                 data["features"].astype(np.float64),
                 data["labels"] if (data["labels"] >= 0).any() else None,
-                int(data["image_size"]),
+                _as_sides(data["image_size"]),
                 str(data["network_sha1"]),
+                int(data["channels"]) if "channels" in data.files else 3,
             )
     except (OSError, zipfile.BadZipFile, KeyError) as error:
         raise ValueError(f"statistics file {path!r} cannot be read: {error}") from error
@@ -88,10 +111,16 @@ def load_stats(path: str, network_sha1: str, image_size: int | None = None) -> R
             f"statistics file {path!r} was computed with another feature network (SHA-1 "
             f"{stats.network_sha1}, this one is {network_sha1}): recompute it with --save_ref_stats"
         )
-    if image_size is not None and stats.image_size != image_size:
+    if image_size is not None and stats.image_size != _as_sides(image_size):
+        size = _as_sides(image_size)
         raise ValueError(
-            f"statistics file {path!r} is for {stats.image_size}x{stats.image_size} images, the samples are "
-            f"{image_size}x{image_size}: recompute it at --image_size {image_size}"
+            f"statistics file {path!r} is for {size_text(stats.image_size)} images, the samples are "
+            f"{size_text(size)}: recompute it at --image_size {','.join(map(str, dict.fromkeys(size)))}"
+        )
+    if channels is not None and stats.channels != channels:
+        raise ValueError(
+            f"statistics file {path!r} is for {stats.channels}-channel images, the samples have {channels}: "
+            "recompute it from references with the samples' channel count"
         )
     return stats
 

@@ -1,25 +1,32 @@
-"""fastdiff's kernels in diffusers' UNets: ``apply_fastdiff(unet) -> PatchReport``, ``remove_fastdiff(unet)``.
+"""fastdiff's kernels in diffusers' UNets and VAEs: ``apply_fastdiff(model)``, ``remove_fastdiff(model)``.
 
-``apply_fastdiff`` changes a model in place, in three ways, and lists every change and every skip:
+``apply_fastdiff`` changes a model in place (a ``UNet2DModel``, ``UNet2DConditionModel``, ``AutoencoderKL``
+or any module holding their blocks), in four ways, and lists every change and every skip:
 
 * each ``ResnetBlock2D`` becomes a :class:`FastdiffResnetBlock2D` (the same object, its class swapped):
   ``norm1`` + SiLU and ``norm2`` + SiLU run as ``fastdiff.ops.group_norm_silu``, and with
   ``time_embedding_norm="scale_shift"`` the second pair with the FiLM step runs as
   ``group_norm_scale_shift_silu``. The rest of the forward is diffusers' own, step for step (up/down
-  sampling, time embedding, dropout, ``conv_shortcut``, ``output_scale_factor``).
+  sampling, time embedding or none (``temb=None``, as in the VAE's blocks), dropout, ``conv_shortcut``,
+  ``output_scale_factor``).
 * each self- and cross-attention ``Attention`` whose processor is diffusers' ``AttnProcessor2_0`` gets a
   :class:`FastdiffAttnProcessor`: that processor's steps with ``fastdiff.ops.flash_attention`` in place
   of ``scaled_dot_product_attention`` (cross-attention: keys and values from ``encoder_hidden_states``,
-  of another length than the queries). A call with an ``attention_mask`` runs the replaced processor.
-* every other ``nn.GroupNorm`` (attention ``group_norm``, ``Transformer2DModel.norm``, ``conv_norm_out``)
-  goes through :func:`fastdiff.patch.fuse_group_norm`'s rewrite.
+  of another length than the queries; the VAE's mid-block attention: one head as wide as the block).
+  A call with an ``attention_mask`` runs the replaced processor.
+* the VAE's ``Encoder`` and ``Decoder`` (``AutoencoderKL.encoder`` / ``.decoder``): ``conv_norm_out``
+  followed by ``conv_act`` (SiLU) become ``GroupNorm32SiLU`` + ``nn.Identity``, one fused pass.
+* every other ``nn.GroupNorm`` (attention ``group_norm``, ``Transformer2DModel.norm``, a UNet's
+  ``conv_norm_out``) goes through :func:`fastdiff.patch.fuse_group_norm`'s rewrite.
 
-The fused forward and processor mirror diffusers' source. ``apply_fastdiff`` checks, by a fingerprint of
-that source (its syntax tree, without docstrings and annotations), that the installed diffusers has the
-code they mirror; when it does not, those blocks are left as they are and reported as skipped, with the
-version. Blocks it cannot serve (another activation than SiLU, hooks on the norms, ``ResnetBlockCondNorm2D``
-for ``"ada_group"``/``"spatial"``, custom processors) are reported the same way. Nothing is skipped
-silently. ``remove_fastdiff(unet)`` or ``report.unpatch()`` restores the classes, processors and modules.
+The fused forward and processor mirror diffusers' source, and the VAE fusion relies on ``Encoder.forward``
+and ``Decoder.forward`` applying ``conv_act`` right after ``conv_norm_out``. ``apply_fastdiff`` checks, by a
+fingerprint of that source (its syntax tree, without docstrings and annotations), that the installed
+diffusers has the code they were checked against; when it does not, those blocks are left as they are and
+reported as skipped, with the version. Blocks it cannot serve (another activation than SiLU, hooks on the
+norms, ``ResnetBlockCondNorm2D`` for ``"ada_group"``/``"spatial"``, a ``SpatialNorm`` ``conv_norm_out``,
+custom processors) are reported the same way. Nothing is skipped silently. ``remove_fastdiff(model)`` or
+``report.unpatch()`` restores the classes, processors and modules.
 """
 
 import ast
@@ -34,7 +41,7 @@ import torch
 from torch import nn
 
 from fastdiff import ops
-from fastdiff.nn import GroupNorm32
+from fastdiff.nn import GroupNorm32, GroupNorm32SiLU
 from fastdiff.patch import (
     Change,
     PatchReport,
@@ -42,14 +49,17 @@ from fastdiff.patch import (
     check_module,
     group_norm_refusal,
     has_hooks,
+    join,
     patches,
     register,
     rewrite_group_norms,
+    swap,
 )
 
 try:
     import diffusers
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from diffusers.models.autoencoders.vae import Decoder, Encoder
     from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
     from diffusers.utils import deprecate
 except ImportError as error:  # the optional dependency is missing
@@ -101,9 +111,16 @@ def code_fingerprint(function: Callable) -> str:
 MIRRORED_CODE = {
     "ResnetBlock2D.forward": (ResnetBlock2D.forward, {"484a456a176ec4a7": "diffusers 0.38 to 0.42"}),
     "AttnProcessor2_0.__call__": (AttnProcessor2_0.__call__, {"523cacbe27f2f5c3": "diffusers 0.35 to 0.42"}),
+    "Encoder.forward": (Encoder.forward, {"d962b2f52f015e60": "diffusers 0.35 to 0.42"}),
+    "Decoder.forward": (
+        Decoder.forward,
+        {"0a6cb2e8a3948b80": "diffusers 0.35", "8bb44d1a91ffc672": "diffusers 0.36 to 0.42"},
+    ),
 }
-"""Code that fastdiff's replacements mirror: the installed function and the fingerprints of the versions
-whose code they were checked against."""
+"""Code that fastdiff's replacements mirror or rely on: the installed function and the fingerprints of the
+versions whose code they were checked against. (The VAE's ``Encoder.forward`` and ``Decoder.forward`` are
+not replaced; the fusion of their ``conv_norm_out`` and ``conv_act`` relies on their calling one right after
+the other and ``conv_act`` nowhere else.)"""
 
 
 def mirror_refusal(name: str) -> str:
@@ -380,6 +397,49 @@ class ProcessorSwap(Change):
         return f"{type(self.original).__name__} -> {type(self.replacement).__name__} ({self.kind})"
 
 
+# --- AutoencoderKL's Encoder and Decoder ----------------------------------------------------------
+
+
+def post_norm_refusal(coder: nn.Module) -> str:
+    """Why ``coder``'s (a VAE Encoder's or Decoder's) ``conv_norm_out`` + ``conv_act`` cannot run as one
+    ``group_norm_silu`` ('' when they can)."""
+    name = type(coder).__name__
+    if type(coder) not in (Encoder, Decoder):
+        return f"{name} subclasses diffusers' {'Encoder' if isinstance(coder, Encoder) else 'Decoder'}"
+    if "forward" in coder.__dict__:
+        return "its forward was replaced on the instance"
+    why = mirror_refusal(f"{name}.forward")
+    if why:
+        return why
+    act = coder.conv_act
+    if type(act) is not nn.SiLU:
+        return f"conv_act is {type(act).__name__}; the fused kernel applies SiLU"
+    if has_hooks(act):
+        return "conv_act has hooks, which the fused norm would bypass"
+    norm = coder.conv_norm_out
+    if not isinstance(norm, nn.GroupNorm):
+        return f"conv_norm_out is {type(norm).__name__}, not a GroupNorm"
+    why = group_norm_refusal(norm, (nn.GroupNorm,))
+    return f"conv_norm_out {why}" if why else ""
+
+
+def _patch_post_norm(report: PatchReport, path: str, coder: nn.Module, exclude: set[int]) -> None:
+    """``conv_norm_out`` + ``conv_act`` of a VAE Encoder or Decoder -> ``GroupNorm32SiLU`` + Identity."""
+    if isinstance(coder.conv_norm_out, GroupNorm32):  # fastdiff's already: the GroupNorm rewrite says so
+        return
+    norm_path = join(path, "conv_norm_out")
+    why = post_norm_refusal(coder)
+    if why:
+        report.skipped.append(Skipped(norm_path, f"not fused with conv_act: {why}"))
+        return
+    fused = GroupNorm32SiLU.from_module(coder.conv_norm_out)
+    swap(report, coder, "conv_norm_out", norm_path, fused, "group_norm_silu")
+    identity = nn.Identity()
+    identity.train(coder.conv_act.training)
+    swap(report, coder, "conv_act", join(path, "conv_act"), identity, "silu_fused_into_previous")
+    exclude.update((id(fused), id(identity)))
+
+
 # --- the patch -------------------------------------------------------------------------------------
 
 REPORT_NAME = "apply_fastdiff"
@@ -416,9 +476,10 @@ def _patch_attention(report: PatchReport, path: str, attn: nn.Module) -> None:
 
 
 def apply_fastdiff(unet: nn.Module) -> PatchReport:
-    """Run ``unet``'s ResnetBlock2D norms, self-attention and GroupNorms through fastdiff, in place.
+    """Run ``unet``'s ResnetBlock2D norms, attention and GroupNorms through fastdiff, in place.
 
-    Made for diffusers' ``UNet2DModel`` and ``UNet2DConditionModel``; any module is walked the same way.
+    Made for diffusers' ``UNet2DModel``, ``UNet2DConditionModel`` and ``AutoencoderKL`` (its encoder and
+    decoder; the VAE's ``conv_norm_out`` + ``conv_act`` fused too); any module is walked the same way.
     Returns the :class:`~fastdiff.patch.PatchReport` (changed paths, skips with reasons); a model with
     nothing left to patch (e.g. patched already) gives an empty report and a ``NothingToPatchWarning``.
     Parameters, buffers and state-dict keys do not change.
@@ -426,13 +487,15 @@ def apply_fastdiff(unet: nn.Module) -> PatchReport:
     check_module("unet", unet)
     report = PatchReport(REPORT_NAME, unet)
     served_norms: set[int] = set()
-    for path, module in unet.named_modules():
+    for path, module in list(unet.named_modules()):
         if isinstance(module, ResnetBlock2D):
             _patch_resnet(report, path, module, served_norms)
         elif isinstance(module, ResnetBlockCondNorm2D):
             report.skipped.append(Skipped(path, COND_NORM_REASON))
         elif hasattr(module, "set_processor") and hasattr(module, "processor"):
             _patch_attention(report, path, module)
+        elif isinstance(module, (Encoder, Decoder)):
+            _patch_post_norm(report, path, module, served_norms)
     rewrite_group_norms(unet, report, (nn.GroupNorm,), served_norms)
     return register(report)
 

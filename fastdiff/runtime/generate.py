@@ -18,7 +18,7 @@ def sample_from_noise(
     seed: int,
     batch_size: int,
 ) -> torch.Tensor:
-    """uint8 samples ``[K, S, S, 3]`` (CPU) from the starting ``noise`` ``[K, 3, S, S]`` and class ``labels``
+    """uint8 samples ``[K, H, W, C]`` (CPU) from the starting ``noise`` ``[K, C, H, W]`` and class ``labels``
     ``[K]`` (or None), by sample_batch with the options ``sampling`` (``SamplingConfig.options()``),
     ``batch_size`` at a time. Any noise the sampler draws comes from ``seed``; the global RNGs are left as
     they were."""

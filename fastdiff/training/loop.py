@@ -113,6 +113,8 @@ class TrainLoop:
         self.last_preview_step: int | None = None
         self._rng_states: list = []
         self._saved_world_size = ctx.world_size
+        self.data_wait = 0.0
+        """Seconds this rank blocked on the next batch since the last log line."""
         self.state = self._state_registry()
 
     # ------------------------------------------------------------------ one step
@@ -228,7 +230,9 @@ class TrainLoop:
         settings = self.settings
         interval_start, interval_steps = time.perf_counter(), 0
         while last is None or self.step < last:
+            waited = time.perf_counter()
             batch, error = self._next_batch()
+            self.data_wait += time.perf_counter() - waited
             stop_now, failed = self._agree(stop.requested, error is not None)
             if stop_now:
                 self.reporter.message(
@@ -286,8 +290,13 @@ class TrainLoop:
             )
 
     def log(self, steps: int, seconds: float) -> dict[str, float]:
-        """Reduce the interval's metrics over ranks and report them (every rank must call this)."""
+        """Reduce the interval's metrics over ranks and report them (every rank must call this).
+
+        ``data_wait_ms`` is the time a step blocked on its batch (averaged over the interval's steps and the
+        ranks), ``data_wait_share`` that time's share of the interval's wall time."""
         self.settle_nonfinite()
+        self.metrics.add_scalar("data_wait_s", self.data_wait / max(steps, 1))
+        self.data_wait = 0.0
         values = {
             "step": self.step,
             "samples": self.step * self.global_batch,
@@ -296,6 +305,9 @@ class TrainLoop:
             "images_per_s": steps * self.global_batch / max(seconds, 1e-9),
             "peak_mem_gib": max_over_ranks(peak_memory_gib(self.ctx.device), self.ctx.device),
         }
+        data_wait = values.pop("data_wait_s")
+        values["data_wait_ms"] = 1000.0 * data_wait
+        values["data_wait_share"] = data_wait * steps / max(seconds, 1e-9)
         applied_share = values.pop("grad_norm_count", 0.0)  # grad_norm averages the applied steps only
         if "grad_norm" in values:
             values["grad_norm"] = values["grad_norm"] / applied_share if applied_share else float("nan")

@@ -18,7 +18,7 @@ def preview_filename(step: int) -> str:
 
 
 class EmaSampler:
-    """Samples of the EMA weights (rate index 0) from starting ``noise`` ``[K, 3, S, S]`` and ``labels``
+    """Samples of the EMA weights (rate index 0) from starting ``noise`` ``[K, C, H, W]`` and ``labels``
     ``[K]`` (or None) fixed for the run, with a respaced ``diffusion`` and ``sampling`` (sample_batch's
     options, ``SamplingConfig.options()``). The grids and the in-training evaluation both draw this way."""
 
@@ -43,7 +43,7 @@ class EmaSampler:
 
     @torch.no_grad()
     def draw(self, ema: ParameterEMA, seed: int) -> torch.Tensor:
-        """uint8 samples ``[K, S, S, 3]`` (CPU); any noise the sampler draws comes from ``seed``."""
+        """uint8 samples ``[K, H, W, C]`` (CPU); any noise the sampler draws comes from ``seed``."""
         ema.copy_to(self.model, 0)
         return sample_from_noise(
             self.model, self.diffusion, self.noise, self.labels, self.sampling, self.precision, seed,
@@ -52,8 +52,8 @@ class EmaSampler:
 
 
 class SamplePreview(EmaSampler):
-    """Writes a PNG grid of ``num_samples`` EMA samples (see :class:`EmaSampler`); any noise the sampler
-    draws comes from a generator of its own.
+    """Writes a PNG grid of ``num_samples`` EMA samples of ``shape`` ``(C, H, W)`` (see :class:`EmaSampler`);
+    any noise the sampler draws comes from a generator of its own.
 
     The starting noise and the class labels (0, 1, ..., cycling over ``num_classes``) are fixed for the
     run, so successive grids show the same samples improving. The global RNGs are left as they were.
@@ -63,7 +63,7 @@ class SamplePreview(EmaSampler):
         self,
         model: torch.nn.Module,
         sampling_diffusion,
-        image_size: int,
+        shape: tuple[int, int, int],
         num_samples: int,
         num_classes: int | None,
         seed: int,
@@ -72,7 +72,7 @@ class SamplePreview(EmaSampler):
         batch_size: int = 64,
     ) -> None:
         generator = torch.Generator().manual_seed(derive_seed(seed, 0x5A3))
-        noise = torch.randn((num_samples, 3, image_size, image_size), generator=generator)
+        noise = torch.randn((num_samples, *shape), generator=generator)
         labels = torch.arange(num_samples) % num_classes if num_classes else None
         super().__init__(model, sampling_diffusion, noise, labels, sampling, precision, batch_size)
         self.seed = seed

@@ -1,9 +1,11 @@
 """Sample quality during training: every ``--eval_interval`` steps, FID/KID/precision/recall of
 ``--eval_samples`` EMA samples (rate index 0) against the training data, and the best EMA checkpoint kept.
 
-The reference statistics (``--eval_ref`` training images, evenly spaced over the dataset) are computed once,
-all ranks sharing the feature extraction, and cached in the log dir as ``fid_reference_{S}px_{N}.npz``; a
-cached file from another feature network or image size is recomputed. The samples are drawn like the
+The reference statistics (``--eval_ref`` training images, evenly spaced over the dataset, with the training
+data's channels: grey ones repeat their channel for the feature network, RGBA ones drop alpha) are computed
+once, all ranks sharing the feature extraction, and cached in the log dir as ``fid_reference_{S}px_{N}.npz``
+(``{H}x{W}px`` for non-square images, ``_{C}ch`` added for C other than 3 channels); a cached file from
+another feature network, image size or channel count is recomputed. The samples are drawn like the
 sample grids (the preview's respaced diffusion and sampler, through sample_batch) from noise fixed for the
 run, each rank drawing its share. When an evaluation gives a lower FID than any before in this log dir,
 rank 0 writes ``ema_{rate}_best.pt`` and ``ema_{rate}_best.json`` (step and metrics) atomically; a resumed
@@ -29,6 +31,8 @@ from fastdiff.training.ema import ParameterEMA
 from fastdiff.training.preview import EmaSampler
 
 METRIC_NAMES = ("fid", "kid", "kid_std", "precision", "recall")
+FEATURE_CHANNELS = (1, 3, 4)
+"""Channel counts the feature network scores (grey repeated, RGBA without alpha)."""
 PR_K = 3
 
 
@@ -37,9 +41,17 @@ def best_filenames(rate: float) -> tuple[str, str]:
     return f"ema_{rate}_best.pt", f"ema_{rate}_best.json"
 
 
+def reference_filename(shape: tuple[int, ...], num_ref: int) -> str:
+    """The cached reference statistics of images ``shape`` ``(C, H, W)``: ``fid_reference_16px_256.npz`` for
+    16x16 RGB, ``fid_reference_16x24px_1ch_256.npz`` for 16x24 grey."""
+    channels, height, width = shape
+    size = f"{height}" if height == width else f"{height}x{width}"
+    return f"fid_reference_{size}px{'' if channels == 3 else f'_{channels}ch'}_{num_ref}.npz"
+
+
 def dataset_uint8(dataset, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` items of a training dataset (float ``[3, S, S]`` in [-1, 1]) evenly spaced over it, as uint8
-    ``[count, S, S, 3]`` (rounded: the inverse of the loaders' ``u / 127.5 - 1``) and labels ``[count]``."""
+    """``count`` items of a training dataset (float ``[C, H, W]`` in [-1, 1]) evenly spaced over it, as uint8
+    ``[count, H, W, C]`` (rounded: the inverse of the loaders' ``u / 127.5 - 1``) and labels ``[count]``."""
     indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
     items = [dataset[int(index)] for index in indices]
     images = torch.stack([image for image, _ in items]).add(1.0).mul(127.5).round().clamp(0, 255)
@@ -81,6 +93,12 @@ class TrainingEvaluation:
                 f"--eval_interval needs at least {least} reference images: --eval_ref is {num_ref} and the "
                 f"training data holds {len(dataset)}"
             )
+        shape = tuple(int(side) for side in dataset[0][0].shape)  # (C, H, W)
+        if shape[0] not in FEATURE_CHANNELS:
+            raise ValueError(
+                f"the feature network scores 1-, 3- or 4-channel images; the training data has {shape[0]} "
+                "channels (--in_channels)"
+            )
         self.interval = interval
         self.ctx = ctx
         self.log_dir = log_dir
@@ -90,21 +108,20 @@ class TrainingEvaluation:
         self.network = load_feature_network(inception, ctx.device)
         share = math.ceil(num_samples / ctx.world_size)
         self.num_samples = num_samples
-        image_size = int(dataset[0][0].shape[-1])
         generator = torch.Generator().manual_seed(derive_seed(seed, 0xE7A1, ctx.rank))
-        noise = torch.randn((share, 3, image_size, image_size), generator=generator)
+        noise = torch.randn((share, *shape), generator=generator)
         positions = torch.arange(share) * ctx.world_size + ctx.rank
         labels = positions % num_classes if num_classes else None
         self.sampler = EmaSampler(model, sampling_diffusion, noise, labels, sampling, precision, batch_size)
-        self.reference = self._reference(dataset, num_ref, image_size)
+        self.reference = self._reference(dataset, num_ref, shape)
         self.best_fid = self._read_best_fid()
 
-    def _reference(self, dataset, num_ref: int, image_size: int) -> ReferenceStats:
-        path = os.path.join(self.log_dir, f"fid_reference_{image_size}px_{num_ref}.npz")
+    def _reference(self, dataset, num_ref: int, shape: tuple[int, ...]) -> ReferenceStats:
+        path = os.path.join(self.log_dir, reference_filename(shape, num_ref))
         usable = dist_util.broadcast_object(os.path.isfile(path) and is_stats_file(path))
         if usable:
             try:
-                return load_stats(path, self.network.sha1, image_size)
+                return load_stats(path, self.network.sha1, shape[1:], shape[0])
             except ValueError:
                 pass
         images, labels = dataset_uint8(dataset, min(num_ref, len(dataset)))
@@ -130,7 +147,7 @@ class TrainingEvaluation:
 
     @torch.no_grad()
     def _samples(self, ema: ParameterEMA) -> np.ndarray:
-        """``num_samples`` uint8 EMA samples ``[K, S, S, 3]``, gathered from every rank."""
+        """``num_samples`` uint8 EMA samples ``[K, H, W, C]``, gathered from every rank."""
         images = self.sampler.draw(ema, derive_seed(self.seed, 0xE7A2, self.ctx.rank))
         parts = dist_util.all_gather_object(images.numpy())
         return np.concatenate(parts)[: self.num_samples]

@@ -11,7 +11,8 @@ LINE_KEYS = ("loss", "mse", "vb")
 
 
 def format_status(metrics: dict[str, float]) -> str:
-    """One line: step, loss terms with their quartiles by timestep, grad norm, speed, memory, fp16 state."""
+    """One line: step, loss terms with their quartiles by timestep, grad norm, speed, data wait, memory, fp16
+    state."""
     parts = [f"step {int(metrics['step'])}"]
     for name in LINE_KEYS:
         if name in metrics:
@@ -33,6 +34,10 @@ def format_status(metrics: dict[str, float]) -> str:
         parts.append(f"grad_norm {metrics['grad_norm']:.4g}")
     if "images_per_s" in metrics:
         parts.append(f"{metrics['images_per_s']:.1f} img/s")
+    if "data_wait_ms" in metrics:
+        parts.append(
+            f"data wait {metrics['data_wait_ms']:.1f} ms/step ({100 * metrics['data_wait_share']:.0f}%)"
+        )
     if "peak_mem_gib" in metrics:
         parts.append(f"peak mem {metrics['peak_mem_gib']:.2f} GiB")
     if "loss_scale" in metrics:
