@@ -332,7 +332,7 @@ def test_bitwise_deterministic(tuning, kernel_device):
 def test_fixed_rule_picks_from_the_list_within_the_register_budget(kernel):
     """The fixed rule's config is one of the kernel's list and holds at most the per-thread element budget
     the compile report proved spill-free, for every tile the host can ask for, with few and many programs."""
-    fused = "BLOCK_S" in launch.constexpr_names(kernel.fn)
+    fused = "BLOCK_S" in launch.launch_constexprs(kernel)
     limit = (
         gn.DEFAULT_TUNING.fused_max_forward
         if kernel is gn.FWD_FUSED

@@ -14,6 +14,7 @@ from .configs import (
     KERNELS,
     SUPPORTED_DTYPES,
     GroupNormTuning,
+    unread_args,
 )
 
 # Compile specs: every kernel x storage dtype x configuration, for the compile report
@@ -30,7 +31,8 @@ def _unit_strides(kernel: launch.Kernel, layout: str) -> tuple[str, ...]:
     """Stride arguments a launch specialises to 1: spatial (contiguous) or channel (channels_last) strides of
     the activations, and the channel strides of contiguous scale and shift [N, C]."""
     axis = "s" if layout == "contiguous" else "c"
-    names = [name for name, kind in kernel.arg_types.items() if kind == "i32"]
+    unread = unread_args(kernel)
+    names = [name for name, kind in kernel.arg_types.items() if kind == "i32" and name not in unread]
     unit = [
         n
         for n in names
@@ -43,8 +45,8 @@ def _representative_meta(
     kernel: launch.Kernel, config: launch.Config, block_c: int, tuning: GroupNormTuning
 ) -> dict[str, Any]:
     """Constexprs of the largest tile ``config`` serves with ``block_c`` channels per block, every optional
-    input and SiLU enabled."""
-    names = launch.constexpr_names(kernel.fn)
+    input and SiLU enabled (those the kernel's pass reads)."""
+    names = launch.launch_constexprs(kernel)
     meta: dict[str, Any] = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_SCALE_SHIFT": True, "SILU": True}
     meta["BLOCK_C"] = block_c
     if "BLOCK_S" in names:
@@ -64,7 +66,7 @@ def compile_specs(tuning: GroupNormTuning = DEFAULT_TUNING) -> list[CompileSpec]
     channels_last, plus one channel per block and the widest block in bf16, both layouts."""
     specs = []
     for kernel in KERNELS:
-        kind = "fused" if "BLOCK_S" in launch.constexpr_names(kernel.fn) else "split"
+        kind = "fused" if "BLOCK_S" in launch.launch_constexprs(kernel) else "split"
         typical = _TYPICAL_BLOCK_C[kind]
         variants = [(dtype, "contiguous", typical) for dtype in SUPPORTED_DTYPES]
         variants += [(torch.bfloat16, "channels_last", typical)]
