@@ -17,7 +17,7 @@ Public names: ``Config``, ``Problem``, ``Kernel``, ``register``, ``kernels(famil
 ``device_guard(device)``, ``interprets(tensor)``, ``interpreting(fn)``, ``set_autotune``,
 ``autotune_enabled``, ``autotune_key``, ``AutotuneCache``, ``autotune_cache_path``, ``arg_types``,
 ``constexpr_names``, ``launch_constexprs``, ``compile_spec``, ``size_bucket``, ``TARGET_SMS``,
-``compile_key``, ``compile_count``, ``compile_keys``, ``reset_compile_count``.
+``compile_key``, ``compile_count``, ``compile_keys``, ``reset_compile_count``, ``replaying``.
 
 Compile counter: every launch records its compile key (``compile_key``: device, kernel function, every
 constexpr and tile size, warps, stages and what Triton's JIT specialises each runtime argument on), so
@@ -438,7 +438,32 @@ def _unspecialised(kernel: Kernel) -> set[str]:
 def _record_compile(
     kernel: Kernel, args: tuple, constexprs: Mapping[str, Any], config: Config, like: Tensor
 ) -> None:
-    _COMPILE_KEYS.setdefault(compile_key(kernel, args, constexprs, config, like.device))
+    key = compile_key(kernel, args, constexprs, config, like.device)
+    _COMPILE_KEYS.setdefault(key)
+    for launched in _REPLAYS:
+        launched.append((kernel.name, config, key))
+
+
+_REPLAYS: list[list[tuple[str, Config, str]]] = []  # the lists of the active ``replaying`` blocks
+
+
+@contextlib.contextmanager
+def replaying() -> Iterator[list[tuple[str, Config, str]]]:
+    """Inside the block, every launch appends (kernel name, config, compile key) to the yielded list, and
+    the block leaves the compile counter and ``last_config`` as they were: what a planner uses to see which
+    kernels and configs some op calls would launch (on ``meta`` tensors nothing runs) without those
+    launches counting as compilations of the process."""
+    keys, last = dict(_COMPILE_KEYS), dict(_LAST)
+    launched: list[tuple[str, Config, str]] = []
+    _REPLAYS.append(launched)
+    try:
+        yield launched
+    finally:
+        _REPLAYS.remove(launched)
+        _COMPILE_KEYS.clear()
+        _COMPILE_KEYS.update(keys)
+        _LAST.clear()
+        _LAST.update(last)
 
 
 def compile_count() -> int:

@@ -11,8 +11,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 try:
     import triton  # noqa: F401
@@ -21,33 +19,13 @@ except ImportError:
         raise
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from fastdiff.kernels import launch
-
 from benchmarks.configs import IMAGENET_64, UPSAMPLER_256, UNetConfig
 from fastdiff import ops
+from fastdiff.kernels import launch
+from fastdiff.selftest.cold import MetaBf16Autocast
 
 # At most this many distinct compilations per train step (issue 19: fewer cold compiles on a GPU).
 BUDGETS = {IMAGENET_64.name: 40, UPSAMPLER_256.name: 60}
-
-
-class _MetaBf16Autocast(TorchFunctionMode):
-    """What CUDA autocast to bf16 does to a UNet step, for meta tensors: the ops autocast lowers
-    (convolutions, linear layers, matmuls) get bf16 operands; everything else runs as given."""
-
-    LOWERED = frozenset({F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul, torch.bmm, torch.baddbmm})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self.LOWERED:
-            args = tuple(self._lower(a) for a in args)
-            kwargs = {k: self._lower(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
-
-    @staticmethod
-    def _lower(value):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.to(torch.bfloat16)
-        return value
 
 
 def train_step_compiles(config: UNetConfig, batch: int | None = None) -> list[str]:
@@ -58,7 +36,7 @@ def train_step_compiles(config: UNetConfig, batch: int | None = None) -> list[st
     x, kwargs = config.model_inputs(batch, "meta")
     t = torch.zeros(batch, dtype=torch.long, device="meta")
     launch.reset_compile_count()
-    with ops.use_backend("triton"), _MetaBf16Autocast():
+    with ops.use_backend("triton"), MetaBf16Autocast():
         out = model(x, t, **kwargs)
         out.float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad), "the backward ran"
