@@ -99,6 +99,12 @@ def _channel_block(c0, g, group_channels, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(ch, s, stride_c, stride_s):
+    """[BLOCK_C, BLOCK_S] element offsets of channels ``ch`` and positions ``s`` inside one sample."""
+    return ch[:, None] * stride_c + s[None, :] * stride_s
+
+
+@triton.jit
 def _load_tile(base, ch, s, mask, stride_c, stride_s):
     """The [BLOCK_C, BLOCK_S] tile of channels ``ch`` and positions ``s`` of one sample (``base``) in fp32;
     0 on masked lanes."""
@@ -246,11 +252,14 @@ def _gn_fwd_kernel(
         c_mask = c < group_channels
         mask = c_mask[:, None] & (s < spatial)[None, :]
         ch = g * group_channels + c
+        x_offsets = _tile_offsets(ch, s, stride_xc, stride_xs)
         x_base = x_ptr + n.to(tl.int64) * stride_xn
-        x = _load_tile(x_base, ch, s, mask, stride_xc, stride_xs)
+        x = tl.load(x_base + x_offsets, mask=mask, other=0.0).to(tl.float32)
         pivot = _group_pivot(x_base, g * group_channels, stride_xc)
         count = group_channels * spatial * 1.0
-        shifted_mean, centered = _centered(x, mask, pivot, count)
+        shifted = tl.where(mask, x - pivot, 0.0)
+        shifted_mean = tl.sum(shifted) / count
+        centered = tl.where(mask, shifted - shifted_mean, 0.0)
         mean = pivot + shifted_mean
         rstd = tl.rsqrt(tl.sum(centered * centered) / count + eps)
         mult, offset = _channel_affine(
@@ -258,8 +267,9 @@ def _gn_fwd_kernel(
             stride_scale_n, stride_scale_c, stride_shift_n, stride_shift_c,
             HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT,
         )  # fmt: skip
-        y = _normalized(centered, mult * rstd, offset, SILU)
-        _store_tile(y_ptr + n.to(tl.int64) * stride_yn, ch, s, mask, stride_yc, stride_ys, y)
+        y = _activation(centered * (mult * rstd)[:, None] + offset[:, None], SILU)
+        y_offsets = _tile_offsets(ch, s, stride_yc, stride_ys)
+        tl.store(y_ptr + n.to(tl.int64) * stride_yn + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(mean_ptr + pid_ng, mean)
         tl.store(rstd_ptr + pid_ng, rstd)
     elif PASS == "partial":
@@ -402,10 +412,10 @@ def _gn_bwd_kernel(
         ch = g * group_channels + c
         mean = tl.load(mean_ptr + pid_ng)
         rstd = tl.load(rstd_ptr + pid_ng)
-        x, dy = _load_pair(
-            x_ptr + n.to(tl.int64) * stride_xn, dy_ptr + n.to(tl.int64) * stride_dyn, ch, s, mask,
-            stride_xc, stride_xs, stride_dyc, stride_dys,
-        )  # fmt: skip
+        x_offsets = _tile_offsets(ch, s, stride_xc, stride_xs)
+        dy_offsets = _tile_offsets(ch, s, stride_dyc, stride_dys)
+        x = tl.load(x_ptr + n.to(tl.int64) * stride_xn + x_offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + n.to(tl.int64) * stride_dyn + dy_offsets, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean) * rstd
         mult, offset = _channel_affine(
             weight_ptr, bias_ptr, scale_ptr, shift_ptr, n, ch, c_mask,
@@ -424,7 +434,9 @@ def _gn_bwd_kernel(
             c1 = tl.sum(sum_a * mult) / count
             c2 = tl.sum(sum_b * mult) / count
             dx = _input_grad(dz, xhat, mult, rstd, c1, c2)
-            _store_tile(dx_ptr + n.to(tl.int64) * stride_dxn, ch, s, mask, stride_dxc, stride_dxs, dx)
+            dx_offsets = _tile_offsets(ch, s, stride_dxc, stride_dxs)
+            dx_ptrs = dx_ptr + n.to(tl.int64) * stride_dxn + dx_offsets
+            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     elif PASS == "partial":
         p = tl.program_id(1)
         n = pid_ng // num_groups
