@@ -23,6 +23,10 @@ SPLIT_CONFIGS: tuple[launch.Config, ...] = tuple(
 FUSED_FORWARD_ELEMENTS_PER_THREAD = 32
 FUSED_BACKWARD_ELEMENTS_PER_THREAD = 16
 SPLIT_ELEMENTS_PER_THREAD = 8
+BACKWARD_CHANNELS_PER_WARP = 8
+"""A fused backward program takes at least BLOCK_C / 8 warps: Triton 3.6's ptxas spilled the [32 x 32]
+channels_last tile at 2 warps on sm_80 (the per-channel vectors of 32 channels over 64 threads), and 4
+warps hold it with no spill under 3.6 and 3.9."""
 MAX_WARPS = max(c.num_warps for c in FUSED_CONFIGS)
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (chunks of a group)
 
@@ -94,19 +98,27 @@ def _strides(*names: str) -> tuple[str, ...]:
     return tuple(f"stride_{name}{axis}" for name in names for axis in "ncs")
 
 
-def _budget(elements_per_thread: int, fused: bool):
+def min_fused_warps(block_c: int, backward: bool) -> int:
+    """The fewest warps a fused program of ``block_c`` channels takes (``BACKWARD_CHANNELS_PER_WARP``)."""
+    return max(1, block_c // BACKWARD_CHANNELS_PER_WARP) if backward else 1
+
+
+def _budget(elements_per_thread: int, fused: bool, backward: bool):
     """Autotune pruning: a config may hold at most ``elements_per_thread`` tile elements per thread (a
-    tile is BLOCK_C * BLOCK_S for a fused pass, TILE for a split one)."""
+    tile is BLOCK_C * BLOCK_S for a fused pass, TILE for a split one), and a fused one has at least
+    ``min_fused_warps`` warps."""
 
     def fits(problem: launch.Problem, config: launch.Config) -> bool:
         meta = {**problem.constexprs, **config.meta}
         tile = meta["BLOCK_C"] * meta["BLOCK_S"] if fused else meta["TILE"]
+        if fused and config.num_warps < min_fused_warps(meta["BLOCK_C"], backward):
+            return False
         return tile <= elements_per_thread * 32 * config.num_warps
 
     return fits
 
 
-def _fused_rule(elements_per_thread: int):
+def _fused_rule(elements_per_thread: int, backward: bool):
     """Fixed warps for a fused kernel (one program per (sample, group), the whole group in registers).
 
     Not measured (no GPU was at hand when it was written): a group of ``tile`` padded elements is spread
@@ -120,7 +132,11 @@ def _fused_rule(elements_per_thread: int):
     def rule(problem: launch.Problem) -> launch.Config:
         tile = problem.sizes["tile"]
         per_thread = 8 if problem.sizes["programs"] < 2 * launch.TARGET_SMS else 16
-        warps = max(1, tile // (32 * per_thread), -(-tile // (32 * elements_per_thread)))
+        warps = max(
+            min_fused_warps(problem.constexprs["BLOCK_C"], backward),
+            tile // (32 * per_thread),
+            -(-tile // (32 * elements_per_thread)),
+        )
         warps = min(MAX_WARPS, triton.next_power_of_2(warps))
         return next(c for c in FUSED_CONFIGS if c.num_warps == warps)
 
@@ -212,9 +228,9 @@ def _register(name: str, direction: str, pass_: str, elements_per_thread: int) -
         family="group_norm",
         fn=fn,
         configs=FUSED_CONFIGS if fused else SPLIT_CONFIGS,
-        rule=_fused_rule(elements_per_thread) if fused else _split_rule,
+        rule=_fused_rule(elements_per_thread, direction == "bwd") if fused else _split_rule,
         arg_types=types,
-        fits=_budget(elements_per_thread, fused),
+        fits=_budget(elements_per_thread, fused, direction == "bwd"),
         constexprs={"PASS": pass_, **{k: _NEUTRAL_CONSTEXPRS[k] for k in unread_constexprs}},
     )
     _UNREAD_ARGS[kernel] = frozenset(unread)
