@@ -22,8 +22,8 @@ from fastdiff.selftest.records import Options
 
 MAX_COLD_COMPILES = 270
 """The first five groups' distinct compiles at most (issue 19 aims at about 250: 0.3-0.5 s each on a cold
-H100 is 80-135 s of the 5 minutes; 264 when this bound was set, of which the train step's fp32 and bf16
-steps ask 79, 56 of them its own)."""
+H100 is 80-135 s of the 5 minutes; 262 when this bound was set, of which the train step's fp32 and bf16
+steps ask 77, 56 of them its own; 672 before the accuracy group's cut)."""
 GPU = Options(torch.device("cuda"), quick=False)
 
 

@@ -80,8 +80,8 @@ group's launches through the fixed rules for sm_90 with nothing launched):
   case before them does (``accuracy.covering``), 12 Tq != Tk cases; 192 distinct compiles (77-96 s cold).
   Before that cut (2026-12-03) it took all 465 real-UNet cases and 612 compiles (3-5 minutes by itself).
   Its runs, float64 references included, are estimated at well under 30 s on a GPU.
-* determinism: 12 cases, 42 compiles, 9 of them not already compiled by accuracy.
-* train_step: 79 Triton compiles for the UNet's fp32 and bf16 steps at batch 16 (56 not compiled
+* determinism: 12 cases, 42 compiles, 7 of them not already compiled by accuracy.
+* train_step: 77 Triton compiles for the UNet's fp32 and bf16 steps at batch 16 (56 not compiled
   before), two inductor compiles of the UNet, forward and backward (the eager code's, then fastdiff's;
   estimated at 40-70 s each on a server CPU), and 15 timed steps per contestant. On a cold cache the
   share may end before the last check (torch.compile of fastdiff's UNet); ``--only train_step`` reruns it
@@ -89,8 +89,8 @@ group's launches through the fixed rules for sm_90 with nothing launched):
 * kernel_timing: 28 Triton compiles (7 new), 8 inductor compiles of one op each (bf16 only), 17 timed
   runs per contestant.
 
-In all 264 distinct Triton compiles for the first five groups (``fastdiff.selftest.cold`` counts them on
-any machine; ``tests/test_selftest_compiles.py`` bounds them), 656 before the accuracy cut.
+In all 262 distinct Triton compiles for the first five groups (``fastdiff.selftest.cold`` counts them on
+any machine; ``tests/test_selftest_compiles.py`` bounds them), 672 before the accuracy cut.
 
 These are estimates until a GPU runs the selftest: the reports give every group's compile count and
 compile seconds apart from its run seconds, which is what the next sizing should use."""
