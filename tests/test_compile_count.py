@@ -19,9 +19,10 @@ except ImportError:
         raise
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from fastdiff.kernels import launch
+
 from benchmarks.configs import IMAGENET_64, UPSAMPLER_256, UNetConfig
 from fastdiff import ops
-from fastdiff.kernels import launch
 from fastdiff.selftest.cold import MetaBf16Autocast
 
 # At most this many distinct compilations per train step (issue 19: fewer cold compiles on a GPU).

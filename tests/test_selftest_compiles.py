@@ -16,6 +16,7 @@ except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from fastdiff.kernels import launch
+
 from fastdiff.selftest import accuracy, cold
 from fastdiff.selftest.cases import OpCase, unet_cases
 from fastdiff.selftest.records import Options
