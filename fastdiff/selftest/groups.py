@@ -76,8 +76,10 @@ all_configs 15 s each, plus what the groups before them leave. The sizing, for a
 and inductor caches; Triton's 0.3-0.5 s per compile; distinct compiles counted on a CPU by replaying each
 group's launches through the fixed rules for sm_90 with nothing launched):
 
-* accuracy: 84 small cases, the 27 real-UNet cases (of 465) that launch a kernel, config and dtype no
-  case before them does (``accuracy.covering``), 12 Tq != Tk cases; 192 distinct compiles (77-96 s cold).
+* accuracy: 33 small cases, the 27 real-UNet cases (of 465) that launch a kernel, config and dtype no
+  case before them does (84 such triples; ``accuracy.covering``), 6 Tq != Tk cases: 66 checks and 192
+  distinct compiles (58-96 s cold). Planning replays the 465 calls on the meta device: about 45 s on two
+  loaded cores of a small AMD EPYC, not yet measured on a GPU host (part of the group's share).
   Before that cut (2026-12-03) it took all 465 real-UNet cases and 612 compiles (3-5 minutes by itself).
   Its runs, float64 references included, are estimated at well under 30 s on a GPU.
 * determinism: 12 cases, 42 compiles, 7 of them not already compiled by accuracy.
