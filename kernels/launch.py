@@ -16,8 +16,8 @@ Public names: ``Config``, ``Problem``, ``Kernel``, ``register``, ``kernels(famil
 ``force_config(name, config)``, ``last_config(name)``, ``choose``, ``run``,
 ``device_guard(device)``, ``interprets(tensor)``, ``interpreting(fn)``, ``set_autotune``,
 ``autotune_enabled``, ``autotune_key``, ``AutotuneCache``, ``autotune_cache_path``, ``arg_types``,
-``constexpr_names``, ``compile_spec``, ``size_bucket``, ``TARGET_SMS``, ``compile_key``, ``compile_count``,
-``compile_keys``, ``reset_compile_count``.
+``constexpr_names``, ``launch_constexprs``, ``compile_spec``, ``size_bucket``, ``TARGET_SMS``,
+``compile_key``, ``compile_count``, ``compile_keys``, ``reset_compile_count``, ``replaying``.
 
 Compile counter: every launch records its compile key (``compile_key``: device, kernel function, every
 constexpr and tile size, warps, stages and what Triton's JIT specialises each runtime argument on), so
@@ -62,7 +62,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,11 @@ class Kernel:
     """A registered kernel: its ``name``, ``family`` (``"group_norm"``, ``"attention"``, ...), the
     ``@triton.jit`` function, its full config list, its fixed ``rule`` (Problem -> one of ``configs``),
     ``fits`` (Problem, Config -> whether autotuning may try it; default all) and ``arg_types`` (every
-    non-constexpr argument -> a Triton type, ``"*storage"`` for tensors of the launch's dtype)."""
+    non-constexpr argument -> a Triton type, ``"*storage"`` for tensors of the launch's dtype).
+
+    ``constexprs``: constexprs every launch of this kernel takes, added to the caller's (a kernel that is
+    one pass of a body several kernels share pins the pass, and neutral values for the constexprs that
+    pass does not read); ``launch_constexprs`` names the ones a launch still gives."""
 
     name: str
     family: str
@@ -155,6 +159,7 @@ class Kernel:
     rule: Callable[[Problem], Config]
     arg_types: Mapping[str, str]
     fits: Callable[[Problem, Config], bool] | None = None
+    constexprs: Mapping[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, Kernel] = {}
@@ -171,9 +176,11 @@ def register(
     rule: Callable[[Problem], Config],
     arg_types: Mapping[str, str],
     fits: Callable[[Problem, Config], bool] | None = None,
+    constexprs: Mapping[str, Any] | None = None,
 ) -> Kernel:
     """Register kernel ``name`` (unique) and return its handle for ``run``. Re-registering the same
-    function under the same name (a module reload) replaces the entry."""
+    function under the same name (a module reload) replaces the entry. ``constexprs``: what every launch
+    of it takes (see ``Kernel``)."""
     if not configs:
         raise ValueError(f"kernel {name!r} needs at least one config")
     old = _REGISTRY.get(name)
@@ -184,7 +191,11 @@ def register(
         raise ValueError(
             f"arg_types of {name!r} must list exactly its non-constexpr arguments: {sorted(missing)}"
         )
-    kernel = Kernel(name, family, fn, tuple(configs), rule, dict(arg_types), fits)
+    pinned = dict(constexprs or {})
+    unknown = set(pinned) - set(constexpr_names(fn))
+    if unknown:
+        raise ValueError(f"constexprs of {name!r} pins arguments that are not constexprs: {sorted(unknown)}")
+    kernel = Kernel(name, family, fn, tuple(configs), rule, dict(arg_types), fits, pinned)
     _REGISTRY[name] = kernel
     return kernel
 
@@ -316,6 +327,11 @@ def constexpr_names(fn: Any) -> list[str]:
     return [n for n in names if n not in runtime]
 
 
+def launch_constexprs(kernel: Kernel) -> list[str]:
+    """The constexprs a launch of ``kernel`` gives: its function's, less those the registration pins."""
+    return [n for n in constexpr_names(kernel.fn) if n not in kernel.constexprs]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Config choice
 # ----------------------------------------------------------------------------------------------------
@@ -422,7 +438,32 @@ def _unspecialised(kernel: Kernel) -> set[str]:
 def _record_compile(
     kernel: Kernel, args: tuple, constexprs: Mapping[str, Any], config: Config, like: Tensor
 ) -> None:
-    _COMPILE_KEYS.setdefault(compile_key(kernel, args, constexprs, config, like.device))
+    key = compile_key(kernel, args, constexprs, config, like.device)
+    _COMPILE_KEYS.setdefault(key)
+    for launched in _REPLAYS:
+        launched.append((kernel.name, config, key))
+
+
+_REPLAYS: list[list[tuple[str, Config, str]]] = []  # the lists of the active ``replaying`` blocks
+
+
+@contextlib.contextmanager
+def replaying() -> Iterator[list[tuple[str, Config, str]]]:
+    """Inside the block, every launch appends (kernel name, config, compile key) to the yielded list, and
+    the block leaves the compile counter and ``last_config`` as they were: what a planner uses to see which
+    kernels and configs some op calls would launch (on ``meta`` tensors nothing runs) without those
+    launches counting as compilations of the process."""
+    keys, last = dict(_COMPILE_KEYS), dict(_LAST)
+    launched: list[tuple[str, Config, str]] = []
+    _REPLAYS.append(launched)
+    try:
+        yield launched
+    finally:
+        _REPLAYS.remove(launched)
+        _COMPILE_KEYS.clear()
+        _COMPILE_KEYS.update(keys)
+        _LAST.clear()
+        _LAST.update(last)
 
 
 def compile_count() -> int:
@@ -468,7 +509,8 @@ def run(
     the rule and the autotune key. ``config``: an explicit config (not necessarily from the list) that
     overrides the choice unless ``force_config`` is active. Returns the config launched.
     """
-    problem = Problem(dict(sizes or {}), dict(constexprs), like.dtype, device_arch(like.device))
+    constexprs = {**kernel.constexprs, **constexprs}
+    problem = Problem(dict(sizes or {}), constexprs, like.dtype, device_arch(like.device))
     interpret = interprets(like)
     if config is None or kernel.name in _FORCED:
         if not interpret and kernel.name not in _FORCED and autotune_enabled():
@@ -655,7 +697,7 @@ def compile_spec(
     ``config`` and ``constexprs``; ``unit_strides`` are compiled as the constant 1, as Triton's JIT
     specialises integer arguments equal to 1."""
     fn = kernel.fn
-    constants = {**constexprs, **config.meta, **{s: 1 for s in unit_strides}}
+    constants = {**kernel.constexprs, **constexprs, **config.meta, **{s: 1 for s in unit_strides}}
     py = getattr(fn, "fn", fn)
     signature = {}
     for arg in py.__code__.co_varnames[: py.__code__.co_argcount]:

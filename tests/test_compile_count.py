@@ -11,8 +11,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 try:
     import triton  # noqa: F401
@@ -25,29 +23,10 @@ from fastdiff.kernels import launch
 
 from benchmarks.configs import IMAGENET_64, UPSAMPLER_256, UNetConfig
 from fastdiff import ops
+from fastdiff.selftest.cold import MetaBf16Autocast
 
 # At most this many distinct compilations per train step (issue 19: fewer cold compiles on a GPU).
 BUDGETS = {IMAGENET_64.name: 40, UPSAMPLER_256.name: 60}
-
-
-class _MetaBf16Autocast(TorchFunctionMode):
-    """What CUDA autocast to bf16 does to a UNet step, for meta tensors: the ops autocast lowers
-    (convolutions, linear layers, matmuls) get bf16 operands; everything else runs as given."""
-
-    LOWERED = frozenset({F.conv1d, F.conv2d, F.conv3d, F.linear, torch.matmul, torch.bmm, torch.baddbmm})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self.LOWERED:
-            args = tuple(self._lower(a) for a in args)
-            kwargs = {k: self._lower(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
-
-    @staticmethod
-    def _lower(value):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.to(torch.bfloat16)
-        return value
 
 
 def train_step_compiles(config: UNetConfig, batch: int | None = None) -> list[str]:
@@ -58,24 +37,30 @@ def train_step_compiles(config: UNetConfig, batch: int | None = None) -> list[st
     x, kwargs = config.model_inputs(batch, "meta")
     t = torch.zeros(batch, dtype=torch.long, device="meta")
     launch.reset_compile_count()
-    with ops.use_backend("triton"), _MetaBf16Autocast():
+    with ops.use_backend("triton"), MetaBf16Autocast():
         out = model(x, t, **kwargs)
         out.float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad), "the backward ran"
     return launch.compile_keys()
 
 
+def _pass(key: str) -> str | None:
+    """The ``PASS`` constexpr of a compile key (GroupNorm kernels), else None."""
+    constexprs = dict(item.split("=", 1) for item in key.split("|")[2].split(","))
+    return constexprs.get("PASS")
+
+
 @pytest.mark.parametrize("config", [IMAGENET_64, UPSAMPLER_256], ids=lambda c: c.name)
 def test_train_step_compiles_few_kernels(config):
     keys = train_step_compiles(config)
     assert launch.compile_count() == len(keys) == len(set(keys))
-    families = {key.split("|")[1].rsplit(".", 1)[1] for key in keys}
+    families = {(key.split("|")[1].rsplit(".", 1)[1], _pass(key)) for key in keys}
     # the step runs every GroupNorm path of a UNet this size and the attention forward and backward
     assert {
-        "_gn_fwd_fused_kernel",
-        "_gn_bwd_fused_kernel",
-        "_attn_fwd_kernel",
-        "_attn_bwd_dq_kernel",
+        ("_gn_fwd_kernel", "fused"),
+        ("_gn_bwd_kernel", "fused"),
+        ("_attn_fwd_kernel", None),
+        ("_attn_bwd_dq_kernel", None),
     } <= families
     assert all("bfloat16" in key for key in keys), "a bf16 step launches bf16 kernels only"
     budget = BUDGETS[config.name]

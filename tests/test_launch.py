@@ -117,7 +117,7 @@ def test_compile_counter_counts_distinct_binaries_of_compiled_and_interpreted_la
     gn.group_norm_forward(torch.randn(2, 8, 5, 3), 4, torch.rand(8), None, None, None, 1e-3, False)
     assert launch.compile_count() == 1
     (key,) = launch.compile_keys()
-    assert key.startswith("cuda|") and "_gn_fwd_fused_kernel" in key and "SILU=False" in key
+    assert key.startswith("cuda|") and "_gn_fwd_kernel" in key and "PASS=fused" in key and "SILU=False" in key
     gn.group_norm_forward(x, 4, weight, None, None, None, 1e-5, True)  # SiLU: another binary
     gn.group_norm_forward(x.half(), 4, weight, None, None, None, 1e-5, False)  # another dtype
     gn.group_norm_forward(torch.randn(2, 8, 4, 4), 4, weight, None, None, None, 1e-5, False)  # S = 16
@@ -269,9 +269,9 @@ def test_autotune_cache_path_is_per_gpu_and_triton(monkeypatch, tmp_path):
 
 def test_arg_types_are_explicit_and_complete():
     with pytest.raises(ValueError, match="must list exactly its runtime arguments"):
-        launch.arg_types(gn_device._gn_fwd_partial_stats_kernel, storage=("x_ptr",))
+        launch.arg_types(gn_device._gn_fwd_kernel, storage=("x_ptr",))
     with pytest.raises(ValueError, match="listed twice"):
-        launch.arg_types(gn_device._gn_fwd_partial_stats_kernel, storage=("x_ptr",), i32=("x_ptr",))
+        launch.arg_types(gn_device._gn_fwd_kernel, storage=("x_ptr",), i32=("x_ptr",))
     spec = launch.compile_spec(
         gn.FWD_PARTIAL_STATS, "t", "bf16", gn.SPLIT_CONFIGS[0], {"BLOCK_C": 4}, ("stride_xs",)
     )
@@ -279,6 +279,59 @@ def test_arg_types_are_explicit_and_complete():
     assert spec.signature["stride_xs"] == "constexpr" and spec.constexprs["stride_xs"] == 1
     assert spec.signature["TILE"] == "constexpr" and spec.constexprs["TILE"] == 512
     assert spec.num_warps == gn.SPLIT_CONFIGS[0].num_warps
+
+
+def test_a_registration_pins_constexprs_that_every_launch_takes():
+    """GroupNorm's six launch-layer kernels are passes of two device bodies: each pins its PASS (and
+    neutral values for what the pass does not read); a launch gives the rest, and the compile spec and key
+    carry the pins."""
+    assert gn.FWD_FUSED.fn is gn.FWD_SPLIT_APPLY.fn is gn.FWD_PARTIAL_STATS.fn
+    assert gn.BWD_FUSED.fn is gn.BWD_SPLIT_APPLY.fn is gn.BWD_PARTIAL_SUMS.fn
+    passes = {k.name: k.constexprs["PASS"] for k in gn.KERNELS}
+    assert passes == {
+        "gn_fwd_fused": "fused",
+        "gn_fwd_partial_stats": "partial",
+        "gn_fwd_split_apply": "apply",
+        "gn_bwd_fused": "fused",
+        "gn_bwd_partial_sums": "partial",
+        "gn_bwd_split_apply": "apply",
+    }
+    assert launch.launch_constexprs(gn.FWD_PARTIAL_STATS) == ["BLOCK_C", "TILE"]
+    assert launch.launch_constexprs(gn.BWD_FUSED) == [
+        "HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE_SHIFT", "SILU", "WRITE_DX", "WRITE_SUMS", "BLOCK_C", "BLOCK_S"
+    ]  # fmt: skip
+    flags = dict.fromkeys(("HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE_SHIFT", "SILU"), True)
+    meta = {**flags, "BLOCK_C": 4, "BLOCK_S": 8}
+    spec = launch.compile_spec(gn.FWD_FUSED, "t", "fp32", gn.FUSED_CONFIGS[0], meta)
+    assert spec.constexprs["PASS"] == "fused" and spec.constexprs["TILE"] == 1
+    with pytest.raises(ValueError, match="not constexprs: \\['eps'\\]"):
+        launch.register(
+            "pins_a_runtime_argument", family="test", fn=gn.FWD_FUSED.fn, configs=gn.FUSED_CONFIGS,
+            rule=lambda problem: gn.FUSED_CONFIGS[0], arg_types=gn.FWD_FUSED.arg_types,
+            constexprs={"eps": 1.0},
+        )  # fmt: skip
+
+
+def test_a_split_pass_compiles_one_binary_for_every_variant():
+    """The partial passes read no weight, bias, scale/shift or SiLU: GroupNorm, +SiLU and +scale-shift
+    share their binary (what the apply passes read still tells theirs apart)."""
+    split = gn.GroupNormTuning(fused_always=1, fused_max_forward=1, fused_max_backward=1)
+    x = torch.randn(2, 8, 6, 5)
+    w, b, scale, shift = torch.randn(8), torch.randn(8), torch.randn(2, 8), torch.randn(2, 8)
+    keys = {}
+    for variant, args in {
+        "group_norm": (None, None, False),
+        "silu": (None, None, True),
+        "scale_shift_silu": (scale, shift, True),
+    }.items():
+        launch.reset_compile_count()
+        scale_arg, shift_arg, silu = args
+        gn.group_norm_forward(x, 4, w, b, scale_arg, shift_arg, 1e-5, silu, tuning=split)
+        keys[variant] = launch.compile_keys()
+    partial = {variant: found[0] for variant, found in keys.items()}
+    apply = {variant: found[1] for variant, found in keys.items()}
+    assert all("PASS=partial" in k for k in partial.values()) and len(set(partial.values())) == 1
+    assert all("PASS=apply" in k for k in apply.values()) and len(set(apply.values())) == 3
 
 
 def test_compiled_and_interpreted_kernels_coexist_without_triton_interpret():

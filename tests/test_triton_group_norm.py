@@ -332,7 +332,7 @@ def test_bitwise_deterministic(tuning, kernel_device):
 def test_fixed_rule_picks_from_the_list_within_the_register_budget(kernel):
     """The fixed rule's config is one of the kernel's list and holds at most the per-thread element budget
     the compile report proved spill-free, for every tile the host can ask for, with few and many programs."""
-    fused = "BLOCK_S" in launch.constexpr_names(kernel.fn)
+    fused = "BLOCK_S" in launch.launch_constexprs(kernel)
     limit = (
         gn.DEFAULT_TUNING.fused_max_forward
         if kernel is gn.FWD_FUSED
@@ -352,6 +352,23 @@ def test_fixed_rule_picks_from_the_list_within_the_register_budget(kernel):
             config = kernel.rule(problem)
             assert config in kernel.configs
             assert kernel.fits(problem, config), (constexprs, sizes, config)
+
+
+def test_a_fused_backward_takes_a_warp_per_eight_channels():
+    """Triton 3.6 spilled the fused backward's [32 channels x 32 positions] tile at 2 warps: the rule gives
+    a fused backward program at least BLOCK_C / 8 warps (the forward keeps 1), however many programs fill
+    the GPU, and autotuning prunes the configs below that."""
+    for programs in (1, 100_000):
+        for block_c, block_s in ((32, 32), (32, 1), (16, 16), (8, 8), (1, 64)):
+            sizes = {"tile": block_c * block_s, "programs": programs}
+            problem = launch.Problem(sizes, {"BLOCK_C": block_c, "BLOCK_S": block_s}, BF16, (8, 0))
+            backward = gn.BWD_FUSED.rule(problem)
+            assert backward.num_warps >= max(1, block_c // 8), (block_c, block_s, programs, backward)
+            assert gn.FWD_FUSED.rule(problem).num_warps <= backward.num_warps
+            too_few = [c for c in gn.FUSED_CONFIGS if c.num_warps < block_c // 8]
+            assert not any(gn.BWD_FUSED.fits(problem, c) for c in too_few)
+    tiny = launch.Problem({"tile": 1024, "programs": 100_000}, {"BLOCK_C": 32, "BLOCK_S": 32}, BF16, (8, 0))
+    assert gn.BWD_FUSED.rule(tiny).num_warps == 4 and gn.FWD_FUSED.rule(tiny).num_warps == 2
 
 
 # TINY_SPLIT without its tile override, so that the launch layer's choice (or force_config) sets TILE.

@@ -1,7 +1,10 @@
-"""Group ``accuracy``: every op, with the config the default rule picks, against float64: small odd shapes,
-every call shape of the three real UNets, Tq != Tk attention; forward and every gradient, every dtype and
-layout. Also the helpers the other numerical groups share (``check_case``, ``kernel_backends``)."""
+"""Group ``accuracy``: every op, with the config the default rule picks, against float64, forward and every
+gradient: small odd shapes in every dtype and layout; at the call shapes of the three real UNets, each
+launch-layer kernel and config the default rule picks there, in every dtype (on a GPU; a CPU's C++ kernels
+have no configs and take every call); Tq != Tk attention. Also the helpers the other numerical groups share
+(``check_case``, ``kernel_backends``)."""
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -76,22 +79,62 @@ def no_kernel_backend(options: Options, group: str) -> Check:
     )
 
 
-def plan(options: Options) -> list[Check]:
-    """Small odd shapes on every kernel backend; unless --quick, every call shape of the real UNets (on
-    the C++ kernels only on a CPU: the interpreter is far too slow there); Tq != Tk; another GPU current."""
-    if not kernel_backends(options):
-        return [no_kernel_backend(options, GROUP)]
+def planned_cases(options: Options) -> list[tuple[OpCase, str]]:
+    """(case, backend) of the float64 comparisons, in order: small odd shapes on every kernel backend;
+    unless --quick, the real UNets' calls (on the C++ kernels only on a CPU: the interpreter is far too
+    slow there), on Triton only those that ``covering`` keeps; Tq != Tk attention."""
     cases = [(case, backend) for case in quick_cases(options.dtypes) for backend in kernel_backends(options)]
     if not options.quick:
-        big = kernel_backends(options, small=False)
-        cases += [
-            (case, backend)
-            for case in _by_priority(unet_cases(UNET_BATCH, options.dtypes))
-            for backend in big
-        ]
+        unet = _by_priority(unet_cases(UNET_BATCH, options.dtypes))
+        for backend in kernel_backends(options, small=False):
+            cases += [(case, backend) for case in (covering(unet) if backend == "triton" else unet)]
+    if _cross_attention_supported():
+        cases += _cross_attention_cases(options)
+    return cases
+
+
+def plan(options: Options) -> list[Check]:
+    """The checks of ``planned_cases`` (each case's inputs drawn from its own seed); with two GPUs or
+    more, the ops on one while another is current."""
+    if not kernel_backends(options):
+        return [no_kernel_backend(options, GROUP)]
+    cases = planned_cases(options)
     checks = [_case_check(case, backend, options, seed) for seed, (case, backend) in enumerate(cases)]
-    checks += _cross_attention_checks(options, len(checks))
+    if not _cross_attention_supported():
+        checks.append(
+            Check(
+                "flash_attention Tq != Tk",
+                lambda: not_run(GROUP, "", "unavailable", "flash_attention refuses Tq != Tk here"),
+            )
+        )
     return checks + _other_current_device_checks(options)
+
+
+def covering(cases: list[OpCase]) -> list[OpCase]:
+    """The cases of ``cases`` (in their order) that launch a (Triton kernel, config, dtype) that no case
+    before them launches (``kernel_configs``): each kernel and config the default rule picks at these
+    shapes is proven once per dtype, not once per shape, layout and op variant (each of those compiles a
+    kernel of its own, too many for a cold GPU's first minutes)."""
+    covered: set[tuple[str, object, torch.dtype]] = set()
+    kept = []
+    for case in cases:
+        new = kernel_configs(case) - covered
+        if new:
+            covered |= new
+            kept.append(case)
+    return kept
+
+
+@functools.cache
+def kernel_configs(case: OpCase) -> frozenset[tuple[str, object, torch.dtype]]:
+    """(launch-layer kernel name, config, dtype) of every Triton launch of ``case``'s forward and backward,
+    found by replaying them on the ``meta`` device through the launch layer: nothing runs, every launch
+    makes the choices a CUDA launch makes, and the process's compile counter is left as it was."""
+    from fastdiff.kernels import launch  # Triton serves this process: the caller runs the triton backend
+
+    with launch.replaying() as launched:
+        forward_backward(case, case.inputs(torch.device("meta"), None), "triton")
+    return frozenset((name, config, case.dtype) for name, config, _ in launched)
 
 
 def _by_priority(found: Iterable[OpCase]) -> list[OpCase]:
@@ -123,10 +166,11 @@ def _other_current_device_checks(options: Options) -> list[Check]:
     return [Check(f"triton {case.label} (cuda:{other} current)", lambda c=case: run(c)) for case in cases]
 
 
-def _cross_attention_supported(device: torch.device) -> bool:
-    """Whether ``flash_attention`` takes keys of another length than the queries (detected, not assumed)."""
-    q = torch.zeros(1, 1, 3, 16, device=device)
-    kv = torch.zeros(1, 1, 5, 16, device=device)
+def _cross_attention_supported() -> bool:
+    """Whether ``flash_attention`` takes keys of another length than the queries (detected, not assumed;
+    on the meta device: the op's checks, nothing computed)."""
+    q = torch.zeros(1, 1, 3, 16, device="meta")
+    kv = torch.zeros(1, 1, 5, 16, device="meta")
     try:
         with ops.use_backend("torch"):
             ops.flash_attention(q, kv, kv)
@@ -135,19 +179,12 @@ def _cross_attention_supported(device: torch.device) -> bool:
     return True
 
 
-def _cross_attention_checks(options: Options, seed: int) -> list[Check]:
-    if not _cross_attention_supported(options.device):
-        return [
-            Check(
-                "flash_attention Tq != Tk",
-                lambda: not_run(GROUP, "", "unavailable", "flash_attention refuses Tq != Tk here"),
-            )
-        ]
+def _cross_attention_cases(options: Options) -> list[tuple[OpCase, str]]:
+    """flash_attention with Tk != Tq, every dtype, on every kernel backend that takes its size."""
     shapes = [((1, 2, 37, 40), 77)] if options.quick else [((2, 8, 4096, 40), 77), ((2, 8, 1024, 64), 4096)]
-    checks = []
-    for dtype in options.dtypes:
-        for shape, kv_tokens in shapes:
-            case = OpCase("flash_attention", shape, dtype, kv_tokens=kv_tokens, model="cross-attention")
-            for backend in kernel_backends(options, small=options.quick):
-                checks.append(_case_check(case, backend, options, seed + len(checks)))
-    return checks
+    return [
+        (OpCase("flash_attention", shape, dtype, kv_tokens=kv_tokens, model="cross-attention"), backend)
+        for dtype in options.dtypes
+        for shape, kv_tokens in shapes
+        for backend in kernel_backends(options, small=options.quick)
+    ]

@@ -36,7 +36,7 @@ def _config_probes(options: Options) -> list[OpCase]:
     for dtype in (torch.float32, torch.bfloat16):
         probes += [OpCase("group_norm_scale_shift_silu", shape, dtype, groups) for shape, groups in norm]
         probes += [OpCase("flash_attention", (1, 2, 45, d), dtype) for d in (16, 32, 64, 128, 160, 192, 256)]
-        if _cross_attention_supported(options.device):
+        if _cross_attention_supported():
             probes.append(OpCase("flash_attention", (1, 2, 45, 64), dtype, kv_tokens=83))
     return probes
 

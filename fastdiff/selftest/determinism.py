@@ -11,7 +11,7 @@ GROUP = "determinism"
 RUNS = 3
 
 
-def _cases(options: Options) -> list[tuple[OpCase, bool]]:
+def cases(options: Options) -> list[tuple[OpCase, bool]]:
     """(case, small): the quick shapes, and ImageNet-64's shapes unless --quick."""
     small = [("group_norm_scale_shift_silu", (2, 12, 5, 7), 4), ("qkv_attention", (2, 96, 37), 2)]
     small.append(("flash_attention", (1, 2, 33, 48), 1))
@@ -40,7 +40,7 @@ def plan(options: Options) -> list[Check]:
     if not kernel_backends(options):
         return [no_kernel_backend(options, GROUP)]
     checks = []
-    for seed, (case, small) in enumerate(_cases(options)):
+    for seed, (case, small) in enumerate(cases(options)):
         for backend in kernel_backends(options, small):
             checks.append(
                 Check(

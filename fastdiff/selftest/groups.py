@@ -37,9 +37,10 @@ GROUPS: tuple[Group, ...] = (
     Group(
         "accuracy",
         "accuracy",
-        "Every op with the config the default rule picks, at every call shape of improved-diffusion's "
-        "ImageNet-64, CIFAR-10 and upsampler UNets (small odd shapes with --quick): forward and every "
-        "gradient, every dtype and layout, against float64.",
+        "Every op with the config the default rule picks, forward and every gradient against float64: "
+        "small odd shapes in every dtype and layout; at the call shapes of improved-diffusion's "
+        "ImageNet-64, CIFAR-10 and upsampler UNets (not with --quick), each Triton kernel and config the "
+        "rule picks there once per dtype (every call on a CPU's C++ kernels); Tq != Tk attention.",
         0.25,
     ),
     Group("determinism", "determinism", "Three runs of each op bitwise equal, outputs and gradients.", 0.06),
@@ -75,17 +76,23 @@ all_configs 15 s each, plus what the groups before them leave. The sizing, for a
 and inductor caches; Triton's 0.3-0.5 s per compile; distinct compiles counted on a CPU by replaying each
 group's launches through the fixed rules for sm_90 with nothing launched):
 
-* accuracy: 504 cases, 714 distinct compiles with the launch layer of 2026-12-03 (214-357 s of compiles:
-  its share cuts it, after the odd shapes and ImageNet-64's bf16 shapes, which run first); fewer once
-  compile-time parameters are bucketed (issue 19, point 2). Its runs, float64 references included, are
-  estimated at well under 30 s on a GPU.
-* determinism: 12 cases, 42 compiles, most of them shared with accuracy (compiled once per process).
-* train_step: fastdiff's own compiles (at most 40 for this UNet, issue 19's target), two inductor compiles
-  of the UNet, forward and backward (the eager code's, then fastdiff's; estimated at 40-70 s each on a
-  server CPU), and 15 timed steps per contestant. On a cold cache the share may end before the last
-  check (torch.compile of fastdiff's UNet); ``--only train_step`` reruns it with inductor's cache warm.
-* kernel_timing: 28 Triton compiles, 8 inductor compiles of one op each (bf16 only), 17 timed runs per
-  contestant.
+* accuracy: 33 small cases, the 27 real-UNet cases (of 465) that launch a kernel, config and dtype no
+  case before them does (84 such triples; ``accuracy.covering``), 6 Tq != Tk cases: 66 checks and 192
+  distinct compiles (58-96 s cold). Planning replays the 465 calls on the meta device: about 45 s on two
+  loaded cores of a small AMD EPYC, not yet measured on a GPU host (part of the group's share).
+  Before that cut (2026-12-03) it took all 465 real-UNet cases and 612 compiles (3-5 minutes by itself).
+  Its runs, float64 references included, are estimated at well under 30 s on a GPU.
+* determinism: 12 cases, 42 compiles, 7 of them not already compiled by accuracy.
+* train_step: 77 Triton compiles for the UNet's fp32 and bf16 steps at batch 16 (56 not compiled
+  before), two inductor compiles of the UNet, forward and backward (the eager code's, then fastdiff's;
+  estimated at 40-70 s each on a server CPU), and 15 timed steps per contestant. On a cold cache the
+  share may end before the last check (torch.compile of fastdiff's UNet); ``--only train_step`` reruns it
+  with inductor's cache warm.
+* kernel_timing: 28 Triton compiles (7 new), 8 inductor compiles of one op each (bf16 only), 17 timed
+  runs per contestant.
+
+In all 262 distinct Triton compiles for the first five groups (``fastdiff.selftest.cold`` counts them on
+any machine; ``tests/test_selftest_compiles.py`` bounds them), 672 before the accuracy cut.
 
 These are estimates until a GPU runs the selftest: the reports give every group's compile count and
 compile seconds apart from its run seconds, which is what the next sizing should use."""

@@ -34,35 +34,44 @@ def _tag(config: launch.Config) -> str:
 # share the 256 bucket: its tiles keep BLOCK x 256 fp32 accumulators in registers, so they are short
 # (16 or 32 along T, 8 warps); in the checked candidates every 64-long half tile and 4-warp tile
 # spilled, as did three 8-warp ones in some variant.
+# Left out because Triton 3.6 (what the GPU machines in reach carry; none spills under 3.9) spilled 8-40 B
+# with them: half d16/d32 m128n64w8s3 (bthd, aligned, sm_80: m64n64w4s3 now leads, the same 16 query rows
+# per warp and twice the K/V tile reloads, twice the programs), half d256 m32n32w8s2 (qkv, aligned, sm_80:
+# m32n16w8s2 serves, half the keys per step, 128 registers either way), fp32 d128 m32n16w8s2 (m16n16w4s2).
+# fp32 d256 m32n16w8s2 still spills 48 B under 3.6 (bthd, sm_80); m16n16w8s2, m16n16w4s2 and m32n16w8s1,
+# tried in its place, spilled under 3.6 or 3.9 too (fp32 attention at head dim 256 is rare on a GPU).
 FORWARD_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
-    ("half", 16): (_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 32, 4, 3), _C(128, 128, 8, 3)),
-    ("half", 32): (_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 32, 8, 3), _C(128, 128, 8, 3)),
+    ("half", 16): (_C(64, 64, 4, 3), _C(128, 32, 4, 3), _C(128, 128, 8, 3)),
+    ("half", 32): (_C(64, 64, 4, 3), _C(128, 32, 8, 3), _C(128, 128, 8, 3)),
     ("half", 64): (_C(64, 64, 8, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3), _C(64, 32, 4, 3)),
     ("half", 128): (_C(64, 32, 8, 3), _C(128, 32, 8, 3), _C(128, 16, 8, 3)),
-    ("half", 256): (_C(32, 32, 8, 2), _C(32, 16, 8, 2)),
+    ("half", 256): (_C(32, 16, 8, 2),),
     ("fp32", 16): (_C(64, 32, 8, 2), _C(32, 32, 4, 2), _C(64, 16, 8, 2)),
     ("fp32", 32): (_C(32, 32, 4, 2), _C(32, 32, 8, 2), _C(64, 32, 4, 1)),
     ("fp32", 64): (_C(32, 32, 8, 2), _C(32, 16, 8, 2)),
-    ("fp32", 128): (_C(32, 16, 8, 2), _C(16, 16, 4, 2)),
+    ("fp32", 128): (_C(16, 16, 4, 2),),
     ("fp32", 256): (_C(32, 16, 8, 2),),
 }
 # dK/dV: a program owns block_n keys and steps over queries block_m at a time; block_m is the same
 # across each list, so whichever config runs, the order of the sums is the same. Under Triton 3.6 (what
-# the GPU machines in reach carry) m32n64w8 spilled 8 B at head dim 128 on sm_90 and m32n64w8s2 /
-# m32n128w8s3 12 B at head dim 64 on sm_80 (255 registers, no spill under 3.9): those are left out.
+# the GPU machines in reach carry) m32n64w8 spilled 8 B at head dim 128 on sm_90, m32n64w8s2 /
+# m32n128w8s3 12 B at head dim 64 on sm_80 (255 registers, no spill under 3.9) and fp32 d16 m32n32w8s2
+# 8 B (qkv, sm_90; m32n32w4s1 serves): those are left out.
 DKDV_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("half", 16): (_C(64, 64, 4, 2), _C(64, 128, 8, 2), _C(64, 64, 4, 3)),
     ("half", 32): (_C(32, 64, 4, 2), _C(32, 128, 8, 2), _C(32, 64, 8, 2), _C(32, 128, 8, 3)),
     ("half", 64): (_C(32, 64, 4, 2), _C(32, 128, 8, 2)),
     ("half", 128): (_C(32, 32, 8, 2),),
     ("half", 256): (_C(16, 16, 8, 2), _C(16, 16, 8, 3)),
-    ("fp32", 16): (_C(32, 32, 8, 2), _C(32, 32, 4, 1)),
+    ("fp32", 16): (_C(32, 32, 4, 1),),
     ("fp32", 32): (_C(32, 32, 8, 2),),
     ("fp32", 64): (_C(16, 32, 4, 2),),
     ("fp32", 128): (_C(16, 16, 8, 2), _C(16, 16, 4, 1)),
     ("fp32", 256): (_C(16, 16, 8, 1),),
 }
 # dQ: a program owns block_m queries and steps over keys block_n at a time (block_n fixed per list).
+# Left out for Triton 3.6's spills (8-32 B): fp32 d64 m32n32w4s2 (qkv, sm_90) and fp32 d128 m32n32w8s2
+# (aligned; m16n32w8s2 serves, half the queries per program, the same keys per step).
 DQ_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("half", 16): (_C(64, 64, 4, 2), _C(128, 64, 8, 2), _C(64, 64, 8, 2)),
     ("half", 32): (_C(64, 64, 4, 2), _C(128, 64, 8, 3), _C(64, 64, 8, 3)),
@@ -71,8 +80,8 @@ DQ_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("half", 256): (_C(16, 16, 8, 2), _C(16, 16, 8, 3)),
     ("fp32", 16): (_C(32, 32, 4, 2), _C(64, 32, 8, 2), _C(32, 32, 8, 2)),
     ("fp32", 32): (_C(32, 32, 4, 2), _C(32, 32, 8, 2)),
-    ("fp32", 64): (_C(32, 32, 8, 2), _C(32, 32, 4, 2)),
-    ("fp32", 128): (_C(32, 32, 8, 2), _C(16, 32, 8, 2)),
+    ("fp32", 64): (_C(32, 32, 8, 2),),
+    ("fp32", 128): (_C(16, 32, 8, 2),),
     ("fp32", 256): (_C(32, 16, 8, 2),),
 }
 # delta = rowsum(dO * O): rows per program, one config per head-dim bucket.

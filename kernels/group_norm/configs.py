@@ -23,6 +23,10 @@ SPLIT_CONFIGS: tuple[launch.Config, ...] = tuple(
 FUSED_FORWARD_ELEMENTS_PER_THREAD = 32
 FUSED_BACKWARD_ELEMENTS_PER_THREAD = 16
 SPLIT_ELEMENTS_PER_THREAD = 8
+BACKWARD_CHANNELS_PER_WARP = 8
+"""A fused backward program takes at least BLOCK_C / 8 warps: Triton 3.6's ptxas spilled the [32 x 32]
+channels_last tile at 2 warps on sm_80 (the per-channel vectors of 32 channels over 64 threads), and 4
+warps hold it with no spill under 3.6 and 3.9."""
 MAX_WARPS = max(c.num_warps for c in FUSED_CONFIGS)
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (chunks of a group)
 
@@ -94,22 +98,27 @@ def _strides(*names: str) -> tuple[str, ...]:
     return tuple(f"stride_{name}{axis}" for name in names for axis in "ncs")
 
 
-def _tile_elements(problem: launch.Problem, config: launch.Config) -> int:
-    """Elements of one register tile: TILE for split kernels, BLOCK_C * BLOCK_S for fused ones."""
-    meta = {**problem.constexprs, **config.meta}
-    return meta["TILE"] if "TILE" in meta else meta["BLOCK_C"] * meta["BLOCK_S"]
+def min_fused_warps(block_c: int, backward: bool) -> int:
+    """The fewest warps a fused program of ``block_c`` channels takes (``BACKWARD_CHANNELS_PER_WARP``)."""
+    return max(1, block_c // BACKWARD_CHANNELS_PER_WARP) if backward else 1
 
 
-def _budget(elements_per_thread: int):
-    """Autotune pruning: a config may hold at most ``elements_per_thread`` tile elements per thread."""
+def _budget(elements_per_thread: int, fused: bool, backward: bool):
+    """Autotune pruning: a config may hold at most ``elements_per_thread`` tile elements per thread (a
+    tile is BLOCK_C * BLOCK_S for a fused pass, TILE for a split one), and a fused one has at least
+    ``min_fused_warps`` warps."""
 
     def fits(problem: launch.Problem, config: launch.Config) -> bool:
-        return _tile_elements(problem, config) <= elements_per_thread * 32 * config.num_warps
+        meta = {**problem.constexprs, **config.meta}
+        tile = meta["BLOCK_C"] * meta["BLOCK_S"] if fused else meta["TILE"]
+        if fused and config.num_warps < min_fused_warps(meta["BLOCK_C"], backward):
+            return False
+        return tile <= elements_per_thread * 32 * config.num_warps
 
     return fits
 
 
-def _fused_rule(elements_per_thread: int):
+def _fused_rule(elements_per_thread: int, backward: bool):
     """Fixed warps for a fused kernel (one program per (sample, group), the whole group in registers).
 
     Not measured (no GPU was at hand when it was written): a group of ``tile`` padded elements is spread
@@ -123,7 +132,11 @@ def _fused_rule(elements_per_thread: int):
     def rule(problem: launch.Problem) -> launch.Config:
         tile = problem.sizes["tile"]
         per_thread = 8 if problem.sizes["programs"] < 2 * launch.TARGET_SMS else 16
-        warps = max(1, tile // (32 * per_thread), -(-tile // (32 * elements_per_thread)))
+        warps = max(
+            min_fused_warps(problem.constexprs["BLOCK_C"], backward),
+            tile // (32 * per_thread),
+            -(-tile // (32 * elements_per_thread)),
+        )
         warps = min(MAX_WARPS, triton.next_power_of_2(warps))
         return next(c for c in FUSED_CONFIGS if c.num_warps == warps)
 
@@ -143,21 +156,8 @@ def _split_rule(problem: launch.Problem) -> launch.Config:
     return max(fitting, key=lambda c: c.meta["TILE"]) if fitting else SPLIT_CONFIGS[0]
 
 
-_FWD_FUSED_TYPES = launch.arg_types(
-    device._gn_fwd_fused_kernel,
-    storage=("x_ptr", "y_ptr"),
-    fp32_pointers=(*_AFFINE_POINTERS, "mean_ptr", "rstd_ptr"),
-    i32=(*_SHAPE_ARGS, *_strides("x", "y"), *_AFFINE_STRIDES),
-    fp32=("eps",),
-)
-_FWD_PARTIAL_STATS_TYPES = launch.arg_types(
-    device._gn_fwd_partial_stats_kernel,
-    storage=("x_ptr",),
-    fp32_pointers=("part_count_ptr", "part_mean_ptr", "part_m2_ptr"),
-    i32=(*_SHAPE_ARGS, *_CHUNK_ARGS, *_strides("x")),
-)
-_FWD_SPLIT_APPLY_TYPES = launch.arg_types(
-    device._gn_fwd_split_apply_kernel,
+_FWD_TYPES = launch.arg_types(
+    device._gn_fwd_kernel,
     storage=("x_ptr", "y_ptr"),
     fp32_pointers=(
         *_AFFINE_POINTERS,
@@ -170,20 +170,8 @@ _FWD_SPLIT_APPLY_TYPES = launch.arg_types(
     i32=(*_SHAPE_ARGS, *_CHUNK_ARGS, *_strides("x", "y"), *_AFFINE_STRIDES),
     fp32=("eps",),
 )
-_BWD_FUSED_TYPES = launch.arg_types(
-    device._gn_bwd_fused_kernel,
-    storage=("dy_ptr", "x_ptr", "dx_ptr"),
-    fp32_pointers=(*_AFFINE_POINTERS, "mean_ptr", "rstd_ptr", "sum_a_ptr", "sum_b_ptr"),
-    i32=(*_SHAPE_ARGS, *_strides("dy", "x", "dx"), *_AFFINE_STRIDES),
-)
-_BWD_PARTIAL_SUMS_TYPES = launch.arg_types(
-    device._gn_bwd_partial_sums_kernel,
-    storage=("dy_ptr", "x_ptr"),
-    fp32_pointers=(*_AFFINE_POINTERS, "mean_ptr", "rstd_ptr", "part_a_ptr", "part_b_ptr"),
-    i32=(*_SHAPE_ARGS, *_CHUNK_ARGS, *_strides("dy", "x"), *_AFFINE_STRIDES),
-)
-_BWD_SPLIT_APPLY_TYPES = launch.arg_types(
-    device._gn_bwd_split_apply_kernel,
+_BWD_TYPES = launch.arg_types(
+    device._gn_bwd_kernel,
     storage=("dy_ptr", "x_ptr", "dx_ptr"),
     fp32_pointers=(
         *_AFFINE_POINTERS,
@@ -197,53 +185,83 @@ _BWD_SPLIT_APPLY_TYPES = launch.arg_types(
     i32=(*_SHAPE_ARGS, *_CHUNK_ARGS, *_strides("dy", "x", "dx"), *_AFFINE_STRIDES),
 )
 
+# What each pass of the two kernels leaves unread: its launches pin these constexprs to neutral values and
+# pass neutral runtime arguments (``pass_args``), so a pass compiles to one binary whatever the variant
+# (the partial passes serve GroupNorm, +SiLU and +scale-shift alike) and to the code it would as a kernel
+# of its own.
+_FLAGS = ("HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE_SHIFT", "SILU")
+_NEUTRAL_CONSTEXPRS = {
+    **dict.fromkeys(_FLAGS, False),
+    "WRITE_DX": False,
+    "WRITE_SUMS": False,
+    "BLOCK_S": 1,
+    "BLOCK_P": 1,
+    "TILE": 1,
+}
+_UNREAD: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # (direction, pass): (constexprs, runtime arguments)
+    ("fwd", "fused"): (("BLOCK_P", "TILE"), ("part_count_ptr", "part_mean_ptr", "part_m2_ptr", *_CHUNK_ARGS)),
+    ("fwd", "partial"): (
+        (*_FLAGS, "BLOCK_S", "BLOCK_P"),
+        ("y_ptr", *_AFFINE_POINTERS, "mean_ptr", "rstd_ptr", *_strides("y"), *_AFFINE_STRIDES, "eps"),
+    ),
+    ("fwd", "apply"): (("BLOCK_S",), ()),
+    ("bwd", "fused"): (("BLOCK_P", "TILE"), ("part_a_ptr", "part_b_ptr", *_CHUNK_ARGS)),
+    ("bwd", "partial"): (
+        ("WRITE_DX", "WRITE_SUMS", "BLOCK_S", "BLOCK_P"),
+        ("dx_ptr", "sum_a_ptr", "sum_b_ptr", *_strides("dx")),
+    ),
+    ("bwd", "apply"): (("BLOCK_S",), ()),
+}
+_UNREAD_ARGS: dict[launch.Kernel, frozenset[str]] = {}
 
-def _register(name: str, fn, fused: bool, elements_per_thread: int, types: dict[str, str]) -> launch.Kernel:
-    return launch.register(
+
+def _register(name: str, direction: str, pass_: str, elements_per_thread: int) -> launch.Kernel:
+    """The launch-layer kernel ``name``: pass ``pass_`` of ``device._gn_<direction>_kernel``."""
+    fused = pass_ == "fused"
+    fn, types = (
+        (device._gn_fwd_kernel, _FWD_TYPES) if direction == "fwd" else (device._gn_bwd_kernel, _BWD_TYPES)
+    )
+    unread_constexprs, unread = _UNREAD[(direction, pass_)]
+    kernel = launch.register(
         name,
         family="group_norm",
         fn=fn,
         configs=FUSED_CONFIGS if fused else SPLIT_CONFIGS,
-        rule=_fused_rule(elements_per_thread) if fused else _split_rule,
+        rule=_fused_rule(elements_per_thread, direction == "bwd") if fused else _split_rule,
         arg_types=types,
-        fits=_budget(elements_per_thread),
+        fits=_budget(elements_per_thread, fused, direction == "bwd"),
+        constexprs={"PASS": pass_, **{k: _NEUTRAL_CONSTEXPRS[k] for k in unread_constexprs}},
     )
+    _UNREAD_ARGS[kernel] = frozenset(unread)
+    return kernel
 
 
-FWD_FUSED = _register(
-    "gn_fwd_fused", device._gn_fwd_fused_kernel, True, FUSED_FORWARD_ELEMENTS_PER_THREAD, _FWD_FUSED_TYPES
-)
-FWD_PARTIAL_STATS = _register(
-    "gn_fwd_partial_stats",
-    device._gn_fwd_partial_stats_kernel,
-    False,
-    SPLIT_ELEMENTS_PER_THREAD,
-    _FWD_PARTIAL_STATS_TYPES,
-)
-FWD_SPLIT_APPLY = _register(
-    "gn_fwd_split_apply",
-    device._gn_fwd_split_apply_kernel,
-    False,
-    SPLIT_ELEMENTS_PER_THREAD,
-    _FWD_SPLIT_APPLY_TYPES,
-)
-BWD_FUSED = _register(
-    "gn_bwd_fused", device._gn_bwd_fused_kernel, True, FUSED_BACKWARD_ELEMENTS_PER_THREAD, _BWD_FUSED_TYPES
-)
-BWD_PARTIAL_SUMS = _register(
-    "gn_bwd_partial_sums",
-    device._gn_bwd_partial_sums_kernel,
-    False,
-    SPLIT_ELEMENTS_PER_THREAD,
-    _BWD_PARTIAL_SUMS_TYPES,
-)
-BWD_SPLIT_APPLY = _register(
-    "gn_bwd_split_apply",
-    device._gn_bwd_split_apply_kernel,
-    False,
-    SPLIT_ELEMENTS_PER_THREAD,
-    _BWD_SPLIT_APPLY_TYPES,
-)
+def unread_args(kernel: launch.Kernel) -> frozenset[str]:
+    """Runtime arguments of GroupNorm ``kernel`` that its pass does not read."""
+    return _UNREAD_ARGS[kernel]
+
+
+def pass_args(kernel: launch.Kernel, placeholder: object, **named: object) -> tuple:
+    """``kernel``'s positional runtime arguments from ``named`` (argument name -> value); the ones its pass
+    does not read may be left out and get neutral values (``placeholder`` for pointers, 0, 0.0), so they
+    never change the binary a launch compiles."""
+    neutral = {"i32": 0, "fp32": 0.0}
+    args = []
+    for name, kind in kernel.arg_types.items():
+        if name in _UNREAD_ARGS[kernel]:
+            args.append(neutral.get(kind, placeholder))
+        else:
+            args.append(named[name])
+    return tuple(args)
+
+
+FWD_FUSED = _register("gn_fwd_fused", "fwd", "fused", FUSED_FORWARD_ELEMENTS_PER_THREAD)
+FWD_PARTIAL_STATS = _register("gn_fwd_partial_stats", "fwd", "partial", SPLIT_ELEMENTS_PER_THREAD)
+FWD_SPLIT_APPLY = _register("gn_fwd_split_apply", "fwd", "apply", SPLIT_ELEMENTS_PER_THREAD)
+BWD_FUSED = _register("gn_bwd_fused", "bwd", "fused", FUSED_BACKWARD_ELEMENTS_PER_THREAD)
+BWD_PARTIAL_SUMS = _register("gn_bwd_partial_sums", "bwd", "partial", SPLIT_ELEMENTS_PER_THREAD)
+BWD_SPLIT_APPLY = _register("gn_bwd_split_apply", "bwd", "apply", SPLIT_ELEMENTS_PER_THREAD)
 KERNELS = (FWD_FUSED, FWD_PARTIAL_STATS, FWD_SPLIT_APPLY, BWD_FUSED, BWD_PARTIAL_SUMS, BWD_SPLIT_APPLY)
 ELEMENTS_PER_THREAD = {
     FWD_FUSED: FUSED_FORWARD_ELEMENTS_PER_THREAD,

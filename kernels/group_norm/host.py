@@ -28,6 +28,7 @@ from .configs import (
     SPLIT_CONFIGS,
     SUPPORTED_DTYPES,
     GroupNormTuning,
+    pass_args,
 )
 
 Tensor = torch.Tensor
@@ -100,6 +101,55 @@ def _matrix_strides(t: OptTensor, n: int, c: int) -> tuple[OptTensor, int, int]:
         return None, 0, 0
     t = t.reshape(n, c)
     return t, t.stride(0), t.stride(1)
+
+
+def _affine_args(
+    placeholder: Tensor,
+    weight: OptTensor,
+    bias: OptTensor,
+    scale: OptTensor,
+    shift: OptTensor,
+    scale_strides: list[int],
+    shift_strides: list[int],
+) -> dict[str, Any]:
+    """The kernels' affine arguments by name; ``placeholder`` (never dereferenced) stands for an absent
+    optional input."""
+    params = (placeholder if t is None else t for t in (weight, bias, scale, shift))
+    strides = (*scale_strides, *shift_strides)
+    return {
+        **dict(zip(("weight_ptr", "bias_ptr", "scale_ptr", "shift_ptr"), params, strict=True)),
+        **dict(
+            zip(
+                ("stride_scale_n", "stride_scale_c", "stride_shift_n", "stride_shift_c"), strides, strict=True
+            )
+        ),
+    }
+
+
+def _shape_args(num_groups: int, group_channels: int, spatial: int, geometry: "_Geometry") -> dict[str, int]:
+    """The kernels' problem-size arguments by name."""
+    return {
+        "num_groups": num_groups,
+        "group_channels": group_channels,
+        "spatial": spatial,
+        "chunk_spatial": geometry.chunk_spatial,
+        "num_chunks": geometry.num_chunks,
+    }
+
+
+def _stride_args(name: str, strides: tuple[int, int, int]) -> dict[str, int]:
+    """``stride_<name>n``, ``stride_<name>c``, ``stride_<name>s`` of an [N, C, S] view."""
+    return dict(zip((f"stride_{name}{axis}" for axis in "ncs"), strides, strict=True))
+
+
+def _flags(weight: OptTensor, bias: OptTensor, scale: OptTensor, silu: bool) -> dict[str, bool]:
+    """The variant constexprs: which optional inputs are given, and SiLU."""
+    return {
+        "HAS_WEIGHT": weight is not None,
+        "HAS_BIAS": bias is not None,
+        "HAS_SCALE_SHIFT": scale is not None,
+        "SILU": bool(silu),
+    }
 
 
 def _assert_inputs(**tensors: OptTensor) -> None:
@@ -210,40 +260,35 @@ def group_norm_forward(
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     scale, *scale_strides = _matrix_strides(scale, n, channels)
     shift, *shift_strides = _matrix_strides(shift, n, channels)
-    placeholder = x  # the pointer passed for an absent optional input; never dereferenced
-    params = tuple(placeholder if t is None else t for t in (weight, bias, scale, shift))
-    flags = {
-        "HAS_WEIGHT": weight is not None,
-        "HAS_BIAS": bias is not None,
-        "HAS_SCALE_SHIFT": scale is not None,
-        "SILU": bool(silu),
-    }
     spatial_major = x_strides[2] == 1 and x_strides[1] != 1
     geometry = _geometry(
         n * num_groups, group_channels, spatial, tuning.fused_max_forward, tuning, spatial_major
     )
-    eps32 = float(torch.tensor(eps, dtype=torch.float32))
-    shape_args = (num_groups, group_channels, spatial)
+    named = {
+        "x_ptr": x,
+        "y_ptr": y,
+        **_affine_args(x, weight, bias, scale, shift, scale_strides, shift_strides),
+        "mean_ptr": mean,
+        "rstd_ptr": rstd,
+        **_shape_args(num_groups, group_channels, spatial, geometry),
+        **_stride_args("x", x_strides),
+        **_stride_args("y", y_strides),
+        "eps": float(torch.tensor(eps, dtype=torch.float32)),
+    }
+    flags = _flags(weight, bias, scale, silu)
     if geometry.fused:
-        args = (
-            x, y, *params, mean, rstd, *shape_args, *x_strides, *y_strides, *scale_strides,
-            *shift_strides, eps32,
-        )  # fmt: skip
+        args = pass_args(FWD_FUSED, x, **named)
         meta = {**flags, "BLOCK_C": geometry.block_c, "BLOCK_S": geometry.block_s}
         _launch(FWD_FUSED, (n * num_groups,), args, meta, x, tuning, geometry)
         return y, mean, rstd
 
-    chunks = (geometry.chunk_spatial, geometry.num_chunks)
     partials = torch.empty((3, n * num_groups * geometry.num_chunks), device=x.device, dtype=torch.float32)
+    named.update(zip(("part_count_ptr", "part_mean_ptr", "part_m2_ptr"), partials, strict=True))
     grid = (n * num_groups, geometry.num_chunks)
-    stats_args = (x, *partials, *shape_args, *chunks, *x_strides)
+    stats_args = pass_args(FWD_PARTIAL_STATS, x, **named)
     _launch(FWD_PARTIAL_STATS, grid, stats_args, {"BLOCK_C": geometry.block_c}, x, tuning, geometry)
-    apply_args = (
-        x, y, *params, mean, rstd, *partials, *shape_args, *chunks, *x_strides, *y_strides,
-        *scale_strides, *shift_strides, eps32,
-    )  # fmt: skip
     meta = {**flags, "BLOCK_C": geometry.block_c, "BLOCK_P": tuning.block_p}
-    _launch(FWD_SPLIT_APPLY, grid, apply_args, meta, x, tuning, geometry)
+    _launch(FWD_SPLIT_APPLY, grid, pass_args(FWD_SPLIT_APPLY, x, **named), meta, x, tuning, geometry)
     return y, mean, rstd
 
 
@@ -333,45 +378,40 @@ def _backward_kernels(
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     scale, *scale_strides = _matrix_strides(scale, n, channels)
     shift, *shift_strides = _matrix_strides(shift, n, channels)
-    placeholder = x  # the pointer passed for an absent optional input; never dereferenced
-    params = tuple(placeholder if t is None else t for t in (weight, bias, scale, shift))
-    stats = (mean.float().contiguous(), rstd.float().contiguous())
-    flags = {
-        "HAS_WEIGHT": weight is not None,
-        "HAS_BIAS": bias is not None,
-        "HAS_SCALE_SHIFT": scale is not None,
-        "SILU": bool(silu),
-    }
-    writes = {"WRITE_DX": dx is not None, "WRITE_SUMS": need_sums}
-    shape_args = (num_groups, group_channels, spatial)
     spatial_major = x_strides[2] == 1 and x_strides[1] != 1
     geometry = _geometry(
         n * num_groups, group_channels, spatial, tuning.fused_max_backward, tuning, spatial_major
     )
+    named = {
+        "dy_ptr": dy,
+        "x_ptr": x,
+        "dx_ptr": dx_view,
+        **_affine_args(x, weight, bias, scale, shift, scale_strides, shift_strides),
+        "mean_ptr": mean.float().contiguous(),
+        "rstd_ptr": rstd.float().contiguous(),
+        "sum_a_ptr": sums[0],
+        "sum_b_ptr": sums[1],
+        **_shape_args(num_groups, group_channels, spatial, geometry),
+        **_stride_args("dy", dy_strides),
+        **_stride_args("x", x_strides),
+        **_stride_args("dx", dx_strides),
+    }
+    flags = _flags(weight, bias, scale, silu)
+    writes = {"WRITE_DX": dx is not None, "WRITE_SUMS": need_sums}
     if geometry.fused:
-        args = (
-            dy, x, dx_view, *params, *stats, sums[0], sums[1], *shape_args, *dy_strides, *x_strides,
-            *dx_strides, *scale_strides, *shift_strides,
-        )  # fmt: skip
+        args = pass_args(BWD_FUSED, x, **named)
         meta = {**flags, **writes, "BLOCK_C": geometry.block_c, "BLOCK_S": geometry.block_s}
         _launch(BWD_FUSED, (n * num_groups,), args, meta, x, tuning, geometry)
         return dx
 
-    chunks = (geometry.chunk_spatial, geometry.num_chunks)
     partials = torch.empty((2, n * channels * geometry.num_chunks), device=x.device, dtype=torch.float32)
+    named.update(part_a_ptr=partials[0], part_b_ptr=partials[1])
     grid = (n * num_groups, geometry.num_chunks)
-    reduce_args = (
-        dy, x, *params, *stats, *partials, *shape_args, *chunks, *dy_strides, *x_strides, *scale_strides,
-        *shift_strides,
-    )  # fmt: skip
+    reduce_args = pass_args(BWD_PARTIAL_SUMS, x, **named)
     _launch(BWD_PARTIAL_SUMS, grid, reduce_args, {**flags, "BLOCK_C": geometry.block_c}, x, tuning, geometry)
-    apply_args = (
-        dy, x, dx_view, *params, *stats, *partials, sums[0], sums[1], *shape_args, *chunks, *dy_strides,
-        *x_strides, *dx_strides, *scale_strides, *shift_strides,
-    )  # fmt: skip
     meta = {**flags, **writes, "BLOCK_C": geometry.block_c, "BLOCK_P": tuning.block_p}
     apply_grid = grid if dx is not None else (n * num_groups, 1)
-    _launch(BWD_SPLIT_APPLY, apply_grid, apply_args, meta, x, tuning, geometry)
+    _launch(BWD_SPLIT_APPLY, apply_grid, pass_args(BWD_SPLIT_APPLY, x, **named), meta, x, tuning, geometry)
     return dx
 
 
