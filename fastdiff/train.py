@@ -10,9 +10,16 @@ is given (the objective flags ``--class_dropout_prob``, ``--predict_v``, ``--snr
 the small CPU profile ``EMBEDDED_PROFILE`` (listed at the end of ``--help``) fills every flag not given on the
 command line: a 16x16 class-conditional model that draws recognisable shapes after a few minutes on two CPU
 cores (at another ``--image_size``, its attention stays at the 4x-downsampled level).
+
+On a latent dataset (``fastdiff.prepare_data --vae``) the model trains on the latents: ``--in_channels`` and
+``--image_size`` come from the data (a value given that disagrees is an error), ``run_config.json`` records
+the latents' info, and the sample grids and the in-training evaluation decode with the VAE (``--vae``, by
+default the folder the dataset records, when it still exists; it must be the VAE that made the latents).
+Without a VAE the grids are skipped (said once) and ``--eval_interval`` is refused.
 """
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,9 +31,11 @@ from fastdiff.cli import parse_command, run_main
 from fastdiff.config import DiffusionConfig, ModelConfig, RunConfig
 from fastdiff.config.sections import image_sides
 from fastdiff.data import BatchStream, build_dataset
-from fastdiff.data.sources import describe_dataset
+from fastdiff.data.prepared import HEADER_FILENAME, read_header
+from fastdiff.data.sources import describe_dataset, source_kind
 from fastdiff.diffusion import create_named_schedule_sampler
 from fastdiff.runtime.backends import check_autotune, check_kernels
+from fastdiff.runtime.latent_vae import VAE_PATH_KEY, checked_vae, dataset_latent_info, decoder
 from fastdiff.runtime.precision import Precision, resolve_precision
 from fastdiff.runtime.rng import derive_seed, seed_everything
 from fastdiff.training.loop import TrainLoop
@@ -107,19 +116,80 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, set[str]]:
     return config, given
 
 
+def _size_text(sides: tuple[int, int]) -> str:
+    return str(sides[0]) if sides[0] == sides[1] else f"{sides[0]},{sides[1]}"
+
+
+@dataclasses.dataclass
+class LatentData:
+    """What training on a latent dataset needs beyond the data: the VAE (None when none could be found)
+    and why there is none."""
+
+    vae: object | None
+    missing: str = ""
+
+
+def latent_data(config: RunConfig, given: set[str]) -> tuple[RunConfig, LatentData | None]:
+    """``config`` completed from a latent prepared dataset at ``--data_dir`` (``--in_channels`` and
+    ``--image_size`` from the data, the latents' info recorded, ``--vae`` resolved), and the
+    :class:`LatentData`; ``(config, None)`` for data of pixels, where ``--vae`` is an error."""
+    data_dir = config.train.data_dir
+    latent = bool(data_dir) and source_kind(data_dir) == "prepared dataset"
+    header = read_header(data_dir) if latent else None
+    if header is None or header["kind"] != "latents":
+        if config.latents.vae:
+            what = f"the {source_kind(data_dir)} {data_dir!r}" if data_dir else "the embedded shapes dataset"
+            raise ValueError(
+                f"--vae {config.latents.vae!r}: {what} holds images, not latents; --vae decodes a latent "
+                "dataset's samples (prepare one with fastdiff.prepare_data --vae)"
+            )
+        return config, None
+    header_path = os.path.join(data_dir, HEADER_FILENAME)
+    info = dataset_latent_info(data_dir, header)
+    size, channels = tuple(header["image_size"]), header["channels"]
+    if "image_size" in given and config.model.image_hw != size:
+        raise ValueError(
+            f"--image_size {_size_text(config.model.image_hw)}: the latent dataset {header_path} holds "
+            f"latents of {size[0]}x{size[1]} (height x width); leave --image_size out (it comes from the "
+            f"data) or give {_size_text(size)}"
+        )
+    if "in_channels" in given and config.model.in_channels != channels:
+        raise ValueError(
+            f"--in_channels {config.model.in_channels}: the latent dataset {header_path} holds latents of "
+            f"{channels} channels; leave --in_channels out (it comes from the data) or give {channels}"
+        )
+    config = config.with_flags({"image_size": _size_text(size), "in_channels": channels})
+    whose = f"the latent dataset {header_path}"
+    recorded = header["metadata"].get(VAE_PATH_KEY) or ""
+    vae, missing, path = None, "", config.latents.vae
+    if path:
+        vae = checked_vae(path, info, whose)
+    elif recorded and os.path.isdir(recorded):
+        path = recorded
+        vae = checked_vae(recorded, info, whose, flag=f"the VAE {header_path} records (--vae's default)")
+    else:
+        where = f"the VAE it records, {recorded!r}, does not exist" if recorded else "it records no VAE"
+        missing = f"{whose}: {where}"
+    latents = dataclasses.replace(config.latents, vae=path, info=info.to_dict())
+    return dataclasses.replace(config, latents=latents), LatentData(vae, missing)
+
+
 def build_previews(config: RunConfig, model: torch.nn.Module):
     """The diffusion and sample_batch options of the sample grids and the in-training evaluation: the
-    training diffusion respaced to --preview_steps, sampled with the --preview_* flags over all its steps."""
+    training diffusion respaced to --preview_steps, sampled with the --preview_* flags over all its steps
+    (a latent model's without clipping: latents are not bounded by [-1, 1])."""
     preview = config.preview
     respacing = preview_respacing(config.diffusion.diffusion_steps, preview.steps, preview.use_ddim)
     diffusion = build_diffusion(config.diffusion, respacing)
     sampling = dataclasses.replace(preview, steps=0)
+    if config.latents.info is not None:
+        sampling = dataclasses.replace(sampling, clip_denoised=False)
     sampling.check_against(diffusion, model, flag_prefix="preview_")
     return diffusion, sampling.options()
 
 
 def build_evaluation(
-    config: RunConfig, given: set[str], model, previews, dataset, precision: Precision, ctx
+    config: RunConfig, given: set[str], model, previews, dataset, precision: Precision, ctx, decode=None
 ) -> TrainingEvaluation | None:
     """The in-training evaluation for ``--eval_interval`` (None when 0), sampling like the grids
     (``previews``: their diffusion and options). Reference statistics are computed here, before training;
@@ -128,6 +198,9 @@ def build_evaluation(
     evaluation = config.evaluation
     if evaluation.eval_interval <= 0:
         return None
+    tag = ""
+    if config.latents.info is not None:
+        tag = "vae" + config.latents.info["fingerprint"][:8]
     try:
         return TrainingEvaluation(
             model=model,
@@ -144,6 +217,8 @@ def build_evaluation(
             log_dir=config.train.log_dir,
             ema_rate=config.train.ema_rates[0],
             inception=evaluation.inception,
+            decode=decode,
+            decode_tag=tag,
         )
     except ValueError as error:
         if "eval_interval" in given:
@@ -163,6 +238,12 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
     ``model_factory(model_config, diffusion_config)`` builds the network to train (default: fastdiff's UNet).
     """
     config, given = parse_args(argv)
+    config, latent = latent_data(config, given)
+    if latent is not None and latent.vae is None and config.evaluation.eval_interval > 0:
+        raise ValueError(
+            f"--eval_interval {config.evaluation.eval_interval}: scoring a latent model's samples needs the "
+            f"VAE to decode them, and there is none ({latent.missing}); pass --vae PATH"
+        )
     train, runtime = config.train, config.runtime
     ctx = dist_util.setup_dist(runtime.device)
     try:
@@ -202,8 +283,15 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
         schedule_sampler = create_named_schedule_sampler(train.schedule_sampler, diffusion)
 
         previews = build_previews(config, model)
+        decode = decoder(latent.vae, ctx.device) if latent is not None and latent.vae is not None else None
         preview = None
-        if ctx.is_main and train.sample_interval:
+        if latent is not None and decode is None and train.sample_interval:
+            _print_main(
+                ctx,
+                "note: no sample grids: the model works on latents and no VAE decodes them "
+                f"({latent.missing}); pass --vae PATH for grids",
+            )
+        elif ctx.is_main and train.sample_interval:
             preview = SamplePreview(
                 model,
                 previews[0],
@@ -213,8 +301,9 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
                 runtime.seed,
                 precision,
                 sampling=previews[1],
+                decode=decode,
             )
-        evaluation = build_evaluation(config, given, model, previews, dataset, precision, ctx)
+        evaluation = build_evaluation(config, given, model, previews, dataset, precision, ctx, decode)
         _print_main(
             ctx,
             f"training on {ctx.world_size} process(es), device {ctx.device}, precision {precision.name}, "
