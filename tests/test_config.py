@@ -77,7 +77,12 @@ def _written(tmp_path, edit) -> str:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d.update(version=RUN_CONFIG_VERSION + 1), "format version 3 is newer than this fastdiff"),
+        (
+            lambda d: d.update(version=RUN_CONFIG_VERSION + 1),
+            f"format version {RUN_CONFIG_VERSION + 1} is newer than this fastdiff",
+        ),
+        (lambda d: d.pop("latents"), "missing field 'latents'"),
+        (lambda d: d["latents"].update(info={"format": "x"}), "'latents.info'.*field 'format'"),
         (lambda d: d["train"].update(learning_rate=1.0), r"unknown field\(s\) train\.learning_rate"),
         (lambda d: d["model"].pop("num_channels"), r"missing field\(s\) model\.num_channels"),
         (lambda d: d.pop("diffusion"), "missing field 'diffusion'"),
