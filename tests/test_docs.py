@@ -85,11 +85,28 @@ DOCUMENTED_RUNS = {
     "runs/fastdiff/ema_0.99_001500.pt": ("main", "ema"),
     "runs/in64/ema_0.9999_500000.pt": ("main", "ema"),
     "runs/guided/ema_0.99_001500.pt": ("guided", "ema"),
+    "runs/faces_latents/ema_0.9999_100000.pt": ("latent", "ema"),
 }
 """Checkpoints the docs read, and which tiny training run of the workspace stands for each."""
 
-TINY_RUNS = {"main": [], "guided": ["--class_dropout_prob", "0.1"]}
-"""The workspace's training runs: the main job (embedded profile), and with a null class for guidance."""
+DOCUMENTED_VAE = "models/sd-vae"
+"""The VAE folder the docs name (``/models/sd-vae``): the small random AutoencoderKL of tests/small_vae.py
+(downsampling factor 2: the docs' 16x16 images become 8x8 latents)."""
+WORKSPACE_LATENTS = "data/workspace_latents"
+"""The latent dataset the workspace's latent run trains on (data/faces encoded with DOCUMENTED_VAE)."""
+
+TINY_RUNS = {
+    "main": [],
+    "guided": ["--class_dropout_prob", "0.1"],
+    "latent": ["--data_dir", WORKSPACE_LATENTS, "--ema_rate", "0.99"],
+}
+"""The workspace's training runs: the main job (embedded profile), with a null class for guidance, and on
+latents (the tiny model of LATENT_MODEL)."""
+
+LATENT_MODEL = {"num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2", "attention_resolutions": "4",
+                "num_head_channels": -1}  # fmt: skip
+"""A training command on a latent dataset (its --data_dir ends in ``_latents``) takes its size from the
+data, 8x8 here: it trains this tiny model instead of the one it names."""
 
 
 @dataclass(frozen=True)
@@ -437,6 +454,9 @@ def small_args(module: str, args: list[str], index: int) -> list[str]:
     args = [word[1:] if word.startswith(MOVED_ROOTS) else word for word in args]
     if module == "fastdiff.train":
         _shrink_model(args)
+        if (_get(args, "data_dir") or "").rstrip("/").endswith("_latents"):
+            for name, value in LATENT_MODEL.items():
+                _set(args, name, value)
         _set(args, "max_steps", 2)
         _set(args, "log_dir", f"train_runs/{index}")
         _set(args, "num_workers", 0)
@@ -537,6 +557,11 @@ def workspace(tmp_path_factory):
     try:
         for name in ("faces", "imagenet64", "train"):
             _write_images(root / "data" / name)
+        from small_vae import save_small_vae
+
+        save_small_vae(root / DOCUMENTED_VAE, seed=1)
+        prepare = ["data/faces", WORKSPACE_LATENTS, "--vae", DOCUMENTED_VAE, "--image_size", "16"]
+        run_entry_point("fastdiff.prepare_data", [*prepare, "--workers", "1"], {})
         for run, extra in TINY_RUNS.items():
             args = small_args("fastdiff.train", extra, 0)
             _set(args, "log_dir", run)
