@@ -59,6 +59,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EvaluateCommand, set[
 def load_samples(config: EvaluateCommand, given: set[str], ctx) -> ImageSet:
     """The SAMPLES images: read from an npz/folder, or drawn from a checkpoint with fastdiff.sample's code."""
     samples = config.evaluate.samples
+    if config.latents.vae and not samples.endswith(CHECKPOINT_SUFFIXES):
+        raise ValueError(
+            f"--vae {config.latents.vae!r}: --samples {samples!r} holds images already; --vae decodes the "
+            "samples of a latent model's checkpoint"
+        )
     if not samples.endswith(CHECKPOINT_SUFFIXES):
         size = config.model.image_hw if "image_size" in given else 0
         found = load_images(samples, "--samples", size, channels=config.model.in_channels)

@@ -8,6 +8,7 @@ latent channels), saved to a temporary folder; the UNet is tests/tiny_run.py's t
 """
 
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -29,6 +30,7 @@ from fastdiff.data.prepared import DATA_FILENAME, HEADER_FILENAME, PreparedDataE
 from fastdiff.data.sources import FolderDataset
 from fastdiff.latents import LatentInfo, decode_latents, load_vae, vae_fingerprint
 from fastdiff.runtime.image_grid import to_uint8_nhwc
+from fastdiff.training import latent_data as latent_training
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 IMAGE_SIZE = 16
@@ -193,6 +195,15 @@ def test_a_v2_run_config_without_latents_still_loads(latent_run, tmp_path):
     assert config.model.in_channels == 4
 
 
+def test_a_run_on_pixels_keeps_no_latent_info_from_a_config_file(latent_run, image_folder):
+    saved = load_run_config(str(latent_run / "run_config.json"))  # as --config would read it
+    pixels = dataclasses.replace(saved, latents=dataclasses.replace(saved.latents, vae=""))
+    config, latent = latent_training.latent_data(pixels.with_flags({"data_dir": str(image_folder)}), set())
+    assert latent is None and config.latents.info is None
+    with pytest.raises(ValueError, match=r"--vae .*: the image folder .* holds images, not latents"):
+        latent_training.latent_data(saved.with_flags({"data_dir": str(image_folder)}), set())
+
+
 def test_flags_that_disagree_with_the_latent_data(latent_data, tmp_path):
     base = [*TRAIN, "--data_dir", str(latent_data), "--log_dir", str(tmp_path / "run")]
     header = f"{latent_data / HEADER_FILENAME}"
@@ -294,8 +305,12 @@ def test_sample_refuses_another_vae_a_missing_one_and_vae_on_pixels(
     assert not list(tmp_path.iterdir())
 
 
-def test_evaluate_needs_the_vae_of_a_latent_model(latent_run, vae_folder, image_folder):
+def test_evaluate_needs_the_vae_of_a_latent_model(latent_run, vae_folder, image_folder, tmp_path):
     require_inception()
+    images = tmp_path / "images.npz"
+    np.savez(images, np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=f"--vae '{vae_folder}': --samples '{images}' holds images already"):
+        evaluate.main(["--ref", str(image_folder), "--samples", str(images), "--vae", str(vae_folder)])
     model = str(latent_run / "ema_0.9_000002.pt")
     argv = ["--ref", str(image_folder), "--samples", model, *SAMPLE[:-4], "--timestep_respacing", "ddim2"]
     argv += ["--use_ddim", "True", "--num_samples", "5", "--kid_subsets", "2", "--kid_subset_size", "2"]
