@@ -11,8 +11,10 @@ the ``fid_reference_*.npz`` that training with ``--eval_interval`` caches in its
 Rows: ddpm and ddim on uniform grids, dpmpp_2m on uniform, Karras and log-SNR grids, heun on Karras grids,
 at about ``--calls`` model calls each (heun makes 2N - 1 calls for N steps); with ``--guidance True``,
 dpmpp_2m at ``--guidance_steps`` steps on the log-SNR grid for each ``--scales`` value, scored per class
-too. ``--rows dpmpp_2m:logsnr,...`` keeps only those rows. Writes the rows as JSON and prints a markdown
-table. Small sample counts bias FID upwards (compare rows, not papers); KID is unbiased.
+too. ``--rows dpmpp_2m:logsnr,...`` keeps only those rows (``auto``: the sampler's default grid).
+``--seeds 0,1,2`` repeats every row with each seed (other starting noise and labels) and adds a summary:
+KID's mean and its spread over the seeds. Writes the rows as JSON and prints markdown tables. Small sample
+counts bias FID upwards (compare rows, not papers); KID is unbiased.
 """
 
 import argparse
@@ -23,6 +25,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from fastdiff import evaluate
 
 SAMPLER_ROWS = (
@@ -31,6 +35,10 @@ SAMPLER_ROWS = (
     ("dpmpp_2m", "uniform"),
     ("dpmpp_2m", "karras"),
     ("dpmpp_2m", "logsnr"),
+    ("dpmpp_2m", "auto"),
+    ("dpmpp_3m", "auto"),
+    ("unipc", "auto"),
+    ("heun", "auto"),
 )
 HEUN_ROW = ("heun", "karras")
 
@@ -58,7 +66,17 @@ def score(model_path: str, ref: str, num_samples: int, seed: int, options: dict[
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
-    """Every row's options and metrics."""
+    """Every row's options and metrics, for each of ``--seeds`` (or ``--seed``)."""
+    seeds = [int(value) for value in args.seeds.split(",")] if args.seeds else [args.seed]
+    rows = []
+    for seed in seeds:
+        for row in sweep_seed(args, seed):
+            rows.append({**row, "seed": seed})
+    return rows
+
+
+def sweep_seed(args: argparse.Namespace, seed: int) -> list[dict]:
+    """Every row's options and metrics with one seed."""
     rows = []
     if args.guidance:
         for scale in (float(value) for value in args.scales.split(",")):
@@ -69,7 +87,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                 "guidance_scale": scale,
             }
             rows.append(
-                score(args.model_path, args.ref, args.num_samples, args.seed, {**options, "per_class": True})
+                score(args.model_path, args.ref, args.num_samples, seed, {**options, "per_class": True})
             )
         return rows
     chosen = [*SAMPLER_ROWS, HEUN_ROW]
@@ -83,7 +101,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         for sampler, spacing in chosen:
             steps = steps_for_calls(sampler, calls)
             options = {"sampler": sampler, "steps": steps, "timestep_spacing": spacing}
-            row = score(args.model_path, args.ref, args.num_samples, args.seed, options)
+            row = score(args.model_path, args.ref, args.num_samples, seed, options)
             row["model_calls"] = 2 * steps - 1 if sampler == "heun" else steps
             rows.append(row)
     return rows
@@ -93,7 +111,7 @@ def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table."""
     columns = [
         name
-        for name in ("sampler", "timestep_spacing", "steps", "model_calls", "guidance_scale")
+        for name in ("sampler", "timestep_spacing", "steps", "model_calls", "guidance_scale", "seed")
         if name in rows[0]
     ]
     columns += ["fid", "kid", "kid_std", "precision", "recall", "seconds"]
@@ -110,6 +128,28 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """KID (mean, standard deviation and range over the seeds) and mean FID per sampler, grid and calls."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["sampler"], row["timestep_spacing"], row.get("model_calls", row.get("steps")))
+        groups.setdefault(key, []).append(row)
+    lines = [
+        "| sampler | timestep_spacing | model_calls | seeds | KID mean | KID std over seeds | KID min-max "
+        "| FID mean |",
+        "|" + " --- |" * 8,
+    ]
+    for (sampler, spacing, calls), group in groups.items():
+        kids = np.array([row["kid"] for row in group])
+        fids = np.array([row["fid"] for row in group])
+        spread = float(kids.std(ddof=1)) if len(kids) > 1 else float("nan")
+        lines.append(
+            f"| {sampler} | {spacing} | {calls} | {len(group)} | {kids.mean():.4f} | {spread:.4f} | "
+            f"{kids.min():.4f}-{kids.max():.4f} | {fids.mean():.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sampler_sweep", description=__doc__)
     parser.add_argument("--model_path", required=True, help="a model*.pt or ema_*.pt checkpoint")
@@ -118,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--num_samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="", help="comma-separated seeds, each row once per seed")
     parser.add_argument("--calls", default="10,20,50,100", help="model calls per sample, comma-separated")
     parser.add_argument("--guidance", type=lambda text: text.lower() in ("1", "true", "yes"), default=False)
     parser.add_argument("--scales", default="0,1,2,4", help="guidance scales, comma-separated")
@@ -130,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.out, "w") as handle:
             json.dump({"model_path": args.model_path, "ref": args.ref, "rows": rows}, handle, indent=1)
     print(markdown(rows))
+    if args.seeds:
+        print()
+        print(summary(rows))
     return 0
 
 

@@ -8,9 +8,18 @@ range. It isolates the solver's error from the model's and the metric's (FID nee
 needs a few dozen).
 
     python -m benchmarks.solver_error --model_path runs/fastdiff/ema_0.99_001500.pt
+
+``--closed_form True`` needs no model: Gaussian data (64 coordinates, scales log-uniform over
+``--scales``, mean 0) with the exact denoiser, and the RMS distance of 128 samples from the exact
+probability-flow map of the same noise to the grid's last point, then the x_0 prediction there
+(``fastdiff.diffusion.gaussian_reference``), for every ODE solver on its default grid and the others, at
+5-80 model calls, on linear, cosine and zero-terminal-SNR schedules of 1000 and 4000 steps:
+
+    python -m benchmarks.solver_error --closed_form True > benchmarks/results/solver_error_closed_form.md
 """
 
 import argparse
+import itertools
 import sys
 from collections.abc import Sequence
 
@@ -18,7 +27,9 @@ import torch
 
 from fastdiff import dist_util
 from fastdiff.config import SampleCommand, find_run_config
-from fastdiff.diffusion.sampling import sample_batch
+from fastdiff.diffusion import create_gaussian_diffusion
+from fastdiff.diffusion.gaussian_reference import GaussianData
+from fastdiff.diffusion.sampling import NoiseSchedule, resolve_spacing, sample_batch, sampling_grid
 from fastdiff.runtime.inference import prepare_inference
 
 ROWS = (
@@ -27,16 +38,87 @@ ROWS = (
     ("heun", "karras", 10), ("heun", "logsnr", 10), ("heun", "karras", 25), ("heun", "logsnr", 25),
     ("dpmpp_2m", "uniform", 20), ("dpmpp_2m", "karras", 20), ("dpmpp_2m", "logsnr", 20),
     ("dpmpp_2m", "uniform", 50), ("dpmpp_2m", "karras", 50), ("dpmpp_2m", "logsnr", 50),
+    ("dpmpp_2m", "auto", 5), ("dpmpp_2m", "auto", 10), ("dpmpp_2m", "auto", 20),
+    ("dpmpp_3m", "logsnr", 10), ("dpmpp_3m", "auto", 5), ("dpmpp_3m", "auto", 10), ("dpmpp_3m", "auto", 20),
+    ("unipc", "logsnr", 10), ("unipc", "trailing", 10), ("unipc", "auto", 5), ("unipc", "auto", 8),
+    ("unipc", "auto", 10), ("unipc", "auto", 15), ("unipc", "auto", 20),
+    ("heun", "auto", 5), ("heun", "auto", 10),
 )  # fmt: skip
+"""(sampler, spacing, steps) rows; ``auto`` is the sampler's default grid (capped_logsnr for these)."""
+
+
+ZERO_SNR = dict(predict_v=True, rescale_zero_terminal_snr=True)
+CLOSED_FORM_SCHEDULES = {
+    "linear 1000": dict(steps=1000, noise_schedule="linear"),
+    "cosine 1000": dict(steps=1000, noise_schedule="cosine"),
+    "linear 4000": dict(steps=4000, noise_schedule="linear"),
+    "cosine 4000": dict(steps=4000, noise_schedule="cosine"),
+    "zero-SNR linear 1000": dict(steps=1000, noise_schedule="linear", **ZERO_SNR),
+    "zero-SNR cosine 1000": dict(steps=1000, noise_schedule="cosine", **ZERO_SNR),
+}  # fmt: skip
+CLOSED_FORM_CALLS = (5, 8, 10, 15, 20, 40, 80)
+CLOSED_FORM_ROWS = (
+    ("unipc", "auto"), ("unipc", "logsnr"), ("unipc", "trailing"),
+    ("unipc bh1", "auto"),
+    ("dpmpp_3m", "auto"), ("dpmpp_3m", "logsnr"), ("dpmpp_3m", "trailing"),
+    ("dpmpp_2m", "auto"), ("dpmpp_2m", "logsnr"), ("dpmpp_2m", "uniform"),
+    ("heun", "auto"), ("heun", "logsnr"), ("heun", "karras"),
+    ("euler", "auto"), ("euler", "logsnr"), ("euler", "uniform"),
+)  # fmt: skip
+"""(sampler, spacing) rows; "unipc bh1" is UniPC with --unipc_variant bh1."""
+
+
+def closed_form(scales: tuple[float, float]) -> None:
+    """Print the closed-form error table (markdown), one block per schedule."""
+    data = GaussianData.log_uniform(64, scales[0], scales[1], seed=0)
+    noise = torch.randn(128, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    header = " | ".join(str(calls) for calls in CLOSED_FORM_CALLS)
+    print(
+        "RMS error vs the exact probability-flow map; data scales log-uniform over "
+        f"[{scales[0]}, {scales[1]}]"
+    )
+    for name, flags in CLOSED_FORM_SCHEDULES.items():
+        diffusion = create_gaussian_diffusion(**flags)
+        schedule, model = NoiseSchedule.from_diffusion(diffusion), data.model(diffusion)
+        print(
+            f"\n### {name}\n\n| sampler | grid | {header} | falls |\n|"
+            + " --- |" * (len(CLOSED_FORM_CALLS) + 3)
+        )
+        for label, spacing in CLOSED_FORM_ROWS:
+            sampler, _, variant = label.partition(" ")
+            resolved = resolve_spacing(sampler, spacing)
+            errors = []
+            for calls in CLOSED_FORM_CALLS:
+                steps = (calls + 1) // 2 if sampler == "heun" else calls
+                options = dict(sampler=sampler, steps=steps, timestep_spacing=spacing, clip_denoised=False)
+                if variant:
+                    options["unipc_variant"] = variant
+                out = sample_batch(model, diffusion, noise.shape, noise=noise, **options)
+                end = sampling_grid(schedule, steps, resolved, 0.0, sampler)[-1]
+                errors.append((out - data.flow(schedule, noise, end)).pow(2).mean().sqrt().item())
+            falls = all(a > b for a, b in itertools.pairwise(errors))
+            grid = f"{resolved} (auto)" if spacing == "auto" else spacing
+            cells = " | ".join(f"{error:.2e}" for error in errors)
+            print(f"| {label} | {grid} | {cells} | {'yes' if falls else 'no'} |", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.solver_error", description=__doc__)
-    parser.add_argument("--model_path", required=True, help="an ema_*.pt or model*.pt with run_config.json")
+    parser.add_argument("--model_path", default="", help="an ema_*.pt or model*.pt with run_config.json")
+    parser.add_argument(
+        "--closed_form", type=lambda text: text.lower() in ("1", "true", "yes"), default=False
+    )
+    parser.add_argument("--scales", default="0.05,2", help="closed form: the data scales' range, low,high")
     parser.add_argument("--num_samples", type=int, default=48)
     parser.add_argument("--reference_steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.closed_form:
+        low, high = (float(value) for value in args.scales.split(","))
+        closed_form((low, high))
+        return 0
+    if not args.model_path:
+        parser.error("--model_path is required (or --closed_form True)")
     if find_run_config(args.model_path) is None:
         parser.error(
             f"--model_path {args.model_path}: no run_config.json beside it (fastdiff.train writes it)"

@@ -67,13 +67,19 @@ def build_model(model: ModelConfig, diffusion: DiffusionConfig, small_size: int 
     )
 
 
+def preview_steps(diffusion_steps: int, steps: int) -> int:
+    """The grid points of an ODE sampler's sample grids and in-training evaluation: ``steps``, at most all
+    the trained steps."""
+    if steps <= 0:
+        raise ConfigError("--preview_steps", f"must be positive, got {steps}")
+    return min(steps, diffusion_steps)
+
+
 def preview_respacing(diffusion_steps: int, steps: int, use_ddim: bool) -> str:
     """The respacing of the sample grids and the in-training evaluation: ``steps`` trained steps (at most
     all of them), by DDIM's stride (``ddim{steps}``) when ``use_ddim`` and the step count allows it, else
     evenly spread."""
-    if steps <= 0:
-        raise ConfigError("--preview_steps", f"must be positive, got {steps}")
-    steps = min(steps, diffusion_steps)
+    steps = preview_steps(diffusion_steps, steps)
     if use_ddim:
         try:
             space_timesteps(diffusion_steps, f"ddim{steps}")

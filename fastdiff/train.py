@@ -25,13 +25,14 @@ from typing import Any
 import torch
 
 from fastdiff import dist_util, ops
-from fastdiff.builders import build_diffusion, build_model, preview_respacing
+from fastdiff.builders import build_diffusion, build_model, preview_respacing, preview_steps
 from fastdiff.cli import parse_command, run_main
 from fastdiff.config import DiffusionConfig, ModelConfig, RunConfig
 from fastdiff.config.sections import image_sides
 from fastdiff.data import BatchStream, build_dataset
 from fastdiff.data.sources import describe_dataset
 from fastdiff.diffusion import create_named_schedule_sampler
+from fastdiff.diffusion.sampling import ODE_SAMPLERS
 from fastdiff.runtime.backends import check_autotune, check_kernels
 from fastdiff.runtime.latent_vae import decoder
 from fastdiff.runtime.precision import Precision, resolve_precision
@@ -74,7 +75,8 @@ EMBEDDED_PROFILE = dict(
     eval_interval=250,
     eval_samples=32,
     eval_ref=256,
-    preview_steps=100,
+    preview_steps=20,
+    preview_sampler="unipc",
     preview_ddim=False,
     num_workers=0,
 )
@@ -116,13 +118,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, set[str]]:
 
 
 def build_previews(config: RunConfig, model: torch.nn.Module):
-    """The diffusion and sample_batch options of the sample grids and the in-training evaluation: the
-    training diffusion respaced to --preview_steps, sampled with the --preview_* flags over all its steps
-    (a latent model's without clipping: latents are not bounded by [-1, 1])."""
+    """The diffusion and sample_batch options of the sample grids and the in-training evaluation, with the
+    --preview_* flags: an ODE sampler (unipc, the default, ...) runs --preview_steps grid points over the
+    training diffusion; ddpm and ddim run every step of the training diffusion respaced to --preview_steps
+    (by DDIM's stride with --preview_ddim True). A latent model's samples are not clipped to [-1, 1]
+    (latents are not bounded there)."""
     preview = config.preview
-    respacing = preview_respacing(config.diffusion.diffusion_steps, preview.steps, preview.use_ddim)
-    diffusion = build_diffusion(config.diffusion, respacing)
-    sampling = dataclasses.replace(preview, steps=0)
+    if preview.resolved_sampler in ODE_SAMPLERS:
+        diffusion = build_diffusion(config.diffusion)
+        steps = preview_steps(config.diffusion.diffusion_steps, preview.steps)
+        sampling = dataclasses.replace(preview, steps=steps)
+    else:
+        respacing = preview_respacing(config.diffusion.diffusion_steps, preview.steps, preview.use_ddim)
+        diffusion = build_diffusion(config.diffusion, respacing)
+        sampling = dataclasses.replace(preview, steps=0)
     if config.latents.info is not None:
         sampling = dataclasses.replace(sampling, clip_denoised=False)
     sampling.check_against(diffusion, model, flag_prefix="preview_")

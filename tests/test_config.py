@@ -74,6 +74,22 @@ def _written(tmp_path, edit) -> str:
     return str(path)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_earlier_run_config_takes_the_defaults_of_the_preview_solver_fields(tmp_path, version):
+    """Version 3 added the preview's solver_order, unipc_variant and sigma_max (issue 21)."""
+
+    def as_earlier(data):
+        data["version"] = version
+        del data["latents"]  # added by version 4
+        for field in ("solver_order", "unipc_variant", "sigma_max"):
+            del data["preview"][field]
+
+    config = load_run_config(_written(tmp_path, as_earlier))
+    assert config.preview == RunConfig().preview and config.latents.info is None
+    with pytest.raises(ValueError, match=r"missing field\(s\) preview\.sigma_max"):
+        load_run_config(_written(tmp_path, lambda d: d["preview"].pop("sigma_max")))
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -186,7 +202,7 @@ def assert_same_process(spaced, full) -> None:
 )
 def test_every_path_builds_the_same_diffusion(tmp_path, flags):
     argv = [*TINY_RUN_ARGV, *as_argv(flags), "--preview_steps", "10", "--log_dir", str(tmp_path)]
-    config, _ = train.parse_args(argv)
+    config, _ = train.parse_args([*argv, "--preview_sampler", "ddim"])
     model = build_model(config.model, config.diffusion)
     training = build_diffusion(config.diffusion)
     previews = train.build_previews(config, model)
@@ -210,9 +226,25 @@ def test_every_path_builds_the_same_diffusion(tmp_path, flags):
         assert training.alphas_cumprod[-1] == 0
 
 
+def test_previews_default_to_unipc_on_the_training_diffusion(tmp_path):
+    """An ODE sampler's previews take --preview_steps grid points over the whole training diffusion (the
+    capped grid needs its noise levels); ddpm and ddim run a respaced copy (above)."""
+    config, _ = train.parse_args([*TINY_RUN_ARGV, "--preview_steps", "12", "--log_dir", str(tmp_path)])
+    model = build_model(config.model, config.diffusion)
+    diffusion, options = train.build_previews(config, model)
+    assert config.preview.sampler == "unipc" and options["sampler"] == "unipc" and options["steps"] == 12
+    assert diffusion.num_timesteps == config.diffusion.diffusion_steps
+    embedded, _ = train.parse_args([])
+    assert (embedded.preview.sampler, embedded.preview.steps) == ("unipc", 20)
+    with pytest.raises(ValueError, match="--preview_solver_order"):
+        bad, _ = train.parse_args([*TINY_RUN_ARGV, "--log_dir", str(tmp_path), "--preview_steps", "2"])
+        bad = dataclasses.replace(bad, preview=dataclasses.replace(bad.preview, solver_order=3))
+        train.build_previews(bad, model)
+
+
 def test_a_v_prediction_runs_grid_is_what_fastdiff_sample_draws(tmp_path, monkeypatch):
     """The grid of a --predict_v --rescale_zero_terminal_snr run equals fastdiff.sample's samples from the
-    same EMA weights with the same sampler and starting noise."""
+    same EMA weights with the same sampler (the default previews': unipc) and starting noise."""
     from fastdiff.training.preview import SamplePreview
 
     previews = []
@@ -231,9 +263,7 @@ def test_a_v_prediction_runs_grid_is_what_fastdiff_sample_draws(tmp_path, monkey
     assert preview.diffusion.model_mean_type.name == "VELOCITY"
 
     path = str(tmp_path / "ema_0.9999_000002.pt")
-    config, given = sample.parse_args(
-        ["--model_path", path, "--use_ddim", "True", "--timestep_respacing", "ddim10"]
-    )
+    config, given = sample.parse_args(["--model_path", path, "--sampler", "unipc", "--steps", "10"])
     setup = sample.prepare(config, given, path, CPU)
     images = sample_from_noise(
         setup.model, setup.diffusion, preview.noise, preview.labels, config.sampling.options(),

@@ -43,8 +43,12 @@ def test_preprocess_range_and_bad_input():
     assert out[0, 1, 2].tolist() == [-1.0, 0.0, 0.9921875]
     with pytest.raises(ValueError, match="uint8"):
         preprocess(torch.zeros(1, 4, 4, 3))
-    with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
-        preprocess(torch.zeros(1, 4, 4, 4, dtype=torch.uint8))
+    grey = torch.randint(0, 256, (2, 5, 7, 1), dtype=torch.uint8)
+    torch.testing.assert_close(preprocess(grey, size=3), preprocess(grey.expand(-1, -1, -1, 3), size=3))
+    rgba = torch.randint(0, 256, (2, 5, 7, 4), dtype=torch.uint8)
+    torch.testing.assert_close(preprocess(rgba, size=3), preprocess(rgba[..., :3], size=3))
+    with pytest.raises(ValueError, match=r"\[N, H, W, C\] with C 1, 3 or 4"):
+        preprocess(torch.zeros(1, 4, 4, 2, dtype=torch.uint8))
 
 
 def test_feature_network_matches_its_stored_output():

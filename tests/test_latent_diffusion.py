@@ -185,10 +185,11 @@ def test_training_on_latents_records_them_and_decodes_its_grids(latent_run, late
     assert grid.mode == "RGB" and grid.size == (side * 7, side * 7)  # 7: the first factor reaching 256
 
 
-def test_a_v2_run_config_without_latents_still_loads(latent_run, tmp_path):
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_earlier_run_config_without_latents_still_loads(latent_run, tmp_path, version):
     data = json.loads((latent_run / "run_config.json").read_text())
     del data["latents"]
-    data["version"] = 2
+    data["version"] = version
     (tmp_path / "run_config.json").write_text(json.dumps(data))
     config = load_run_config(str(tmp_path / "run_config.json"))
     assert config.latents.info is None and config.latents.latent_info is None

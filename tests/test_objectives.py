@@ -263,10 +263,22 @@ def test_bad_sampling_flags(tmp_path):
         (["--sampler", "heun", "--steps", "1"], "needs --steps >= 2"),
         (["--timestep_spacing", "karras"], "karras"),
         (["--use_ddim", "True", "--sampler", "heun"], "--use_ddim True asks for DDIM"),
+        (["--sampler", "dpmpp_3m", "--steps", "2"], "--sampler dpmpp_3m needs --steps >= 3"),
+        (
+            ["--sampler", "unipc", "--steps", "2", "--solver_order", "3"],
+            "--solver_order 3 needs --steps >= 3",
+        ),
+        (["--sampler", "unipc", "--sigma_max", "1e6"], "--sigma_max 1000000.0 is beyond this schedule"),
+        (
+            ["--sampler", "unipc", "--timestep_spacing", "logsnr", "--sigma_max", "5"],
+            "--sigma_max applies to",
+        ),
     ]:
         with pytest.raises(ValueError, match=match):
             sample.main([*argv, *extra])
     assert not list(tmp_path.glob("samples_*"))
+    assert sample.main([*argv, "--sampler", "unipc", "--steps", "4", "--solver_order", "2"]) == 0
+    assert list(tmp_path.glob("samples_*.npz"))
 
 
 def test_preview_grids_take_the_sampling_flags(tmp_path):

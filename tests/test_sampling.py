@@ -88,9 +88,12 @@ def start_noise(count, seed=0):
 
 # ---------------------------------------------------------------- distributions at nominal steps
 
-NOMINAL = {"ddpm": 1000, "ddim": 50, "dpmpp_2m": 20, "heun": 20, "euler": 50}
+NOMINAL = {"ddpm": 1000, "ddim": 50, "dpmpp_2m": 20, "dpmpp_3m": 15, "unipc": 10, "heun": 20, "euler": 50}
 """Steps at which each sampler is used (of 1000 trained linear steps); heun's 20 cost 39 model calls."""
-SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "karras", "heun": "karras", "euler": "karras"}
+SPACING = {
+    "ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "karras", "dpmpp_3m": "auto", "unipc": "auto",
+    "heun": "karras", "euler": "karras",
+}  # fmt: skip
 """Each sampler's spacing (heun on a uniform grid over a cosine schedule takes one huge first step)."""
 
 
@@ -191,12 +194,12 @@ def test_euler_is_ddim_on_trained_steps():
     torch.testing.assert_close(euler, ddim, rtol=1e-12, atol=1e-12)
 
 
-def test_auto_spacing_is_uniform_for_ddpm_ddim_and_logsnr_for_the_ode_samplers():
+def test_auto_spacing_is_uniform_for_ddpm_ddim_and_capped_logsnr_for_the_ode_samplers():
     diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine")
     model, noise = exact_model(diffusion), start_noise(8)
     assert SamplingConfig().timestep_spacing == "auto"
-    for sampler, spacing in {"ddpm": "uniform", "ddim": "uniform", "euler": "logsnr", "dpmpp_2m": "logsnr",
-                             "heun": "logsnr"}.items():  # fmt: skip
+    capped = dict.fromkeys(("euler", "dpmpp_2m", "dpmpp_3m", "unipc", "heun"), "capped_logsnr")
+    for sampler, spacing in {"ddpm": "uniform", "ddim": "uniform", **capped}.items():
         assert resolve_spacing(sampler, "auto") == spacing
         assert resolve_spacing(sampler, "quadratic") == "quadratic"
         torch.manual_seed(0)
@@ -220,7 +223,16 @@ def test_model_calls_per_sampler():
         calls.append(t)
         return inner(x, t)
 
-    for sampler, expected in {"ddpm": 10, "ddim": 10, "euler": 10, "dpmpp_2m": 10, "heun": 19}.items():
+    expected_calls = {
+        "ddpm": 10,
+        "ddim": 10,
+        "euler": 10,
+        "dpmpp_2m": 10,
+        "dpmpp_3m": 10,
+        "unipc": 10,
+        "heun": 19,
+    }
+    for sampler, expected in expected_calls.items():
         calls.clear()
         sample_batch(
             model, diffusion, (4, 2), sampler=sampler, steps=10, clip_denoised=False, noise=start_noise(4)
@@ -249,6 +261,20 @@ def test_ddpm_and_ddim_match_the_code_before_issue_13(name):
         sampler=fixture["sampler"], noise=noise,
     )  # fmt: skip
     assert torch.equal(out, fixture["output"])
+
+
+SOLVER_FIXTURES = torch.load(
+    os.path.join(os.path.dirname(__file__), "data", "solver_reference.pt"), weights_only=True
+)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVER_FIXTURES))
+def test_ode_samplers_on_their_grids_match_the_code_before_issue_21(name):
+    from data.make_solver_fixtures import run_case
+
+    case = SOLVER_FIXTURES[name]
+    out = run_case(case["flags"], case["sampler"], case["spacing"], case["steps"], case["clip"])
+    assert torch.equal(out, case["output"])
 
 
 def test_steps_respace_ddpm_like_timestep_respacing():
@@ -284,7 +310,7 @@ def _guided_unet(learn_sigma=False):
     return model.eval()
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc"])
 def test_guidance_one_is_conditional_and_zero_unconditional_bit_for_bit(sampler):
     model = _guided_unet()
     diffusion = create_gaussian_diffusion(steps=20, noise_schedule="cosine", rescale_timesteps=True)
@@ -379,7 +405,15 @@ def test_logsnr_grid_makes_every_dpmpp_2m_step_equal():
     assert steps[-1] / steps[-2] > 2  # the uniform grid's last steps grow fast: what logsnr avoids
 
 
-ZERO_SNR_STEPS = {"ddpm": 1000, "ddim": 200, "euler": 200, "dpmpp_2m": 100, "heun": 50}
+ZERO_SNR_STEPS = {
+    "ddpm": 1000,
+    "ddim": 200,
+    "euler": 200,
+    "dpmpp_2m": 100,
+    "dpmpp_3m": 50,
+    "unipc": 50,
+    "heun": 50,
+}
 """With zero terminal SNR the noise levels next to the last step are huge (s ~ 1e4 at step T - 2 of the
 rescaled linear schedule), so the ODE samplers need more steps than on the usual schedule."""
 

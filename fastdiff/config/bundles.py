@@ -31,13 +31,19 @@ from fastdiff.config.sections import (
 RUN_CONFIG_FILENAME = "run_config.json"
 LEGACY_FLAGS_FILENAME = "model_flags.json"
 RUN_CONFIG_FORMAT = "fastdiff-run-config"
-RUN_CONFIG_VERSION = 3
-FIELDS_ADDED = {"model.in_channels": 2}
+RUN_CONFIG_VERSION = 4
+FIELDS_ADDED = {
+    "model.in_channels": 2,
+    "preview.solver_order": 3,
+    "preview.unipc_variant": 3,
+    "preview.sigma_max": 3,
+}
 """Fields a run config gained after version 1, with the version that added them: a file of an earlier
-version lacks them and they take their defaults (version 1 files are RGB models, ``in_channels`` 3)."""
-SECTIONS_ADDED = {"latents": 3}
+version lacks them and they take their defaults (version 1 files are RGB models, ``in_channels`` 3;
+versions 1 and 2 predate the preview's solver flags of issue 21)."""
+SECTIONS_ADDED = {"latents": 4}
 """Sections a run config gained after version 1, with the version that added them: a file of an earlier
-version lacks them and they take their defaults (versions 1 and 2 are models of pixels: no latent info)."""
+version lacks them and they take their defaults (versions 1 to 3 are models of pixels: no latent info)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +169,7 @@ class RunConfig(Bundle):
         prefix="preview_",
         rename={"use_ddim": "preview_ddim"},
         only=("sampler", "steps", "timestep_spacing", "guidance_scale", "use_ddim"),
-        defaults={"steps": 25, "use_ddim": True},
+        defaults={"sampler": "unipc", "steps": 20, "use_ddim": True},
     )
     evaluation: EvalConfig = section(EvalConfig)
     latents: LatentsConfig = section(LatentsConfig, only=("vae",))

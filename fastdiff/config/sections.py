@@ -23,6 +23,7 @@ from fastdiff.diffusion.resample import SCHEDULE_SAMPLERS
 from fastdiff.diffusion.respace import space_timesteps
 from fastdiff.diffusion.sampling import SAMPLERS, SPACINGS, check_sampling_options
 from fastdiff.diffusion.schedules import BETA_SCHEDULES
+from fastdiff.diffusion.solvers import UNIPC_VARIANTS
 from fastdiff.ops.backend import BACKENDS
 from fastdiff.runtime.precision import PRECISIONS
 
@@ -323,7 +324,7 @@ class SamplingConfig(Section):
 
     sampler: str = option(
         "",
-        "ddpm | ddim | dpmpp_2m | heun | euler ('': ddim with --use_ddim, else ddpm)",
+        "ddpm | ddim | dpmpp_2m | dpmpp_3m | unipc | heun | euler ('': ddim with --use_ddim, else ddpm)",
         choices=("", *SAMPLERS),
     )
     steps: int = option(
@@ -333,9 +334,22 @@ class SamplingConfig(Section):
     )
     timestep_spacing: str = option(
         "auto",
-        "auto | uniform | quadratic | karras | logsnr (karras, logsnr: dpmpp_2m, heun, euler only; auto: "
-        "uniform for ddpm and ddim, logsnr for the others)",
+        "auto | uniform | quadratic | trailing | karras | logsnr | capped_karras | capped_logsnr (the karras "
+        "and logsnr ones: ODE samplers only; capped_*: a first step to --sigma_max; auto: uniform for ddpm "
+        "and ddim, capped_logsnr for the others)",
         choices=SPACINGS,
+    )
+    solver_order: int = option(
+        0, "unipc's order, 1-3 (0: 2); dpmpp_2m and dpmpp_3m take only their own (2, 3)", check=non_negative
+    )
+    unipc_variant: str = option(
+        "bh2", "unipc's B(h): bh2 (1 - e^-h) or bh1 (h); see docs/sampling.md", choices=UNIPC_VARIANTS
+    )
+    sigma_max: float = option(
+        0.0,
+        "capped spacings: the noise level sigma/alpha the ODE starts at after one step from the noisiest "
+        "trained step (0: 20 for unipc, 80 for the others, at most the schedule's largest)",
+        check=non_negative,
     )
     guidance_scale: float = option(
         1.0, "classifier-free guidance w: eps_u + w (eps_c - eps_u); 1: conditional, 0: unconditional"
@@ -365,6 +379,9 @@ class SamplingConfig(Section):
             timestep_spacing=self.timestep_spacing,
             guidance_scale=self.guidance_scale,
             eta=self.eta,
+            solver_order=self.solver_order,
+            unipc_variant=self.unipc_variant,
+            sigma_max=self.sigma_max,
             clip_denoised=self.clip_denoised,
         )
 

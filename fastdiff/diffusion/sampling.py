@@ -1,5 +1,5 @@
-"""One place to sample a batch: DDPM, DDIM, DPM-Solver++(2M), EDM's Heun and Euler, with optional
-classifier-free guidance, over any model of a (respaced) GaussianDiffusion.
+"""One place to sample a batch: DDPM, DDIM, DPM-Solver++(2M) and (3M), UniPC, EDM's Heun and Euler, with
+optional classifier-free guidance, over any model of a (respaced) GaussianDiffusion.
 
 Every sampler takes the same three things: a model function (the network, possibly guided), the noise
 schedule it was trained with (the diffusion's alpha_bar at its discrete steps) and a grid of steps.
@@ -7,42 +7,62 @@ schedule it was trained with (the diffusion's alpha_bar at its discrete steps) a
 - ``ddpm`` and ``ddim`` are GaussianDiffusion's own ``p_sample_loop`` and ``ddim_sample_loop`` (the one
   implementation, improved-diffusion's results bit for bit), run on the diffusion respaced to the chosen
   trained steps. One model call per step.
-- ``euler``, ``heun`` and ``dpmpp_2m`` integrate the probability-flow ODE in the variance-preserving
-  variables x_t = alpha_t x_0 + sigma_t noise (alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t);
-  EDM's noise level is s = sigma_t / alpha_t and its state x_t / alpha_t). They see the model only through
-  its x_0 prediction D(x_t, t), converted from epsilon, x_0 or v (the mean channels of a learned-sigma model).
-  Each ends with the step to s = 0, whose result is D at the last grid point, as DDIM's last step is.
-
-  * ``euler``: x' = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) D. This is Euler's step of EDM's ODE
-    dx/ds = (x - D)/s written in these variables (Karras et al. 2022, Algorithm 1 without the correction),
-    which is also DDIM's deterministic update and DPM-Solver++'s first-order one. One call per step.
-  * ``heun``: EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1): an Euler step to s',
-    then the trapezoidal correction with the slope at s'; no correction on the last step (to s = 0). For N
-    grid points: 2N - 1 model calls. From an infinite s (zero terminal SNR) the first step is the Euler step,
-    the only one defined there.
-  * ``dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), multistep, data prediction, in
-    lambda = log(alpha/sigma): x' = (sigma'/sigma) x - alpha' (e^-h - 1) D_c with h = lambda' - lambda,
-    D_c = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1}/h; the first step and the last (to s = 0) are
-    first order. One call per step.
+- ``euler``, ``heun``, ``dpmpp_2m``, ``dpmpp_3m`` and ``unipc`` integrate the probability-flow ODE in the
+  variance-preserving variables x_t = alpha_t x_0 + sigma_t noise (alpha_t = sqrt(alpha_bar_t), sigma_t =
+  sqrt(1 - alpha_bar_t); EDM's noise level is s = sigma_t / alpha_t and its state x_t / alpha_t), in
+  ``fastdiff.diffusion.solvers`` (formulas there). They see the model only through its x_0 prediction
+  D(x_t, t), converted from epsilon, x_0 or v (the mean channels of a learned-sigma model), clamped to
+  [-1, 1] with clip_denoised. Each ends with the step to s = 0, whose result is D at the last grid point, as
+  DDIM's last step is. heun makes 2N - 1 model calls for N grid points, the others N: euler (DDIM's
+  update), heun (EDM's Algorithm 1), dpmpp_2m and dpmpp_3m (Lu et al. 2022, multistep, data prediction) and
+  unipc (Zhao et al. 2023: predictor of order --solver_order, 2 by default, and a corrector that reuses the
+  next step's model call; B(h) variant bh2 by default).
 
 Grids (``timestep_spacing``) over the diffusion's K trained steps, N points from the noisiest step to step 0:
 ``uniform`` (improved-diffusion's even spacing, ``space_timesteps(K, [N])``), ``quadratic`` (step indices
-(K-1) (i/(N-1))^2, rounded and kept distinct), ``karras`` (EDM's
+(K-1) (i/(N-1))^2, rounded and kept distinct), ``trailing`` (diffusers' K-1-round(iK/N): from step K-1 by
+even strides, ending at step K/N-1 rather than 0), ``karras`` (EDM's
 s_i = (s_max^(1/7) + i/(N-1) (s_min^(1/7) - s_max^(1/7)))^7 between the schedule's extreme noise levels;
-ODE samplers only) and ``logsnr`` (log s, i.e. lambda = -log s, evenly spaced between the same extremes:
-DPM-Solver's "logSNR" grid, on which every dpmpp_2m step has the same h; ODE samplers only). uniform and
-quadratic land on trained steps. Noise levels between trained steps are mapped to a fractional timestep by
-linear interpolation of log s over the trained steps (the model is called with that fractional timestep,
-which the UNet's sinusoidal embedding takes as it is), and the schedule's alpha, sigma at that point come
-from s itself.
+ODE samplers only), ``logsnr`` (log s, i.e. lambda = -log s, evenly spaced between the same extremes:
+DPM-Solver's "logSNR" grid; ODE samplers only) and ``capped_logsnr`` / ``capped_karras``: the noisiest
+trained step, then the logsnr / karras spacing from ``--sigma_max`` down to step 0 (ODE samplers only).
+uniform, quadratic and trailing land on trained steps. Noise levels between trained steps are mapped to a
+fractional timestep by linear interpolation of log s over the trained steps (the model is called with that
+fractional timestep, which the UNet's sinusoidal embedding takes as it is), and the schedule's alpha, sigma
+at that point come from s itself.
 
-Which grid: on a cosine schedule the uniform grid's last steps grow fast in lambda (h/h_prev ~ 3 at 20
-steps), where dpmpp_2m's extrapolation 1/(2r) amplifies the model's errors; ``logsnr`` keeps r = 1. On the
-embedded shapes model at 20 calls, the RMS distance of dpmpp_2m's samples from the converged ODE solution
-is 0.024 on ``logsnr``, 0.091 on ``karras`` and 0.099 on ``uniform`` (DDIM: 0.073 at 20 calls, 0.032 at 50;
-``benchmarks/solver_error.py``);
-heun's and euler's errors are also smallest on ``logsnr``. The default, ``auto``, is ``uniform`` for ddpm and
-ddim (improved-diffusion's results) and ``logsnr`` for dpmpp_2m, heun and euler.
+Which grid: ``auto`` is ``uniform`` for ddpm and ddim (improved-diffusion's results) and ``capped_logsnr``
+for the ODE samplers, with --sigma_max 80 (EDM's sigma_max for data in [-1, 1]) and 20 for unipc. Above
+s ~ 80 the data's share of x_t is ~1/80 of the noise's and the solution barely moves: the first step, from
+the noisiest trained step, is Euler's (DDIM's) step to sigma_max, exact as D stops changing there (its error
+falls as (c/sigma_max)^2 for data of scale c), and every other point goes where the solution does change.
+Per schedule (s at the top trained steps; measured with ``benchmarks/solver_error.py --closed_form``, Gaussian
+data with scales log-uniform over [0.05, 2] and the exact denoiser, RMS error against the exact
+probability-flow map, in ``benchmarks/results/solver_error.md``):
+
+* cosine (1000 and 4000 steps): the clipped last beta makes s jump 642 -> 20291 (1000 steps) or
+  2567 -> 81160 (4000) at the top step, and s > 80 spans 5.5 (6.9) of the 15 (16) units of log s. A log-SNR
+  grid from the top spends a third of its points there (4 of 20 inside the top interval alone); the capped
+  grid none. At 20 calls (1000 steps), logsnr -> capped_logsnr: unipc 2.0e-2 -> 4.8e-3, dpmpp_3m 1.1e-2 ->
+  2.8e-3, dpmpp_2m 2.1e-2 -> 1.1e-2, heun (19 calls) 0.40 -> 0.21, euler 0.13 -> 0.089 (euler is better
+  still on ``uniform``, 0.055; heun on logsnr from 40 calls on).
+* linear (1000, 4000): s_max ~ 155, and the 0.7 units of log s above 80 hold 70 (269) trained steps whose
+  solution does not move either; the cap changes little here (errors within 10-30% of logsnr, either way).
+* zero terminal SNR (linear or cosine, rescaled): s = inf at the top step, and then 1.5e4 (linear) or 663
+  (cosine); the capped grid steps from pure noise straight to sigma_max, the only step defined from s = inf
+  (unipc's bh2 corrector follows it: B(inf) = 1).
+
+unipc's default order is 2: on the main job's model its RMS distance from the converged ODE solution at
+5/8/10 calls is 0.18/0.045/0.025 against 0.34/0.084/0.034 for order 3 (which is ahead in closed form from 10
+calls on); of the caps tried with it there, 20 and 40 tie at 8-10 calls (0.045/0.025, 0.047/0.024) and 10
+is worse (0.063/0.056). With the defaults unipc's closed-form error falls at
+every step from 5 to 80 calls on all six schedules measured (cosine 1000: 8.9e-2, 4.5e-2, 3.3e-2, 1.2e-2,
+4.8e-3, 5.5e-4, 5.4e-5), as do heun's and euler's (heun from 39 at 5 calls, 3 grid points, to 0.04 at 79:
+it needs many calls on any grid). dpmpp_2m's and dpmpp_3m's do not between 5 and 10 calls (dpmpp_2m
+0.21, 0.013, 0.028; dpmpp_3m 0.13, 0.26, 0.090: their extrapolation over log-SNR steps of 1.2-2.4 overshoots
+on the smallest scales, and 2M's 8-call error is a lucky cancellation), and dpmpp_3m's not from 40 to 80
+(1e-4 left by its first step to sigma_max = 80). ``trailing`` errors are not comparable (its grid ends at
+step K/N - 1, and its reference there).
 
 Classifier-free guidance (Ho & Salimans 2022) with scale w: eps = eps_uncond + w (eps_cond - eps_uncond),
 applied to the model's mean output (epsilon, x_0 or v alike), both halves in one forward on a doubled batch;
@@ -62,14 +82,33 @@ import torch
 
 from .gaussian_diffusion import GaussianDiffusion, Model, ModelMeanType, ModelVarType
 from .respace import SpacedDiffusion, space_timesteps
+from .solvers import (
+    UNIPC_VARIANTS,
+    GridPoint,
+    solve_dpmpp_2m,
+    solve_dpmpp_3m,
+    solve_euler,
+    solve_heun,
+    solve_unipc,
+)
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun", "euler")
-SPACINGS = ("auto", "uniform", "quadratic", "karras", "logsnr")
-FREE_SPACINGS = ("karras", "logsnr")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "heun", "euler")
+ODE_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "unipc", "heun", "euler")
+SPACINGS = ("auto", "uniform", "quadratic", "trailing", "karras", "logsnr", "capped_karras", "capped_logsnr")
+CAPPED_SPACINGS = {"capped_karras": "karras", "capped_logsnr": "logsnr"}
+"""Spacings that start the ODE at --sigma_max (a step from the noisiest trained step), and the spacing of
+their points below it."""
+FREE_SPACINGS = ("karras", "logsnr", *CAPPED_SPACINGS)
 """Spacings whose noise levels fall between trained steps: ODE samplers only."""
-MIN_STEPS = {"ddpm": 1, "ddim": 1, "euler": 1, "dpmpp_2m": 2, "heun": 2}
-"""Fewest grid points per sampler: the second-order ones need two to be second order."""
+MIN_STEPS = {"ddpm": 1, "ddim": 1, "euler": 1, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 2, "heun": 2}
+"""Fewest grid points per sampler: the higher-order ones need as many as their order."""
+SOLVER_ORDERS = {"unipc": (1, 2, 3), "dpmpp_3m": (3,), "dpmpp_2m": (2,)}
+"""The orders --solver_order may ask of each multistep sampler (0: the first, its default, for dpmpp_*)."""
+DEFAULT_SOLVER_ORDER = {"unipc": 2, "dpmpp_3m": 3, "dpmpp_2m": 2}
 KARRAS_RHO = 7.0
+SIGMA_CAP = {"unipc": 20.0}
+"""The default --sigma_max per sampler, 80 (EDM's sigma_max for data in [-1, 1], Karras et al. 2022) for the
+others: where the data's share of x_t is 1/80 (1/20) of the noise's (see the module docstring)."""
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -121,15 +160,6 @@ class NoiseSchedule:
         return GridPoint(t, 1.0 / scale, sigma / scale)
 
 
-@dataclass(frozen=True)
-class GridPoint:
-    """One noise level: the model timestep, alpha_t and sigma_t (x_t = alpha_t x_0 + sigma_t noise)."""
-
-    t: float
-    alpha: float
-    sigma: float
-
-
 def step_indices(num_steps: int, steps: int, spacing: str) -> list[int]:
     """``steps`` distinct trained step indices in [0, num_steps), increasing, with 0 and num_steps - 1."""
     if spacing == "uniform":
@@ -152,19 +182,66 @@ def resolve_spacing(sampler: str, spacing: str) -> str:
     the ODE samplers (the grid they are most accurate on, see the module docstring)."""
     if spacing != "auto":
         return spacing
-    return "uniform" if sampler in ("ddpm", "ddim") else "logsnr"
+    return "uniform" if sampler in ("ddpm", "ddim") else "capped_logsnr"
 
 
-def sampling_grid(schedule: NoiseSchedule, steps: int, spacing: str) -> list[GridPoint]:
-    """``steps`` grid points from the noisiest trained step down to step 0."""
+def trailing_indices(num_steps: int, steps: int) -> list[int]:
+    """diffusers' "trailing" trained steps: K - 1 - round(i K / N) for i < N, increasing (the last of them
+    step K - 1, then even strides of K / N; the smallest is K / N - 1, not 0)."""
+    return sorted({num_steps - 1 - round(i * num_steps / steps) for i in range(steps)})
+
+
+def largest_finite_sigma(schedule: NoiseSchedule) -> float:
+    """The schedule's largest finite EDM noise level (below the pure-noise step of zero terminal SNR)."""
+    sigmas = schedule.edm_sigmas()
+    return float(sigmas[np.isfinite(sigmas)][-1])
+
+
+def resolved_sigma_max(schedule: NoiseSchedule, sigma_max: float = 0.0, sampler: str = "") -> float:
+    """The noise level a capped grid starts its ODE at: ``sigma_max``, or for 0 the smaller of the
+    sampler's :data:`SIGMA_CAP` (80 if none) and the schedule's largest finite noise level."""
+    if sigma_max != 0.0:
+        return float(sigma_max)
+    return min(SIGMA_CAP.get(sampler, 80.0), largest_finite_sigma(schedule))
+
+
+def _free_levels(high: float, low: float, count: int, spacing: str) -> list[float]:
+    """``count`` >= 2 noise levels from ``high`` to ``low``: Karras' rho = 7 or log-uniform."""
+    fractions = [i / (count - 1) for i in range(count)]
+    if spacing == "karras":
+        s_max, s_min = high ** (1.0 / KARRAS_RHO), low ** (1.0 / KARRAS_RHO)
+        return [(s_max + f * (s_min - s_max)) ** KARRAS_RHO for f in fractions]
+    return [math.exp(math.log(high) + f * (math.log(low) - math.log(high))) for f in fractions]
+
+
+def sampling_grid(
+    schedule: NoiseSchedule, steps: int, spacing: str, sigma_max: float = 0.0, sampler: str = ""
+) -> list[GridPoint]:
+    """``steps`` grid points from the noisiest trained step down to step 0 (trailing: to step K/N - 1).
+
+    The capped spacings go from the noisiest trained step to ``sigma_max`` (:func:`resolved_sigma_max`,
+    0: ``sampler``'s default) in one step, then by their spacing to step 0; with 2 points, the noisiest
+    step and step 0.
+    """
+    if spacing == "trailing":
+        return [schedule.point(i) for i in reversed(trailing_indices(schedule.num_steps, steps))]
     if spacing not in FREE_SPACINGS:
         return [schedule.point(i) for i in reversed(step_indices(schedule.num_steps, steps, spacing))]
     sigmas = schedule.edm_sigmas()
+    finite = np.flatnonzero(np.isfinite(sigmas))
+    top, bottom = int(finite[-1]), 0
+    if spacing in CAPPED_SPACINGS:
+        cap = resolved_sigma_max(schedule, sigma_max, sampler)
+        noisiest = schedule.point(schedule.num_steps - 1)
+        if steps <= 2:
+            return [noisiest, schedule.point(bottom)][:steps]
+        if cap >= sigmas[-1]:  # the schedule starts at or below the cap: nothing to skip
+            return sampling_grid(schedule, steps, CAPPED_SPACINGS[spacing])
+        levels = _free_levels(cap, float(sigmas[bottom]), steps - 1, CAPPED_SPACINGS[spacing])
+        return [noisiest, *(schedule.point_at_sigma(s) for s in levels[:-1]), schedule.point(bottom)]
     head: list[GridPoint] = []
     if not math.isfinite(sigmas[-1]):  # zero terminal SNR: start at the pure-noise step, then the grid
         head, steps = [schedule.point(schedule.num_steps - 1)], steps - 1
-    finite = np.flatnonzero(np.isfinite(sigmas))
-    top, bottom = int(finite[-1]), 0
     if steps == 1:
         return [*head, schedule.point(top)]
     fractions = [i / (steps - 1) for i in range(1, steps - 1)]
@@ -241,6 +318,9 @@ def check_sampling_options(
     model: Any = None,
     eta: float = 0.0,
     flag_prefix: str = "",
+    solver_order: int = 0,
+    unipc_variant: str = "bh2",
+    sigma_max: float = 0.0,
 ) -> int:
     """Check the options against the diffusion (and the model, when given, for guidance) before sampling.
 
@@ -249,6 +329,7 @@ def check_sampling_options(
     """
     sampler_flag, steps_flag = f"--{flag_prefix}sampler", f"--{flag_prefix}steps"
     spacing_flag, guidance_flag = f"--{flag_prefix}timestep_spacing", f"--{flag_prefix}guidance_scale"
+    order_flag, cap_flag = f"--{flag_prefix}solver_order", f"--{flag_prefix}sigma_max"
     if sampler not in SAMPLERS:
         raise ValueError(f"{sampler_flag} must be one of {list(SAMPLERS)}, got {sampler!r}")
     if timestep_spacing not in SPACINGS:
@@ -257,8 +338,8 @@ def check_sampling_options(
     if timestep_spacing in FREE_SPACINGS and sampler in ("ddpm", "ddim"):
         raise ValueError(
             f"{spacing_flag} {timestep_spacing} places noise levels between trained steps, which "
-            f"{sampler_flag} {sampler} cannot step to: use uniform or quadratic, or a dpmpp_2m, heun or "
-            "euler sampler"
+            f"{sampler_flag} {sampler} cannot step to: use uniform, quadratic or trailing, or one of "
+            f"{list(ODE_SAMPLERS)}"
         )
     trained = diffusion.num_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -268,6 +349,23 @@ def check_sampling_options(
         raise ValueError(f"{steps_flag} {steps} exceeds the {trained} trained timesteps of this diffusion")
     if count < MIN_STEPS[sampler]:
         raise ValueError(f"{sampler_flag} {sampler} needs {steps_flag} >= {MIN_STEPS[sampler]}, got {steps}")
+    if solver_order != 0:
+        allowed = SOLVER_ORDERS.get(sampler, ())
+        if isinstance(solver_order, bool) or solver_order not in allowed:
+            expected = f"one of {list(allowed)} (or 0: {DEFAULT_SOLVER_ORDER[sampler]})" if allowed else "0"
+            raise ValueError(
+                f"{order_flag} for {sampler_flag} {sampler} must be {expected}, got {solver_order!r}"
+            )
+        if count < solver_order:
+            raise ValueError(
+                f"{order_flag} {solver_order} needs {steps_flag} >= {solver_order} (a step of order p uses "
+                f"the x_0 predictions at p grid points), got {count}"
+            )
+    if unipc_variant not in UNIPC_VARIANTS:
+        raise ValueError(
+            f"--{flag_prefix}unipc_variant must be one of {list(UNIPC_VARIANTS)}, got {unipc_variant!r}"
+        )
+    _check_sigma_max(diffusion, sigma_max, timestep_spacing, cap_flag, spacing_flag)
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"--eta applies to {sampler_flag} ddim only, got eta {eta} with {sampler}")
     mean_type = diffusion.model_mean_type
@@ -292,6 +390,28 @@ def check_sampling_options(
     return count
 
 
+def _check_sigma_max(
+    diffusion: GaussianDiffusion, sigma_max: float, spacing: str, cap_flag: str, spacing_flag: str
+) -> None:
+    """--sigma_max: 0 (the sampler's default), or with a capped spacing a noise level inside the schedule."""
+    if isinstance(sigma_max, bool) or not isinstance(sigma_max, (int, float)) or not sigma_max >= 0:
+        raise ValueError(f"{cap_flag} must be a number >= 0 (0: the sampler's default), got {sigma_max!r}")
+    if sigma_max == 0:
+        return
+    if spacing not in CAPPED_SPACINGS:
+        raise ValueError(
+            f"{cap_flag} applies to {spacing_flag} {' or '.join(CAPPED_SPACINGS)} only, got {spacing}"
+        )
+    schedule = NoiseSchedule.from_diffusion(diffusion)
+    smallest, largest = float(schedule.edm_sigmas()[0]), largest_finite_sigma(schedule)
+    if not smallest < sigma_max <= largest:
+        raise ValueError(
+            f"{cap_flag} {sigma_max} is beyond this schedule: its noise levels sigma/alpha run from "
+            f"{smallest:.4g} (step 0) to {largest:.4g} (the noisiest finite step); give one in that range "
+            "or 0"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 
@@ -305,6 +425,9 @@ def sample_batch(
     timestep_spacing: str = "auto",
     guidance_scale: float = 1.0,
     eta: float = 0.0,
+    solver_order: int = 0,
+    unipc_variant: str = "bh2",
+    sigma_max: float = 0.0,
     clip_denoised: bool = True,
     model_kwargs: dict[str, Any] | None = None,
     noise: torch.Tensor | None = None,
@@ -316,12 +439,17 @@ def sample_batch(
     :param diffusion: the (respaced) GaussianDiffusion the model was trained with.
     :param sampler, steps, timestep_spacing, guidance_scale: see ``fastdiff.config.SamplingConfig``.
     :param eta: DDIM's noise (ddim only).
+    :param solver_order, unipc_variant, sigma_max: unipc's order and B(h), the capped grids' start (0: the
+        sampler's defaults; see ``SamplingConfig``).
     :param clip_denoised: clamp every x_0 prediction to [-1, 1].
     :param model_kwargs: e.g. ``{"y": labels [N]}``; guidance needs y.
     :param noise: the starting x_T [N, C, ...] (standard normal if None).
     :return: [N, C, ...] samples, computed without autograd.
     """
-    count = check_sampling_options(diffusion, sampler, steps, timestep_spacing, guidance_scale, model, eta)
+    count = check_sampling_options(
+        diffusion, sampler, steps, timestep_spacing, guidance_scale, model, eta,
+        solver_order=solver_order, unipc_variant=unipc_variant, sigma_max=sigma_max,
+    )  # fmt: skip
     timestep_spacing = resolve_spacing(sampler, timestep_spacing)
     # The starting noise, on the model's device unless told otherwise (drawn as p_sample_loop draws it).
     x, device = GaussianDiffusion._initial_noise(model, shape, noise, device)
@@ -330,16 +458,30 @@ def sample_batch(
     common = dict(noise=x, clip_denoised=clip_denoised, model_kwargs=model_kwargs, device=device)
     if sampler in ("ddpm", "ddim"):
         if count != diffusion.num_timesteps or timestep_spacing != "uniform":
-            diffusion = respaced(diffusion, step_indices(diffusion.num_timesteps, count, timestep_spacing))
+            indices = (
+                trailing_indices(diffusion.num_timesteps, count)
+                if timestep_spacing == "trailing"
+                else step_indices(diffusion.num_timesteps, count, timestep_spacing)
+            )
+            diffusion = respaced(diffusion, indices)
         if sampler == "ddim":
             return diffusion.ddim_sample_loop(model, shape, progress=progress, eta=eta, **common)
         return diffusion.p_sample_loop(model, shape, progress=progress, **common)
     schedule = NoiseSchedule.from_diffusion(diffusion)
-    grid = sampling_grid(schedule, count, timestep_spacing)
+    grid = sampling_grid(schedule, count, timestep_spacing, sigma_max, sampler)
     denoiser = Denoiser(model, diffusion, schedule, clip_denoised, model_kwargs or {})
-    solver = {"euler": solve_euler, "heun": solve_heun, "dpmpp_2m": solve_dpmpp_2m}[sampler]
     with torch.no_grad():
-        return solver(denoiser, x, grid)
+        if sampler == "unipc":
+            return solve_unipc(
+                denoiser, x, grid, solver_order or DEFAULT_SOLVER_ORDER["unipc"], unipc_variant
+            )
+        solver = {
+            "euler": solve_euler,
+            "heun": solve_heun,
+            "dpmpp_2m": solve_dpmpp_2m,
+            "dpmpp_3m": solve_dpmpp_3m,
+        }
+        return solver[sampler](denoiser, x, grid)
 
 
 def respaced(diffusion: GaussianDiffusion, indices: Sequence[int]) -> SpacedDiffusion:
@@ -394,61 +536,3 @@ class Denoiser:
         else:
             x0 = (x - point.sigma * mean) / point.alpha
         return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
-
-
-CLEAN = GridPoint(t=-1.0, alpha=1.0, sigma=0.0)
-"""The end of every grid: no noise left."""
-
-
-def first_order_step(x: torch.Tensor, x0: torch.Tensor, here: GridPoint, there: GridPoint) -> torch.Tensor:
-    """x' = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) x0: Euler's (= DDIM's) step here -> there."""
-    ratio = there.sigma / here.sigma
-    return ratio * x + (there.alpha - here.alpha * ratio) * x0
-
-
-def solve_euler(denoise: Denoiser, x: torch.Tensor, grid: list[GridPoint]) -> torch.Tensor:
-    """Euler over ``grid`` then to s = 0: len(grid) model calls."""
-    for here, there in zip(grid, [*grid[1:], CLEAN], strict=True):
-        x = first_order_step(x, denoise(x, here), here, there)
-    return x
-
-
-def solve_heun(denoise: Denoiser, x: torch.Tensor, grid: list[GridPoint]) -> torch.Tensor:
-    """EDM's Heun (Algorithm 1, deterministic) over ``grid`` then to s = 0: 2 len(grid) - 1 model calls."""
-    for here, there in zip(grid, [*grid[1:], CLEAN], strict=True):
-        x0 = denoise(x, here)
-        predicted = first_order_step(x, x0, here, there)
-        if there.sigma == 0.0 or here.alpha == 0.0:
-            x = predicted
-            continue
-        # EDM variables: state y = x / alpha, noise level s = sigma / alpha, slope dy/ds = (y - D) / s.
-        s_here, s_there = here.sigma / here.alpha, there.sigma / there.alpha
-        y_here, y_there = x / here.alpha, predicted / there.alpha
-        slope_here = (y_here - x0) / s_here
-        slope_there = (y_there - denoise(predicted, there)) / s_there
-        x = there.alpha * (y_here + (s_there - s_here) * 0.5 * (slope_here + slope_there))
-    return x
-
-
-def _log_snr(point: GridPoint) -> float:
-    """lambda = log(alpha / sigma) (-inf where alpha = 0)."""
-    return -math.inf if point.alpha == 0.0 else math.log(point.alpha) - math.log(point.sigma)
-
-
-def solve_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, grid: list[GridPoint]) -> torch.Tensor:
-    """DPM-Solver++(2M) over ``grid`` then to s = 0: len(grid) model calls."""
-    previous_x0: torch.Tensor | None = None
-    previous_h = math.inf
-    for here, there in zip(grid, [*grid[1:], CLEAN], strict=True):
-        x0 = denoise(x, here)
-        if previous_x0 is None or there.sigma == 0.0:
-            corrected = x0
-        else:
-            h = _log_snr(there) - _log_snr(here)
-            half_inverse_r = h / (2.0 * previous_h)  # 1 / (2 r), r = h_prev / h; 0 after an infinite step
-            corrected = (1.0 + half_inverse_r) * x0 - half_inverse_r * previous_x0
-        if there.sigma != 0.0:
-            previous_h = _log_snr(there) - _log_snr(here)
-        x = first_order_step(x, corrected, here, there)
-        previous_x0 = x0
-    return x
