@@ -5,7 +5,8 @@ REF is an image folder (improved-diffusion's preprocessing at ``--image_size``, 
 or ``shapes`` (the embedded dataset, ``--num_ref`` images). SAMPLES is an ``.npz``, an image folder (loaded
 with ``--in_channels``), or a checkpoint (``model*.pt`` / ``ema_*.pt``), which is sampled first exactly as
 ``fastdiff.sample`` does, with its flags (``--num_samples``, ``--batch_size``, ``--use_ddim``,
-``--timestep_respacing``, ...). The reference takes the samples' size and channel count (a folder or
+``--timestep_respacing``, ...); a checkpoint of a latent model needs ``--vae PATH``, which decodes its
+samples (as fastdiff.sample does). The reference takes the samples' size and channel count (a folder or
 ``shapes`` is loaded so; an ``.npz`` or statistics file must match); 1-channel images repeat their channel
 for the feature network and 4-channel ones drop alpha, references and samples alike.
 
@@ -58,6 +59,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EvaluateCommand, set[
 def load_samples(config: EvaluateCommand, given: set[str], ctx) -> ImageSet:
     """The SAMPLES images: read from an npz/folder, or drawn from a checkpoint with fastdiff.sample's code."""
     samples = config.evaluate.samples
+    if config.latents.vae and not samples.endswith(CHECKPOINT_SUFFIXES):
+        raise ValueError(
+            f"--vae {config.latents.vae!r}: --samples {samples!r} holds images already; --vae decodes the "
+            "samples of a latent model's checkpoint"
+        )
     if not samples.endswith(CHECKPOINT_SUFFIXES):
         size = config.model.image_hw if "image_size" in given else 0
         found = load_images(samples, "--samples", size, channels=config.model.in_channels)
@@ -74,6 +80,11 @@ def load_samples(config: EvaluateCommand, given: set[str], ctx) -> ImageSet:
     if config.sample.num_samples < 2:
         raise ValueError(f"--num_samples must be >= 2, got {config.sample.num_samples}")
     setup = sample.prepare(config, given, samples, ctx)
+    if setup.latent_info is not None and setup.decode is None:
+        raise ValueError(
+            f"--samples {samples!r} is a model of latents: pass --vae PATH (the VAE its data were encoded "
+            "with) to decode its samples into images to score"
+        )
     seed_everything(config.runtime.seed, ctx.rank)
     with ops.use_backend(setup.kernels):
         images, labels = sample.generate(setup, ctx)

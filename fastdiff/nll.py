@@ -5,6 +5,10 @@ over ``--num_samples`` images of ``--data_dir`` (or the embedded shapes dataset 
 order, each rank taking its share; averages are taken over ranks. Rank 0 writes ``vb_terms.npz``,
 ``mse_terms.npz`` and ``xstart_mse_terms.npz`` (per-step means) into ``--out_dir``. Model and diffusion flags
 not given are read from the run config beside ``--model_path`` when fastdiff.train wrote one.
+
+A model trained on latents is refused: the bound's last term is the likelihood of 8-bit pixels (a Gaussian
+discretised into 256 bins over [-1, 1]), which continuous latents are not, so its "bits per dimension"
+would measure nothing.
 """
 
 import os
@@ -58,6 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = dist_util.setup_dist(config.runtime.device)
     try:
         setup = prepare_inference(config, given, nll.model_path, ctx)
+        if setup.latent_info is not None:
+            raise ValueError(
+                f"--model_path {nll.model_path!r} is a model of latents (its run config records latent "
+                "info): fastdiff.nll measures bits per dimension of 8-bit pixels (the bound's last term "
+                "discretises [-1, 1] into 256 bins), which continuous latents are not: refused"
+            )
         model_config = setup.config.model
         dataset = build_dataset(
             nll.data_dir, model_config.image_hw, model_config.in_channels, class_cond=model_config.class_cond

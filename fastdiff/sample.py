@@ -8,6 +8,12 @@ default, DDIM with ``--use_ddim True``; fewer steps with ``--timestep_respacing`
 ``--sampler``, ``--steps``, ``--timestep_spacing`` and ``--guidance_scale`` choose among DDPM, DDIM,
 DPM-Solver++(2M), Heun and Euler and turn on classifier-free guidance (docs/sampling.md).
 
+A model trained on latents (its run config records their ``LatentInfo``) samples latents: with ``--vae PATH``
+(the VAE that made them: its fingerprint must match) they are decoded into the images above; without it,
+``latents_{N}x{C}x{h}x{w}.npz`` holds them as float32 ``[N, C, h, w]`` (``arr_1`` the labels), with no
+grid. ``--vae`` for a model of pixels is an error. A latent model samples without clipping each x_0
+prediction to [-1, 1] unless ``--clip_denoised`` is given.
+
 Model and diffusion flags not given are read from the run config beside ``--model_path`` (``run_config.json``,
 or an earlier fastdiff's ``model_flags.json``); improved-diffusion's files need the flags on the command line,
 as in its script.
@@ -26,6 +32,7 @@ from fastdiff.config import ConfigError, SampleCommand
 from fastdiff.diffusion.sampling import sample_batch
 from fastdiff.runtime.image_grid import GRID_MODES, save_image_grid, to_uint8_nhwc
 from fastdiff.runtime.inference import InferenceSetup, output_dir, prepare_inference
+from fastdiff.runtime.latent_vae import checked_vae, decoder
 from fastdiff.runtime.rng import seed_everything
 
 
@@ -55,15 +62,29 @@ def label_count(config: SampleCommand, class_names: list[str]) -> int:
 
 def prepare(config: SampleCommand, given: set[str], model_path: str, ctx) -> InferenceSetup:
     """The model, diffusion, precision and kernels fastdiff.sample draws with, the sampling options
-    checked against them."""
+    checked against them, and for a latent model the VAE decoder of ``--vae`` (checked against the run's
+    latent info)."""
     setup = prepare_inference(config, given, model_path, ctx)
     setup.config.sampling.check_against(setup.diffusion, setup.model)
+    vae_path, info = setup.config.latents.vae, setup.latent_info
+    if vae_path and info is None:
+        raise ValueError(
+            f"--vae {vae_path!r}: the model {model_path} was not trained on latents (no run config beside it "
+            "records latent info); --vae decodes the samples of a latent model only"
+        )
+    if info is not None:
+        if "clip_denoised" not in given:
+            setup.config = setup.config.with_flags({"clip_denoised": False})
+        if vae_path:
+            vae = checked_vae(vae_path, info, f"the run of {model_path}")
+            setup.decode = decoder(vae, ctx.device)
     return setup
 
 
 def generate(setup: InferenceSetup, ctx) -> tuple[np.ndarray, np.ndarray | None]:
-    """``num_samples`` images (uint8 ``[N, H, W, C]``) and labels, gathered from every rank in rank order per
-    batch."""
+    """``num_samples`` images (uint8 ``[N, H, W, C]``; a latent model's decoded by ``setup.decode``, or, with
+    no decoder, its latents as float32 ``[N, C, h, w]``) and labels, gathered from every rank in rank order
+    per batch."""
     config = setup.config
     batch_size, num_samples = config.sample.batch_size, config.sample.num_samples
     shape = (batch_size, config.model.in_channels, *config.model.image_hw)
@@ -79,7 +100,13 @@ def generate(setup: InferenceSetup, ctx) -> tuple[np.ndarray, np.ndarray | None]
                 setup.model, setup.diffusion, shape, model_kwargs=kwargs, device=ctx.device,
                 **config.sampling.options(),
             )  # fmt: skip
-        gathered = dist_util.all_gather_object(to_uint8_nhwc(sample).cpu().numpy())
+        if setup.decode is not None:
+            sample = setup.decode(sample)
+        if setup.latent_info is not None and setup.decode is None:
+            produced_batch = sample.float().cpu().numpy()  # latents, as the model made them
+        else:
+            produced_batch = to_uint8_nhwc(sample).cpu().numpy()
+        gathered = dist_util.all_gather_object(produced_batch)
         images.extend(gathered)
         if config.model.class_cond:
             labels.extend(dist_util.all_gather_object(kwargs["y"].cpu().numpy()))
@@ -101,7 +128,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed_everything(config.runtime.seed, ctx.rank)
         with ops.use_backend(setup.kernels):
             images, labels = generate(setup, ctx)
-        if ctx.is_main:
+        if ctx.is_main and images.dtype != np.uint8:
+            out_dir = output_dir(config.sample.out_dir, model_path)
+            stem = os.path.join(out_dir, "latents_" + "x".join(str(side) for side in images.shape))
+            np.savez(f"{stem}.npz", *((images,) if labels is None else (images, labels)))
+            print(
+                f"note: the model works on latents and no --vae was given: saved the latents (float32 "
+                f"[N, C, h, w], not images; no PNG grid) in {stem}.npz; pass --vae PATH to decode them",
+                flush=True,
+            )
+        elif ctx.is_main:
             out_dir = output_dir(config.sample.out_dir, model_path)
             stem = os.path.join(out_dir, "samples_" + "x".join(str(side) for side in images.shape))
             arrays = (images,) if labels is None else (images, labels)

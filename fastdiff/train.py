@@ -10,6 +10,12 @@ is given (the objective flags ``--class_dropout_prob``, ``--predict_v``, ``--snr
 the small CPU profile ``EMBEDDED_PROFILE`` (listed at the end of ``--help``) fills every flag not given on the
 command line: a 16x16 class-conditional model that draws recognisable shapes after a few minutes on two CPU
 cores (at another ``--image_size``, its attention stays at the 4x-downsampled level).
+
+On a latent dataset (``fastdiff.prepare_data --vae``) the model trains on the latents: ``--in_channels`` and
+``--image_size`` come from the data (a value given that disagrees is an error), ``run_config.json`` records
+the latents' info, and the sample grids and the in-training evaluation decode with the VAE (``--vae``, by
+default the folder the dataset records, when it still exists; it must be the VAE that made the latents).
+Without a VAE the grids are skipped (said once) and ``--eval_interval`` is refused.
 """
 
 import dataclasses
@@ -28,8 +34,10 @@ from fastdiff.data.sources import describe_dataset
 from fastdiff.diffusion import create_named_schedule_sampler
 from fastdiff.diffusion.sampling import ODE_SAMPLERS
 from fastdiff.runtime.backends import check_autotune, check_kernels
+from fastdiff.runtime.latent_vae import decoder
 from fastdiff.runtime.precision import Precision, resolve_precision
 from fastdiff.runtime.rng import derive_seed, seed_everything
+from fastdiff.training.latent_data import latent_data
 from fastdiff.training.loop import TrainLoop
 from fastdiff.training.nonfinite import NonFiniteStepsError
 from fastdiff.training.preview import SamplePreview
@@ -113,7 +121,8 @@ def build_previews(config: RunConfig, model: torch.nn.Module):
     """The diffusion and sample_batch options of the sample grids and the in-training evaluation, with the
     --preview_* flags: an ODE sampler (unipc, the default, ...) runs --preview_steps grid points over the
     training diffusion; ddpm and ddim run every step of the training diffusion respaced to --preview_steps
-    (by DDIM's stride with --preview_ddim True)."""
+    (by DDIM's stride with --preview_ddim True). A latent model's samples are not clipped to [-1, 1]
+    (latents are not bounded there)."""
     preview = config.preview
     if preview.resolved_sampler in ODE_SAMPLERS:
         diffusion = build_diffusion(config.diffusion)
@@ -123,12 +132,14 @@ def build_previews(config: RunConfig, model: torch.nn.Module):
         respacing = preview_respacing(config.diffusion.diffusion_steps, preview.steps, preview.use_ddim)
         diffusion = build_diffusion(config.diffusion, respacing)
         sampling = dataclasses.replace(preview, steps=0)
+    if config.latents.info is not None:
+        sampling = dataclasses.replace(sampling, clip_denoised=False)
     sampling.check_against(diffusion, model, flag_prefix="preview_")
     return diffusion, sampling.options()
 
 
 def build_evaluation(
-    config: RunConfig, given: set[str], model, previews, dataset, precision: Precision, ctx
+    config: RunConfig, given: set[str], model, previews, dataset, precision: Precision, ctx, decode=None
 ) -> TrainingEvaluation | None:
     """The in-training evaluation for ``--eval_interval`` (None when 0), sampling like the grids
     (``previews``: their diffusion and options). Reference statistics are computed here, before training;
@@ -137,6 +148,9 @@ def build_evaluation(
     evaluation = config.evaluation
     if evaluation.eval_interval <= 0:
         return None
+    tag = ""
+    if config.latents.info is not None:
+        tag = "vae" + config.latents.info["fingerprint"][:8]
     try:
         return TrainingEvaluation(
             model=model,
@@ -153,6 +167,8 @@ def build_evaluation(
             log_dir=config.train.log_dir,
             ema_rate=config.train.ema_rates[0],
             inception=evaluation.inception,
+            decode=decode,
+            decode_tag=tag,
         )
     except ValueError as error:
         if "eval_interval" in given:
@@ -172,6 +188,12 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
     ``model_factory(model_config, diffusion_config)`` builds the network to train (default: fastdiff's UNet).
     """
     config, given = parse_args(argv)
+    config, latent = latent_data(config, given)
+    if latent is not None and latent.vae is None and config.evaluation.eval_interval > 0:
+        raise ValueError(
+            f"--eval_interval {config.evaluation.eval_interval}: scoring a latent model's samples needs the "
+            f"VAE to decode them, and there is none ({latent.missing}); pass --vae PATH"
+        )
     train, runtime = config.train, config.runtime
     ctx = dist_util.setup_dist(runtime.device)
     try:
@@ -211,8 +233,15 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
         schedule_sampler = create_named_schedule_sampler(train.schedule_sampler, diffusion)
 
         previews = build_previews(config, model)
+        decode = decoder(latent.vae, ctx.device) if latent is not None and latent.vae is not None else None
         preview = None
-        if ctx.is_main and train.sample_interval:
+        if latent is not None and decode is None and train.sample_interval:
+            _print_main(
+                ctx,
+                "note: no sample grids: the model works on latents and no VAE decodes them "
+                f"({latent.missing}); pass --vae PATH for grids",
+            )
+        elif ctx.is_main and train.sample_interval:
             preview = SamplePreview(
                 model,
                 previews[0],
@@ -222,8 +251,9 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
                 runtime.seed,
                 precision,
                 sampling=previews[1],
+                decode=decode,
             )
-        evaluation = build_evaluation(config, given, model, previews, dataset, precision, ctx)
+        evaluation = build_evaluation(config, given, model, previews, dataset, precision, ctx, decode)
         _print_main(
             ctx,
             f"training on {ctx.world_size} process(es), device {ctx.device}, precision {precision.name}, "

@@ -80,11 +80,12 @@ def test_an_earlier_run_config_takes_the_defaults_of_the_preview_solver_fields(t
 
     def as_earlier(data):
         data["version"] = version
+        del data["latents"]  # added by version 4
         for field in ("solver_order", "unipc_variant", "sigma_max"):
             del data["preview"][field]
 
     config = load_run_config(_written(tmp_path, as_earlier))
-    assert config.preview == RunConfig().preview
+    assert config.preview == RunConfig().preview and config.latents.info is None
     with pytest.raises(ValueError, match=r"missing field\(s\) preview\.sigma_max"):
         load_run_config(_written(tmp_path, lambda d: d["preview"].pop("sigma_max")))
 
@@ -96,6 +97,8 @@ def test_an_earlier_run_config_takes_the_defaults_of_the_preview_solver_fields(t
             lambda d: d.update(version=RUN_CONFIG_VERSION + 1),
             f"format version {RUN_CONFIG_VERSION + 1} is newer than this fastdiff",
         ),
+        (lambda d: d.pop("latents"), "missing field 'latents'"),
+        (lambda d: d["latents"].update(info={"format": "x"}), "'latents.info'.*field 'format'"),
         (lambda d: d["train"].update(learning_rate=1.0), r"unknown field\(s\) train\.learning_rate"),
         (lambda d: d["model"].pop("num_channels"), r"missing field\(s\) model\.num_channels"),
         (lambda d: d.pop("diffusion"), "missing field 'diffusion'"),

@@ -28,6 +28,7 @@ import argparse
 import ast
 import contextlib
 import functools
+import importlib.util
 import io
 import itertools
 import json
@@ -85,11 +86,30 @@ DOCUMENTED_RUNS = {
     "runs/fastdiff/ema_0.99_001500.pt": ("main", "ema"),
     "runs/in64/ema_0.9999_500000.pt": ("main", "ema"),
     "runs/guided/ema_0.99_001500.pt": ("guided", "ema"),
+    "runs/faces_latents/ema_0.9999_100000.pt": ("latent", "ema"),
 }
 """Checkpoints the docs read, and which tiny training run of the workspace stands for each."""
 
-TINY_RUNS = {"main": [], "guided": ["--class_dropout_prob", "0.1"]}
-"""The workspace's training runs: the main job (embedded profile), and with a null class for guidance."""
+HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+"""Whether the latent-diffusion commands can run (without diffusers they are skipped)."""
+DOCUMENTED_VAE = "models/sd-vae"
+"""The VAE folder the docs name (``/models/sd-vae``): the small random AutoencoderKL of tests/small_vae.py
+(downsampling factor 2: the docs' 16x16 images become 8x8 latents)."""
+WORKSPACE_LATENTS = "data/workspace_latents"
+"""The latent dataset the workspace's latent run trains on (data/faces encoded with DOCUMENTED_VAE)."""
+
+TINY_RUNS = {
+    "main": [],
+    "guided": ["--class_dropout_prob", "0.1"],
+    "latent": ["--data_dir", WORKSPACE_LATENTS, "--ema_rate", "0.99"],
+}
+"""The workspace's training runs: the main job (embedded profile), with a null class for guidance, and on
+latents (the tiny model of LATENT_MODEL)."""
+
+LATENT_MODEL = {"num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2", "attention_resolutions": "4",
+                "num_head_channels": -1}  # fmt: skip
+"""A training command on a latent dataset (its --data_dir ends in ``_latents``) takes its size from the
+data, 8x8 here: it trains this tiny model instead of the one it names."""
 
 
 @dataclass(frozen=True)
@@ -437,6 +457,9 @@ def small_args(module: str, args: list[str], index: int) -> list[str]:
     args = [word[1:] if word.startswith(MOVED_ROOTS) else word for word in args]
     if module == "fastdiff.train":
         _shrink_model(args)
+        if (_get(args, "data_dir") or "").rstrip("/").endswith("_latents"):
+            for name, value in LATENT_MODEL.items():
+                _set(args, name, value)
         _set(args, "max_steps", 2)
         _set(args, "log_dir", f"train_runs/{index}")
         _set(args, "num_workers", 0)
@@ -537,11 +560,21 @@ def workspace(tmp_path_factory):
     try:
         for name in ("faces", "imagenet64", "train"):
             _write_images(root / "data" / name)
+        if HAS_DIFFUSERS:
+            from small_vae import save_small_vae
+
+            save_small_vae(root / DOCUMENTED_VAE, seed=1)
+            prepare = ["data/faces", WORKSPACE_LATENTS, "--vae", DOCUMENTED_VAE, "--image_size", "16"]
+            run_entry_point("fastdiff.prepare_data", [*prepare, "--workers", "1"], {})
         for run, extra in TINY_RUNS.items():
+            if run == "latent" and not HAS_DIFFUSERS:
+                continue
             args = small_args("fastdiff.train", extra, 0)
             _set(args, "log_dir", run)
             run_entry_point("fastdiff.train", args, {})
         for documented, (run, kind) in DOCUMENTED_RUNS.items():
+            if run == "latent" and not HAS_DIFFUSERS:
+                continue
             target = root / documented
             target.parent.mkdir(parents=True, exist_ok=True)
             source = "model000002.pt" if kind == "model" else "ema_0.99_000002.pt"
@@ -559,6 +592,8 @@ RUNNABLE = [command for command in COMMANDS if kind_of(command) == "run"]
 @pytest.mark.parametrize("command", RUNNABLE, ids=map(_id, RUNNABLE))
 def test_command_runs_at_small_size(command, workspace, monkeypatch):
     _, module, args = split_launcher(command.argv)
+    if not HAS_DIFFUSERS and ("--vae" in args or any(word.endswith("_latents") for word in args)):
+        pytest.skip("latent diffusion needs diffusers (pip install 'fastdiff[diffusers]')")
     args = small_args(module, args, RUNNABLE.index(command))
     if "--help" not in args and (
         module == "fastdiff.evaluate" or _get(args, "eval_interval") not in (None, "0")

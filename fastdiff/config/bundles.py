@@ -17,6 +17,7 @@ from fastdiff.config.sections import (
     DiffusionConfig,
     EvalConfig,
     EvaluateConfig,
+    LatentsConfig,
     ModelConfig,
     NllConfig,
     PrepareDataConfig,
@@ -30,7 +31,7 @@ from fastdiff.config.sections import (
 RUN_CONFIG_FILENAME = "run_config.json"
 LEGACY_FLAGS_FILENAME = "model_flags.json"
 RUN_CONFIG_FORMAT = "fastdiff-run-config"
-RUN_CONFIG_VERSION = 3
+RUN_CONFIG_VERSION = 4
 FIELDS_ADDED = {
     "model.in_channels": 2,
     "preview.solver_order": 3,
@@ -40,6 +41,9 @@ FIELDS_ADDED = {
 """Fields a run config gained after version 1, with the version that added them: a file of an earlier
 version lacks them and they take their defaults (version 1 files are RGB models, ``in_channels`` 3;
 versions 1 and 2 predate the preview's solver flags of issue 21)."""
+SECTIONS_ADDED = {"latents": 4}
+"""Sections a run config gained after version 1, with the version that added them: a file of an earlier
+version lacks them and they take their defaults (versions 1 to 3 are models of pixels: no latent info)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +172,7 @@ class RunConfig(Bundle):
         defaults={"sampler": "unipc", "steps": 20, "use_ddim": True},
     )
     evaluation: EvalConfig = section(EvalConfig)
+    latents: LatentsConfig = section(LatentsConfig, only=("vae",))
     class_names: tuple[str, ...] = ()
 
     def model_flags(self) -> dict[str, Any]:
@@ -203,6 +208,9 @@ class RunConfig(Bundle):
             raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)} (expected {sorted(expected)})")
         sections = {}
         for name, kind, _ in cls.sections():
+            if name not in data and SECTIONS_ADDED.get(name, 1) > version:
+                sections[name] = kind()
+                continue
             if name not in data:
                 raise ValueError(f"{source}: missing field '{name}'")
             sections[name] = _section_from_dict(kind, data[name], name, source, version)
@@ -299,6 +307,7 @@ class SampleCommand(Bundle):
     runtime: RuntimeConfig = section(RuntimeConfig, **INFERENCE_RUNTIME)
     model: ModelConfig = section(ModelConfig)
     diffusion: DiffusionConfig = section(DiffusionConfig)
+    latents: LatentsConfig = section(LatentsConfig, only=("vae",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,6 +333,7 @@ class EvaluateCommand(Bundle):
     runtime: RuntimeConfig = section(RuntimeConfig, **INFERENCE_RUNTIME)
     model: ModelConfig = section(ModelConfig)
     diffusion: DiffusionConfig = section(DiffusionConfig)
+    latents: LatentsConfig = section(LatentsConfig, only=("vae",))
 
 
 def with_saved_model(config: Bundle, saved: RunConfig, given: set[str]) -> tuple[Bundle, list[str]]:
@@ -346,3 +356,4 @@ class PrepareDataCommand(Bundle):
 
     prepare: PrepareDataConfig = section(PrepareDataConfig, positional=("source", "out"))
     model: ModelConfig = section(ModelConfig, only=("image_size", "in_channels", "class_cond"))
+    latents: LatentsConfig = section(LatentsConfig, only=("vae",))

@@ -647,6 +647,55 @@ class PrepareDataConfig(Section):
     limit: int = option(0, "write only the source's first this many items (0: all)", check=non_negative)
 
 
+def parse_latent_info(value: object) -> dict | None:
+    """The run's latent info: None (a model of pixels), or a ``fastdiff.latents.LatentInfo`` as its JSON
+    object (checked, canonical: ``LatentInfo.to_dict()``); JSON text is read too. Reading one needs
+    diffusers (fastdiff.latents)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"must be a latent info JSON object, got invalid JSON ({error})") from None
+    from fastdiff.latents import LatentInfo  # diffusers is needed only for latent runs
+
+    if isinstance(value, LatentInfo):
+        return value.to_dict()
+    return LatentInfo.from_dict(value, "latent info").to_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentsConfig(Section):
+    """Latent diffusion: the diffusers AutoencoderKL that encodes images to latents and decodes samples,
+    and (in a run config) what the run's latents were made with."""
+
+    title: ClassVar[str] = "latents"
+
+    vae: str = option(
+        "",
+        "folder of a diffusers AutoencoderKL (config.json and weights; nothing is downloaded): prepare_data "
+        "encodes the images with it, sample/evaluate decode a latent model's samples, train decodes its "
+        "sample grids and in-training evaluation (default there: the VAE path the latent dataset records)",
+    )
+    info: dict | None = option(
+        None,
+        "the LatentInfo of the latents the model was trained on (None: pixels); written by fastdiff.train",
+        parse=parse_latent_info,
+    )
+
+    @property
+    def latent_info(self):
+        """``self.info`` as a ``fastdiff.latents.LatentInfo``, or None for a model of pixels."""
+        if self.info is None:
+            return None
+        from fastdiff.latents import LatentInfo
+
+        return LatentInfo.from_dict(self.info, "latent info")
+
+
 def positive_finite(value: float) -> str | None:
     return None if math.isfinite(value) and value > 0 else f"must be positive and finite, got {value!r}"
 

@@ -285,7 +285,8 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     Images come as uint8 ``[H, W, C]`` slices of the map, scaled to [-1, 1]; latents as float16
     ``[C, h, w]`` slices, converted to float32 unscaled (the header's metadata holds what the encoder
-    needs). ``image_size`` and ``channels``, when given, must be the dataset's (the flags' values); with
+    needs; latents are never flipped: ``random_flip`` on them is refused). ``image_size`` and ``channels``,
+    when given, must be the dataset's (the flags' values); with
     ``class_cond`` the dataset must have labels. With ``random_flip``, the horizontal flip of an item is a
     pure function of (``seed``, epoch, index).
     """
@@ -318,6 +319,12 @@ class PreparedDataset(torch.utils.data.Dataset):
             raise PreparedDataError(
                 f"{header_path}: the dataset has {self.channels} channel(s), but --in_channels is "
                 f"{channels}: train with the dataset's channel count or prepare it again with this one"
+            )
+        if random_flip and self.kind == "latents":
+            raise PreparedDataError(
+                f"{header_path}: the dataset holds latents, and --random_flip True cannot flip them: the "
+                "flipped latent of an image is not the latent of the flipped image; train without "
+                "--random_flip (or prepare the flipped images as a dataset of their own)"
             )
         self.class_names = list(header["class_names"])
         if class_cond and not self.class_names:
@@ -378,5 +385,5 @@ class PreparedDataset(torch.utils.data.Dataset):
         flip = self.random_flip and flip_for(self.seed, key)
         if self.kind == "images":
             return to_model_range(item[:, ::-1] if flip else item), self.labels[key.index]
-        latent = torch.from_numpy(np.array(item[:, :, ::-1] if flip else item, dtype=np.float32))
+        latent = torch.from_numpy(np.array(item, dtype=np.float32))  # never flipped (see __init__)
         return latent, self.labels[key.index]

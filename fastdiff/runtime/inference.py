@@ -7,6 +7,7 @@ from the command line, as in its scripts.
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,32 +60,37 @@ class InferenceSetup:
     precision: Precision
     kernels: str
     class_names: list[str]
+    latent_info: object | None = None
+    """The ``fastdiff.latents.LatentInfo`` the run config records for a model of latents; None: pixels."""
+    decode: Callable | None = None
+    """A latent model's VAE decoder (latents -> images in [-1, 1]) when ``--vae`` gave one."""
 
 
 def with_run_config(
     config: Bundle, given: set[str], model_path: str, announce: bool
-) -> tuple[Bundle, list[str]]:
+) -> tuple[Bundle, list[str], object | None]:
     """``config`` with the model and diffusion flags not given taken from the run config beside
-    ``model_path`` (when there is one), and that run's class names."""
+    ``model_path`` (when there is one), that run's class names and its latent info (None: pixels)."""
     path = find_run_config(model_path) if model_path else None
     if path is None:
-        return config, []
+        return config, [], None
     saved = load_run_config(path)
     config, taken = with_saved_model(config, saved, given)
     if announce and taken:
         print(
             f"model flags from {os.path.basename(path)} beside {model_path}: {', '.join(taken)}", flush=True
         )
-    return config, list(saved.class_names)
+    return config, list(saved.class_names), saved.latents.latent_info
 
 
 def prepare_inference(config: Bundle, given: set[str], model_path: str, ctx) -> InferenceSetup:
     """The model of ``model_path`` in eval mode on ``ctx.device`` with its diffusion (flags completed from
     its run config), precision and kernels checked for the device."""
-    config, class_names = with_run_config(config, given, model_path, ctx.is_main)
+    config, class_names, latent_info = with_run_config(config, given, model_path, ctx.is_main)
     precision = resolve_precision(config.runtime.precision, ctx.device)
     kernels = check_kernels(config.runtime.kernels, ctx.device)
     model = build_model(config.model, config.diffusion)
     load_model_state(model, load_plain_state_dict(model_path, config.runtime.trust_checkpoint), model_path)
     model.to(ctx.device).eval().requires_grad_(False)
-    return InferenceSetup(config, model, build_diffusion(config.diffusion), precision, kernels, class_names)
+    diffusion = build_diffusion(config.diffusion)
+    return InferenceSetup(config, model, diffusion, precision, kernels, class_names, latent_info)

@@ -5,7 +5,9 @@ The reference statistics (``--eval_ref`` training images, evenly spaced over the
 data's channels: grey ones repeat their channel for the feature network, RGBA ones drop alpha) are computed
 once, all ranks sharing the feature extraction, and cached in the log dir as ``fid_reference_{S}px_{N}.npz``
 (``{H}x{W}px`` for non-square images, ``_{C}ch`` added for C other than 3 channels); a cached file from
-another feature network, image size or channel count is recomputed. The samples are drawn like the
+another feature network, image size or channel count is recomputed. A latent model's samples and
+reference items are decoded by its VAE (``decode``) first, and the cache's name carries the VAE's
+fingerprint (``_vae`` + 8 hex digits). The samples are drawn like the
 sample grids (the preview's respaced diffusion and sampler, through sample_batch) from noise fixed for the
 run, each rank drawing its share. When an evaluation gives a lower FID than any before in this log dir,
 rank 0 writes ``ema_{rate}_best.pt`` and ``ema_{rate}_best.json`` (step and metrics) atomically; a resumed
@@ -16,6 +18,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,20 +44,30 @@ def best_filenames(rate: float) -> tuple[str, str]:
     return f"ema_{rate}_best.pt", f"ema_{rate}_best.json"
 
 
-def reference_filename(shape: tuple[int, ...], num_ref: int) -> str:
+def reference_filename(shape: tuple[int, ...], num_ref: int, tag: str = "") -> str:
     """The cached reference statistics of images ``shape`` ``(C, H, W)``: ``fid_reference_16px_256.npz`` for
-    16x16 RGB, ``fid_reference_16x24px_1ch_256.npz`` for 16x24 grey."""
+    16x16 RGB, ``fid_reference_16x24px_1ch_256.npz`` for 16x24 grey; ``tag`` (e.g. ``vae0123abcd`` for
+    decoded latents) goes before the count."""
     channels, height, width = shape
     size = f"{height}" if height == width else f"{height}x{width}"
-    return f"fid_reference_{size}px{'' if channels == 3 else f'_{channels}ch'}_{num_ref}.npz"
+    tagged = f"_{tag}" if tag else ""
+    return f"fid_reference_{size}px{'' if channels == 3 else f'_{channels}ch'}{tagged}_{num_ref}.npz"
 
 
-def dataset_uint8(dataset, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` items of a training dataset (float ``[C, H, W]`` in [-1, 1]) evenly spaced over it, as uint8
-    ``[count, H, W, C]`` (rounded: the inverse of the loaders' ``u / 127.5 - 1``) and labels ``[count]``."""
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+"""A latent model's VAE decoder: latents ``[B, C, h, w]`` -> images ``[B, C', H, W]`` in [-1, 1]."""
+
+
+def dataset_uint8(dataset, count: int, decode: Decoder | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` items of a training dataset (float ``[C, H, W]`` in [-1, 1]; latents decoded by ``decode``)
+    evenly spaced over it, as uint8 ``[count, H, W, C]`` (rounded: the inverse of the loaders' ``u / 127.5 -
+    1``) and labels ``[count]``."""
     indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
     items = [dataset[int(index)] for index in indices]
-    images = torch.stack([image for image, _ in items]).add(1.0).mul(127.5).round().clamp(0, 255)
+    images = torch.stack([image for image, _ in items])
+    if decode is not None:
+        images = decode(images).cpu()
+    images = images.add(1.0).mul(127.5).round().clamp(0, 255)
     labels = np.array([int(label) for _, label in items], dtype=np.int64)
     return images.to(torch.uint8).permute(0, 2, 3, 1).numpy(), labels
 
@@ -80,6 +93,8 @@ class TrainingEvaluation:
         ema_rate: float,
         inception: str = "",
         batch_size: int = 64,
+        decode: Decoder | None = None,
+        decode_tag: str = "",
     ) -> None:
         if interval <= 0:
             raise ValueError(f"eval_interval must be positive, got {interval}")
@@ -93,12 +108,16 @@ class TrainingEvaluation:
                 f"--eval_interval needs at least {least} reference images: --eval_ref is {num_ref} and the "
                 f"training data holds {len(dataset)}"
             )
-        shape = tuple(int(side) for side in dataset[0][0].shape)  # (C, H, W)
-        if shape[0] not in FEATURE_CHANNELS:
+        shape = tuple(int(side) for side in dataset[0][0].shape)  # (C, H, W) of the model
+        image_shape = shape
+        if decode is not None:  # latents: the images are the VAE's decodings
+            image_shape = tuple(int(side) for side in decode(dataset[0][0][None]).shape[1:])
+        if image_shape[0] not in FEATURE_CHANNELS:
             raise ValueError(
-                f"the feature network scores 1-, 3- or 4-channel images; the training data has {shape[0]} "
-                "channels (--in_channels)"
+                f"the feature network scores 1-, 3- or 4-channel images; the training data has "
+                f"{image_shape[0]} channels (--in_channels)"
             )
+        self.decode, self.decode_tag = decode, decode_tag
         self.interval = interval
         self.ctx = ctx
         self.log_dir = log_dir
@@ -112,19 +131,21 @@ class TrainingEvaluation:
         noise = torch.randn((share, *shape), generator=generator)
         positions = torch.arange(share) * ctx.world_size + ctx.rank
         labels = positions % num_classes if num_classes else None
-        self.sampler = EmaSampler(model, sampling_diffusion, noise, labels, sampling, precision, batch_size)
-        self.reference = self._reference(dataset, num_ref, shape)
+        self.sampler = EmaSampler(
+            model, sampling_diffusion, noise, labels, sampling, precision, batch_size, decode
+        )
+        self.reference = self._reference(dataset, num_ref, image_shape)
         self.best_fid = self._read_best_fid()
 
     def _reference(self, dataset, num_ref: int, shape: tuple[int, ...]) -> ReferenceStats:
-        path = os.path.join(self.log_dir, reference_filename(shape, num_ref))
+        path = os.path.join(self.log_dir, reference_filename(shape, num_ref, self.decode_tag))
         usable = dist_util.broadcast_object(os.path.isfile(path) and is_stats_file(path))
         if usable:
             try:
                 return load_stats(path, self.network.sha1, shape[1:], shape[0])
             except ValueError:
                 pass
-        images, labels = dataset_uint8(dataset, min(num_ref, len(dataset)))
+        images, labels = dataset_uint8(dataset, min(num_ref, len(dataset)), self.decode)
         stats = reference_stats(self.network, images, labels, self.ctx, self.batch_size)
         if self.ctx.is_main:
             stats.save(path)
