@@ -78,3 +78,15 @@ def pytest_report_header(config) -> str:
 def _seed(request) -> None:
     """Seed torch per test from the session seed and the test's id."""
     torch.manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def quiet_diffusers():
+    """diffusers logs notes on loading and dtype casts (low_cpu_mem_usage, ``model.to(dtype)``) that say
+    nothing about fastdiff: silence them for one test."""
+    from diffusers.utils import logging
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    yield
+    logging.set_verbosity(previous)

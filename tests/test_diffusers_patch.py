@@ -31,6 +31,8 @@ from fastdiff.integrations.diffusers import (
 from fastdiff.nn import GroupNorm32
 from fastdiff.patch import NothingToPatchWarning, patches
 
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
+
 
 def unet_2d() -> nn.Module:
     """UNet2DModel: scale-shift ResnetBlocks, resnet down/up sampling, attention, a mid scale factor."""
@@ -90,17 +92,6 @@ def run(model: nn.Module, sample: torch.Tensor, kwargs: dict, dy: torch.Tensor):
 
 
 RELATIVE_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def _quiet_diffusers_casts():
-    """diffusers logs a note on every ``model.to(dtype)``; it says nothing about fastdiff."""
-    from diffusers.utils import logging
-
-    previous = logging.get_verbosity()
-    logging.set_verbosity_error()
-    yield
-    logging.set_verbosity(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -36,16 +36,7 @@ from fastdiff.latents import decode_latents, encode_images, load_vae
 from fastdiff.nn import GroupNorm32, GroupNorm32SiLU
 from fastdiff.patch import NothingToPatchWarning, patches
 
-
-@pytest.fixture(autouse=True)
-def _quiet_diffusers():
-    """diffusers logs notes on loading and on ``model.to(dtype)`` that say nothing about fastdiff."""
-    from diffusers.utils import logging
-
-    previous = logging.get_verbosity()
-    logging.set_verbosity_error()
-    yield
-    logging.set_verbosity(previous)
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
 
 
 @pytest.fixture(scope="module")

@@ -45,14 +45,7 @@ TRAIN += ["--max_steps", "2", "--save_interval", "2", "--preview_steps", "2", "-
 SAMPLE = ["--num_samples", "3", "--batch_size", "2", "--timestep_respacing", "ddim2", "--use_ddim", "True"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet_diffusers():
-    from diffusers.utils import logging
-
-    previous = logging.get_verbosity()
-    logging.set_verbosity_error()
-    yield
-    logging.set_verbosity(previous)
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
 
 
 @pytest.fixture(scope="module")

@@ -33,15 +33,7 @@ from fastdiff.latents import (
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def _quiet_diffusers():
-    """diffusers logs notes (low_cpu_mem_usage, dtype casts) that say nothing about fastdiff."""
-    from diffusers.utils import logging
-
-    previous = logging.get_verbosity()
-    logging.set_verbosity_error()
-    yield
-    logging.set_verbosity(previous)
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
 
 
 @pytest.fixture(scope="module")
