@@ -29,7 +29,7 @@ from fastdiff.data.images import (
     resize_to_cover,
     to_model_range,
 )
-from fastdiff.data.keys import ItemKey, flip_for
+from fastdiff.data.keys import ItemKey, flipped_for
 from fastdiff.data.prepared import npy_layout
 
 MAX_LABEL = 1000
@@ -168,6 +168,4 @@ class ArrayFileDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: ItemKey | int) -> tuple[torch.Tensor, int]:
         key = ItemKey.of(key)
         array = self.item_array(key.index)
-        if self.random_flip and flip_for(self.seed, key):
-            array = array[:, ::-1]
-        return to_model_range(array), self.labels[key.index]
+        return to_model_range(flipped_for(array, self.seed, key, self.random_flip)), self.labels[key.index]

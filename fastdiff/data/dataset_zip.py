@@ -28,7 +28,7 @@ import torch
 from fastdiff.data.arrays import check_labels
 from fastdiff.data.image_folder import IMAGE_EXTENSIONS
 from fastdiff.data.images import check_channels, image_size_of, load_image, to_model_range
-from fastdiff.data.keys import ItemKey, flip_for
+from fastdiff.data.keys import ItemKey, flipped_for
 
 LABELS_MEMBER = "dataset.json"
 
@@ -145,6 +145,4 @@ class ZipDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: ItemKey | int) -> tuple[torch.Tensor, int]:
         key = ItemKey.of(key)
         array = self.item_array(key.index)
-        if self.random_flip and flip_for(self.seed, key):
-            array = array[:, ::-1]
-        return to_model_range(array), self.labels[key.index]
+        return to_model_range(flipped_for(array, self.seed, key, self.random_flip)), self.labels[key.index]

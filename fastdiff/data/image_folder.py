@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdiff.data.images import check_channels, image_size_of, load_image, to_model_range
-from fastdiff.data.keys import ItemKey, flip_for
+from fastdiff.data.keys import ItemKey, flipped_for
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -82,6 +82,4 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: ItemKey | int) -> tuple[torch.Tensor, int]:
         key = ItemKey.of(key)
         array = load_image(self.paths[key.index], self.image_size, self.channels)
-        if self.random_flip and flip_for(self.seed, key):
-            array = array[:, ::-1]
-        return to_model_range(array), self.labels[key.index]
+        return to_model_range(flipped_for(array, self.seed, key, self.random_flip)), self.labels[key.index]

@@ -29,3 +29,8 @@ def item_rng(seed: int, key: ItemKey, stream: int = 0) -> np.random.Generator:
 def flip_for(seed: int, key: ItemKey) -> bool:
     """Whether the item is flipped horizontally in this epoch (probability 1/2)."""
     return bool(item_rng(seed, key, stream=1).random() < 0.5)
+
+
+def flipped_for(array: np.ndarray, seed: int, key: ItemKey, random_flip: bool) -> np.ndarray:
+    """An item's image ``[H, W, C]``, mirrored left-right when ``random_flip`` and :func:`flip_for` say so."""
+    return array[:, ::-1] if random_flip and flip_for(seed, key) else array

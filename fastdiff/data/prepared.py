@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fastdiff.data.images import ImageSize, check_channels, image_size_of, to_model_range
-from fastdiff.data.keys import ItemKey, flip_for
+from fastdiff.data.keys import ItemKey, flipped_for
 
 FORMAT_NAME = "fastdiff-prepared-dataset"
 FORMAT_VERSION = 1
@@ -382,8 +382,7 @@ class PreparedDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: ItemKey | int) -> tuple[torch.Tensor, int]:
         key = ItemKey.of(key)
         item = self.item_array(key.index)
-        flip = self.random_flip and flip_for(self.seed, key)
         if self.kind == "images":
-            return to_model_range(item[:, ::-1] if flip else item), self.labels[key.index]
+            return to_model_range(flipped_for(item, self.seed, key, self.random_flip)), self.labels[key.index]
         latent = torch.from_numpy(np.array(item, dtype=np.float32))  # never flipped (see __init__)
         return latent, self.labels[key.index]

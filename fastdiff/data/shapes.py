@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from fastdiff.data.images import CHANNEL_MODES, ImageSize, check_channels, image_size_of, to_model_range
-from fastdiff.data.keys import ItemKey, flip_for, item_rng
+from fastdiff.data.keys import ItemKey, flipped_for, item_rng
 
 SHAPE_CLASSES = ("disc", "square", "triangle", "stripes")
 SUPERSAMPLE = 4
@@ -151,6 +151,4 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= key.index < self.length:
             raise IndexError(f"index {key.index} out of range for {self.length} items")
         array, label = render_shape(key.index, self.image_size, self.content_seed, self.channels)
-        if self.random_flip and flip_for(self.flip_seed, key):
-            array = array[:, ::-1]
-        return to_model_range(array), label
+        return to_model_range(flipped_for(array, self.flip_seed, key, self.random_flip)), label
