@@ -21,6 +21,7 @@ except ImportError:
 
 from fastdiff.kernels import group_norm as gn
 from fastdiff.kernels import launch
+from fastdiff.kernels.group_norm import configs as gn_configs
 from fastdiff.kernels.group_norm import device as gn_device
 from fastdiff.kernels.group_norm import host as gn_host
 
@@ -310,6 +311,53 @@ def test_a_registration_pins_constexprs_that_every_launch_takes():
             rule=lambda problem: gn.FUSED_CONFIGS[0], arg_types=gn.FWD_FUSED.arg_types,
             constexprs={"eps": 1.0},
         )  # fmt: skip
+
+
+# The runtime parameters of the six GroupNorm kernels before they became passes of two bodies (commit
+# d33450f), in order; each pass's binary must keep them (unit strides may be specialised away).
+_PARAMETERS_BEFORE_THE_MERGE = {
+    "gn_fwd_fused": (
+        "x_ptr y_ptr weight_ptr bias_ptr scale_ptr shift_ptr mean_ptr rstd_ptr num_groups group_channels "
+        "spatial stride_xn stride_xc stride_xs stride_yn stride_yc stride_ys stride_scale_n stride_scale_c "
+        "stride_shift_n stride_shift_c eps"
+    ),
+    "gn_fwd_partial_stats": (
+        "x_ptr part_count_ptr part_mean_ptr part_m2_ptr num_groups group_channels spatial chunk_spatial "
+        "num_chunks stride_xn stride_xc stride_xs"
+    ),
+    "gn_bwd_fused": (
+        "dy_ptr x_ptr dx_ptr weight_ptr bias_ptr scale_ptr shift_ptr mean_ptr rstd_ptr sum_a_ptr sum_b_ptr "
+        "num_groups group_channels spatial stride_dyn stride_dyc stride_dys stride_xn stride_xc stride_xs "
+        "stride_dxn stride_dxc stride_dxs stride_scale_n stride_scale_c stride_shift_n stride_shift_c"
+    ),
+    "gn_bwd_partial_sums": (
+        "dy_ptr x_ptr weight_ptr bias_ptr scale_ptr shift_ptr mean_ptr rstd_ptr part_a_ptr part_b_ptr "
+        "num_groups group_channels spatial chunk_spatial num_chunks stride_dyn stride_dyc stride_dys "
+        "stride_xn stride_xc stride_xs stride_scale_n stride_scale_c stride_shift_n stride_shift_c"
+    ),
+}
+
+
+def test_a_pass_binary_has_only_the_parameters_it_reads():
+    """A GroupNorm pass launches the arguments it does not read as None, which Triton compiles as a
+    constexpr: its binary's parameters are those of the kernel it replaced, in the same order (with the
+    unread ones as parameters, ptxas allocated the fused forward's registers differently on sm_90)."""
+    for kernel in gn.KERNELS:
+        unread = gn_configs.unread_args(kernel)
+        named = {name: f"<{name}>" for name in kernel.arg_types if name not in unread}
+        args = gn_configs.pass_args(kernel, **named)
+        assert args == tuple(named.get(name) for name in kernel.arg_types), kernel.name
+        assert all(args[i] is None for i, name in enumerate(kernel.arg_types) if name in unread)
+        with pytest.raises(KeyError, match="x_ptr"):
+            gn_configs.pass_args(kernel, **{k: v for k, v in named.items() if k != "x_ptr"})
+        before = _PARAMETERS_BEFORE_THE_MERGE.get(kernel.name, " ".join(kernel.arg_types)).split()
+        specs = [s for s in gn.compile_specs() if s.name.startswith(f"{kernel.name}[")]
+        assert specs, kernel.name
+        for spec in specs:
+            runtime = [name for name, kind in spec.signature.items() if kind != "constexpr"]
+            assert runtime == [name for name in before if name in runtime], spec.name
+            assert set(before) - set(runtime) <= {n for n in before if n.startswith("stride_")}, spec.name
+            assert all(spec.constexprs[name] is None for name in unread), spec.name
 
 
 def test_a_split_pass_compiles_one_binary_for_every_variant():

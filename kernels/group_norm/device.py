@@ -6,8 +6,8 @@ Each kernel serves the three passes of its direction (see the package docstring)
 (split path: per-chunk partials) and ``"apply"`` (split path: merge the partials, write the outputs).
 Every pass reads x as ``[N, C, S]`` with one stride per axis and computes in fp32. Optional inputs
 (weight, bias, scale/shift), SiLU and which backward outputs are written are ``tl.constexpr`` flags too,
-so one body serves every variant. A pass leaves the arguments it does not read alone; the launch layer
-pins them (``configs.py``), so each pass still compiles to the code it would as a kernel of its own.
+so one body serves every variant. A pass leaves the arguments it does not read alone; its launches pass
+None for them (``configs.py``), so each pass still compiles to the code it would as a kernel of its own.
 """
 
 import triton
@@ -120,9 +120,9 @@ def _store_tile(base, ch, s, mask, stride_c, stride_s, value):
 
 
 @triton.jit
-def _centered(x, mask, pivot, count):
-    """(mean of x - pivot over the ``count`` unmasked lanes, x - pivot - that mean; 0 on masked lanes)."""
-    shifted = tl.where(mask, x - pivot, 0.0)
+def _centered(shifted, mask, count):
+    """(mean of ``shifted`` (x - pivot, 0 on masked lanes) over the ``count`` unmasked lanes, shifted - that
+    mean; 0 on masked lanes)."""
     shifted_mean = tl.sum(shifted) / count
     return shifted_mean, tl.where(mask, shifted - shifted_mean, 0.0)
 
@@ -289,8 +289,9 @@ def _gn_fwd_kernel(
                 s = s0 + tl.arange(0, SPLIT_S)
                 mask = c_mask[:, None] & (s < s_end)[None, :]
                 x = _load_tile(x_base, ch, s, mask, stride_xc, stride_xs)
+                shifted = tl.where(mask, x - pivot, 0.0)  # before the count, as the partial kernel had it
                 tile_count = tl.minimum(group_channels - c0, BLOCK_C) * tl.minimum(s_end - s0, SPLIT_S) * 1.0
-                tile_mean, centered = _centered(x, mask, pivot, tile_count)
+                tile_mean, centered = _centered(shifted, mask, tile_count)
                 tile_m2 = tl.sum(centered * centered)
                 total = count + tile_count
                 delta = tile_mean - mean

@@ -277,7 +277,7 @@ def group_norm_forward(
     }
     flags = _flags(weight, bias, scale, silu)
     if geometry.fused:
-        args = pass_args(FWD_FUSED, x, **named)
+        args = pass_args(FWD_FUSED, **named)
         meta = {**flags, "BLOCK_C": geometry.block_c, "BLOCK_S": geometry.block_s}
         _launch(FWD_FUSED, (n * num_groups,), args, meta, x, tuning, geometry)
         return y, mean, rstd
@@ -285,10 +285,10 @@ def group_norm_forward(
     partials = torch.empty((3, n * num_groups * geometry.num_chunks), device=x.device, dtype=torch.float32)
     named.update(zip(("part_count_ptr", "part_mean_ptr", "part_m2_ptr"), partials, strict=True))
     grid = (n * num_groups, geometry.num_chunks)
-    stats_args = pass_args(FWD_PARTIAL_STATS, x, **named)
+    stats_args = pass_args(FWD_PARTIAL_STATS, **named)
     _launch(FWD_PARTIAL_STATS, grid, stats_args, {"BLOCK_C": geometry.block_c}, x, tuning, geometry)
     meta = {**flags, "BLOCK_C": geometry.block_c, "BLOCK_P": tuning.block_p}
-    _launch(FWD_SPLIT_APPLY, grid, pass_args(FWD_SPLIT_APPLY, x, **named), meta, x, tuning, geometry)
+    _launch(FWD_SPLIT_APPLY, grid, pass_args(FWD_SPLIT_APPLY, **named), meta, x, tuning, geometry)
     return y, mean, rstd
 
 
@@ -399,7 +399,7 @@ def _backward_kernels(
     flags = _flags(weight, bias, scale, silu)
     writes = {"WRITE_DX": dx is not None, "WRITE_SUMS": need_sums}
     if geometry.fused:
-        args = pass_args(BWD_FUSED, x, **named)
+        args = pass_args(BWD_FUSED, **named)
         meta = {**flags, **writes, "BLOCK_C": geometry.block_c, "BLOCK_S": geometry.block_s}
         _launch(BWD_FUSED, (n * num_groups,), args, meta, x, tuning, geometry)
         return dx
@@ -407,11 +407,11 @@ def _backward_kernels(
     partials = torch.empty((2, n * channels * geometry.num_chunks), device=x.device, dtype=torch.float32)
     named.update(part_a_ptr=partials[0], part_b_ptr=partials[1])
     grid = (n * num_groups, geometry.num_chunks)
-    reduce_args = pass_args(BWD_PARTIAL_SUMS, x, **named)
+    reduce_args = pass_args(BWD_PARTIAL_SUMS, **named)
     _launch(BWD_PARTIAL_SUMS, grid, reduce_args, {**flags, "BLOCK_C": geometry.block_c}, x, tuning, geometry)
     meta = {**flags, **writes, "BLOCK_C": geometry.block_c, "BLOCK_P": tuning.block_p}
     apply_grid = grid if dx is not None else (n * num_groups, 1)
-    _launch(BWD_SPLIT_APPLY, apply_grid, pass_args(BWD_SPLIT_APPLY, x, **named), meta, x, tuning, geometry)
+    _launch(BWD_SPLIT_APPLY, apply_grid, pass_args(BWD_SPLIT_APPLY, **named), meta, x, tuning, geometry)
     return dx
 
 

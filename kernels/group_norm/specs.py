@@ -94,7 +94,10 @@ def compile_specs(tuning: GroupNormTuning = DEFAULT_TUNING) -> list[CompileSpec]
                     f"{k}={v}" for k, v in {**meta, **config.meta}.items() if k.startswith(("BLOCK", "TILE"))
                 )
                 name = f"{kernel.name}[{storage},{layout},{blocks},w{config.num_warps}]"
+                unread = dict.fromkeys(unread_args(kernel))  # None, as ``pass_args`` launches them
                 specs.append(
-                    launch.compile_spec(kernel, name, storage, config, meta, _unit_strides(kernel, layout))
+                    launch.compile_spec(
+                        kernel, name, storage, config, {**meta, **unread}, _unit_strides(kernel, layout)
+                    )
                 )
     return specs
