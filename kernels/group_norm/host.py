@@ -137,6 +137,35 @@ def _shape_args(num_groups: int, group_channels: int, spatial: int, geometry: "_
     }
 
 
+def _shared_args(
+    x: Tensor,
+    x_strides: tuple[int, int, int],
+    num_groups: int,
+    weight: OptTensor,
+    bias: OptTensor,
+    scale: OptTensor,
+    shift: OptTensor,
+    fused_max: int,
+    tuning: GroupNormTuning,
+) -> tuple[dict[str, Any], "_Geometry"]:
+    """What the forward and the backward launches share: the affine and problem-size arguments by name
+    and the launch geometry, for x ``[N, C, *spatial]`` read in place with ``x_strides`` (its [N, C, S]
+    strides); weight, bias ``[C]``, scale, shift ``[N, C]`` or None. ``fused_max``: the direction's
+    largest fused tile (``tuning.fused_max_forward`` or ``fused_max_backward``)."""
+    n, channels = x.shape[:2]
+    group_channels, spatial = channels // num_groups, math.prod(x.shape[2:])
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    scale, *scale_strides = _matrix_strides(scale, n, channels)
+    shift, *shift_strides = _matrix_strides(shift, n, channels)
+    spatial_major = x_strides[2] == 1 and x_strides[1] != 1
+    geometry = _geometry(n * num_groups, group_channels, spatial, fused_max, tuning, spatial_major)
+    args = {
+        **_affine_args(x, weight, bias, scale, shift, scale_strides, shift_strides),
+        **_shape_args(num_groups, group_channels, spatial, geometry),
+    }
+    return args, geometry
+
+
 def _stride_args(name: str, strides: tuple[int, int, int]) -> dict[str, int]:
     """``stride_<name>n``, ``stride_<name>c``, ``stride_<name>s`` of an [N, C, S] view."""
     return dict(zip((f"stride_{name}{axis}" for axis in "ncs"), strides, strict=True))
@@ -244,9 +273,7 @@ def group_norm_forward(
     """
     _assert_inputs(x=x, weight=weight, bias=bias, scale=scale, shift=shift)
     assert (scale is None) == (shift is None), "scale and shift come together"
-    n, channels = x.shape[:2]
-    group_channels = channels // num_groups
-    spatial = math.prod(x.shape[2:])
+    n = x.shape[0]
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if x.numel() == 0:
@@ -256,23 +283,17 @@ def group_norm_forward(
 
     x, x_strides = _in_place_view(x)
     y = torch.empty_like(x)
-    y_strides = _collapsed_strides(y)
-    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
-    scale, *scale_strides = _matrix_strides(scale, n, channels)
-    shift, *shift_strides = _matrix_strides(shift, n, channels)
-    spatial_major = x_strides[2] == 1 and x_strides[1] != 1
-    geometry = _geometry(
-        n * num_groups, group_channels, spatial, tuning.fused_max_forward, tuning, spatial_major
+    shared, geometry = _shared_args(
+        x, x_strides, num_groups, weight, bias, scale, shift, tuning.fused_max_forward, tuning
     )
     named = {
         "x_ptr": x,
         "y_ptr": y,
-        **_affine_args(x, weight, bias, scale, shift, scale_strides, shift_strides),
+        **shared,
         "mean_ptr": mean,
         "rstd_ptr": rstd,
-        **_shape_args(num_groups, group_channels, spatial, geometry),
         **_stride_args("x", x_strides),
-        **_stride_args("y", y_strides),
+        **_stride_args("y", _collapsed_strides(y)),
         "eps": float(torch.tensor(eps, dtype=torch.float32)),
     }
     flags = _flags(weight, bias, scale, silu)
@@ -369,29 +390,22 @@ def _backward_kernels(
     dx has x's layout, or is contiguous when x's spatial dims cannot share one stride.
     """
     n, channels = x.shape[:2]
-    group_channels = channels // num_groups
-    spatial = math.prod(x.shape[2:])
     x, x_strides = _in_place_view(x)
     dy, dy_strides = _in_place_view(dy)
     dx = torch.empty_like(x) if need_dx else None
     dx_view, dx_strides = (x, (0, 0, 0)) if dx is None else (dx, _collapsed_strides(dx))
-    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
-    scale, *scale_strides = _matrix_strides(scale, n, channels)
-    shift, *shift_strides = _matrix_strides(shift, n, channels)
-    spatial_major = x_strides[2] == 1 and x_strides[1] != 1
-    geometry = _geometry(
-        n * num_groups, group_channels, spatial, tuning.fused_max_backward, tuning, spatial_major
+    shared, geometry = _shared_args(
+        x, x_strides, num_groups, weight, bias, scale, shift, tuning.fused_max_backward, tuning
     )
     named = {
         "dy_ptr": dy,
         "x_ptr": x,
         "dx_ptr": dx_view,
-        **_affine_args(x, weight, bias, scale, shift, scale_strides, shift_strides),
+        **shared,
         "mean_ptr": mean.float().contiguous(),
         "rstd_ptr": rstd.float().contiguous(),
         "sum_a_ptr": sums[0],
         "sum_b_ptr": sums[1],
-        **_shape_args(num_groups, group_channels, spatial, geometry),
         **_stride_args("dy", dy_strides),
         **_stride_args("x", x_strides),
         **_stride_args("dx", dx_strides),
