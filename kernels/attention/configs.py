@@ -32,14 +32,16 @@ def _tag(config: launch.Config) -> str:
 # report builds both). fp32 dots run in IEEE fp32 on the CUDA cores (TF32 would cost about three
 # decimal digits) and hold both operands in registers, so their tiles are smaller. Head dims above 128
 # share the 256 bucket: its tiles keep BLOCK x 256 fp32 accumulators in registers, so they are short
-# (16 or 32 along T, 8 warps); in the checked candidates every 64-long half tile and 4-warp tile
-# spilled, as did three 8-warp ones in some variant.
+# (16 or 32 along T, 8 warps); in the checked candidates every 64-long half tile and most 4-warp
+# tiles spilled, as did several 8-warp ones in some variant.
 # Left out because Triton 3.6 (what the GPU machines in reach carry; none spills under 3.9) spilled 8-40 B
 # with them: half d16/d32 m128n64w8s3 (bthd, aligned, sm_80: m64n64w4s3 now leads, the same 16 query rows
 # per warp and twice the K/V tile reloads, twice the programs), half d256 m32n32w8s2 (qkv, aligned, sm_80:
 # m32n16w8s2 serves, half the keys per step, 128 registers either way), fp32 d128 m32n16w8s2 (m16n16w4s2).
-# fp32 d256 m32n16w8s2 still spills 48 B under 3.6 (bthd, sm_80); m16n16w8s2, m16n16w4s2 and m32n16w8s1,
-# tried in its place, spilled under 3.6 or 3.9 too (fp32 attention at head dim 256 is rare on a GPU).
+# fp32 d256 m32n16w8s2 spilled 48 B under 3.6 (bthd, sm_80); of 23 tiles tried in its place only
+# m16n32w8s1 and m16n16w4s1 spill in no variant under either Triton. m16n32w8s1 serves: 8 warps as before,
+# half the queries per program (twice the programs, twice the K/V reloads), twice the keys per step (half
+# the steps), one stage (the next K/V tile is not prefetched), 51-52 KB of shared memory instead of 68.
 FORWARD_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("half", 16): (_C(64, 64, 4, 3), _C(128, 32, 4, 3), _C(128, 128, 8, 3)),
     ("half", 32): (_C(64, 64, 4, 3), _C(128, 32, 8, 3), _C(128, 128, 8, 3)),
@@ -50,7 +52,7 @@ FORWARD_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("fp32", 32): (_C(32, 32, 4, 2), _C(32, 32, 8, 2), _C(64, 32, 4, 1)),
     ("fp32", 64): (_C(32, 32, 8, 2), _C(32, 16, 8, 2)),
     ("fp32", 128): (_C(16, 16, 4, 2),),
-    ("fp32", 256): (_C(32, 16, 8, 2),),
+    ("fp32", 256): (_C(16, 32, 8, 1),),
 }
 # dK/dV: a program owns block_n keys and steps over queries block_m at a time; block_m is the same
 # across each list, so whichever config runs, the order of the sums is the same. Under Triton 3.6 (what
