@@ -81,13 +81,25 @@ def test_an_earlier_run_config_takes_the_defaults_of_the_preview_solver_fields(t
     def as_earlier(data):
         data["version"] = version
         del data["latents"]  # added by version 4
-        for field in ("solver_order", "unipc_variant", "sigma_max"):
+        for field in ("solver_order", "unipc_variant", "sigma_max", "sigma_min"):
             del data["preview"][field]
 
     config = load_run_config(_written(tmp_path, as_earlier))
     assert config.preview == RunConfig().preview and config.latents.info is None
     with pytest.raises(ValueError, match=r"missing field\(s\) preview\.sigma_max"):
         load_run_config(_written(tmp_path, lambda d: d["preview"].pop("sigma_max")))
+
+
+def test_a_version_4_run_config_takes_the_default_grid_end(tmp_path):
+    """Version 5 added the preview's sigma_min (the capped grids' end)."""
+
+    def as_version_4(data):
+        data["version"] = 4
+        del data["preview"]["sigma_min"]
+
+    assert load_run_config(_written(tmp_path, as_version_4)).preview.sigma_min == 0.0
+    with pytest.raises(ValueError, match=r"missing field\(s\) preview\.sigma_min"):
+        load_run_config(_written(tmp_path, lambda d: d["preview"].pop("sigma_min")))
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,10 @@ from fastdiff.diffusion.sampling import (
     MIN_STEPS,
     NoiseSchedule,
     check_sampling_options,
+    model_calls,
     resolve_spacing,
     resolved_sigma_max,
+    resolved_sigma_min,
     sample_batch,
     sampling_grid,
     trailing_indices,
@@ -36,6 +38,8 @@ def _noise(count=64, channels=16, seed=0, dtype=torch.float64):
 
 
 def _errors(diffusion, sampler, spacing, steps_list, **options):
+    """RMS distance of each step count's samples from the exact flow to step 0, then its x_0 prediction:
+    one target for every grid (a capped grid that ends above step 0 is charged for it)."""
     schedule, model, noise = NoiseSchedule.from_diffusion(diffusion), DATA.model(diffusion), _noise()
     errors = []
     for steps in steps_list:
@@ -43,8 +47,7 @@ def _errors(diffusion, sampler, spacing, steps_list, **options):
             model, diffusion, noise.shape, sampler=sampler, steps=steps, timestep_spacing=spacing,
             clip_denoised=False, noise=noise, **options,
         )  # fmt: skip
-        end = sampling_grid(schedule, steps, resolve_spacing(sampler, spacing), 0.0, sampler)[-1]
-        errors.append((out - DATA.flow(schedule, noise, end)).pow(2).mean().sqrt().item())
+        errors.append((out - DATA.flow(schedule, noise, schedule.point(0))).pow(2).mean().sqrt().item())
     return errors
 
 
@@ -149,7 +152,8 @@ def test_default_grids_error_falls_from_10_calls(sampler, schedule):
     ids=["cosine", "linear", "zero-snr"],
 )
 def test_unipc_default_error_falls_at_every_call_count(flags):
-    """The issue's goal, met by unipc (order 2, bh2, capped_logsnr from sigma_max 20) at 5-80 calls."""
+    """The issue's goal, met by unipc (order 2, bh2, capped_logsnr from sigma_max 10 to the default end) at
+    5-80 calls."""
     diffusion = create_gaussian_diffusion(steps=1000, **flags)
     errors = _errors(diffusion, "unipc", "auto", [5, 8, 10, 15, 20, 40, 80])
     assert all(a > b for a, b in itertools.pairwise(errors)), errors
@@ -227,19 +231,37 @@ def test_published_dpmpp_3m_agrees_with_diffusers_and_ours_differs_by_the_curvat
 def test_capped_grid_starts_at_the_noisiest_step_then_sigma_max():
     diffusion = create_gaussian_diffusion(steps=1000, noise_schedule="cosine")
     schedule = NoiseSchedule.from_diffusion(diffusion)
+    step_0 = float(schedule.edm_sigmas()[0])
     assert schedule.edm_sigmas()[-1] > 2e4 and schedule.edm_sigmas()[-2] < 700  # the clipped last beta
-    for sampler, cap in (("dpmpp_3m", 80.0), ("unipc", 20.0), ("heun", 80.0)):
+    for sampler, cap, calls in (("dpmpp_3m", 80.0, 10), ("unipc", 10.0, 10), ("heun", 80.0, 19)):
         grid = sampling_grid(schedule, 10, "capped_logsnr", 0.0, sampler)
-        assert resolved_sigma_max(schedule, 0.0, sampler) == cap
-        assert grid[0] == schedule.point(999) and grid[-1] == schedule.point(0) and len(grid) == 10
+        assert resolved_sigma_max(schedule, calls, 0.0, sampler) == cap
+        end = resolved_sigma_min(schedule, calls)
+        assert end == pytest.approx((1.6 / calls) ** 2) and end > step_0
+        assert grid[0] == schedule.point(999) and grid[-1] == schedule.point_at_sigma(end) and len(grid) == 10
         log_s = np.log([p.sigma / p.alpha for p in grid[1:]])
-        np.testing.assert_allclose(log_s, np.linspace(math.log(cap), log_s[-1], 9), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            log_s, np.linspace(math.log(cap), math.log(end), 9), rtol=1e-12, atol=1e-12
+        )
+    # unipc's start follows its calls between 10 and 80; the others start at 80.
+    starts = [resolved_sigma_max(schedule, calls, 0.0, "unipc") for calls in (2, 5, 10, 15, 20, 80, 200)]
+    assert starts == [10.0, 10.0, 10.0, 15.0, 20.0, 80.0, 80.0]
+    assert resolved_sigma_max(schedule, 5, 0.0, "dpmpp_2m") == 80.0 == resolved_sigma_max(schedule, 5, 80.0)
+    # From 20 calls on the default end is step 0 itself; an explicit --sigma_min is where the grid ends.
+    assert resolved_sigma_min(schedule, 20) == step_0 and model_calls("heun", 10) == 19
+    assert sampling_grid(schedule, 20, "capped_logsnr", 0.0, "unipc")[-1] == schedule.point(0)
+    grid = sampling_grid(schedule, 6, "capped_karras", 40.0, "unipc", sigma_min=0.2)
+    assert grid[-1] == schedule.point_at_sigma(0.2) and grid[1].sigma / grid[1].alpha == pytest.approx(40.0)
     lambdas = [log_snr(p) for p in sampling_grid(schedule, 6, "capped_logsnr", 5.0)]
     assert all(a < b for a, b in itertools.pairwise(lambdas))
-    assert sampling_grid(schedule, 2, "capped_logsnr") == [schedule.point(999), schedule.point(0)]
-    # A schedule that starts below the cap is the plain grid.
+    two = [schedule.point(999), schedule.point_at_sigma((1.6 / 2) ** 2)]
+    assert sampling_grid(schedule, 2, "capped_logsnr") == two
+    # A schedule that starts below the cap is the plain grid (down to the same end).
     short = NoiseSchedule.from_diffusion(create_gaussian_diffusion(steps=1000, noise_schedule="linear"))
-    assert sampling_grid(short, 7, "capped_karras", 500.0) == sampling_grid(short, 7, "karras")
+    bottom = float(short.edm_sigmas()[0])
+    assert sampling_grid(short, 7, "capped_karras", 500.0, sigma_min=bottom) == sampling_grid(
+        short, 7, "karras"
+    )
     zero_snr = create_gaussian_diffusion(steps=1000, predict_v=True, rescale_zero_terminal_snr=True)
     grid = sampling_grid(NoiseSchedule.from_diffusion(zero_snr), 8, "capped_logsnr")
     assert grid[0].alpha == 0.0 and grid[1].sigma / grid[1].alpha == pytest.approx(80.0)
@@ -309,6 +331,17 @@ def test_bad_solver_options_name_the_flag():
             "--sigma_max applies to --timestep_spacing capped_karras",
         ),
         ("unipc", 10, "auto", {"sigma_max": -1.0}, "--sigma_max must be a number >= 0"),
+        ("unipc", 10, "auto", {"sigma_min": -1.0}, "--sigma_min must be a number >= 0"),
+        ("unipc", 10, "auto", {"sigma_min": 1e6}, "--sigma_min 1000000.0 is beyond this schedule"),
+        (
+            "unipc",
+            10,
+            "logsnr",
+            {"sigma_min": 0.1},
+            "--sigma_min applies to --timestep_spacing capped_karras",
+        ),
+        ("unipc", 10, "auto", {"sigma_min": 20.0}, r"--sigma_min 20 \(where the grid ends\) must lie below"),
+        ("unipc", 10, "auto", {"sigma_max": 5.0, "sigma_min": 5.0}, "must lie below --sigma_max 5"),
         ("unipc", 10, "auto", {"unipc_variant": "bh3"}, "--unipc_variant must be one of"),
         ("ddim", 10, "capped_logsnr", {}, "capped_logsnr places noise levels between trained steps"),
     ]:
@@ -330,3 +363,11 @@ def test_sampling_config_takes_the_new_flags():
         SamplingConfig(sampler="unipc", sigma_max=1e9).check_against(diffusion)
     with pytest.raises(ConfigError, match="unipc_variant"):
         SamplingConfig(unipc_variant="bh9").check()
+    ended = SamplingConfig(sampler="unipc", steps=6, sigma_min=0.2)
+    assert ended.options()["sigma_min"] == 0.2
+    ended.check_against(diffusion)
+    with pytest.raises(ValueError, match=r"--preview_sigma_min 50 \(where the grid ends\) must lie below"):
+        too_high = SamplingConfig(sampler="unipc", steps=6, sigma_min=50.0)
+        too_high.check_against(diffusion, flag_prefix="preview_")
+    with pytest.raises(ConfigError, match="sigma_min"):
+        SamplingConfig(sigma_min=-0.5).check()

@@ -31,12 +31,13 @@ from fastdiff.config.sections import (
 RUN_CONFIG_FILENAME = "run_config.json"
 LEGACY_FLAGS_FILENAME = "model_flags.json"
 RUN_CONFIG_FORMAT = "fastdiff-run-config"
-RUN_CONFIG_VERSION = 4
+RUN_CONFIG_VERSION = 5
 FIELDS_ADDED = {
     "model.in_channels": 2,
     "preview.solver_order": 3,
     "preview.unipc_variant": 3,
     "preview.sigma_max": 3,
+    "preview.sigma_min": 5,
 }
 """Fields a run config gained after version 1, with the version that added them: a file of an earlier
 version lacks them and they take their defaults (version 1 files are RGB models, ``in_channels`` 3;

@@ -348,7 +348,13 @@ class SamplingConfig(Section):
     sigma_max: float = option(
         0.0,
         "capped spacings: the noise level sigma/alpha the ODE starts at after one step from the noisiest "
-        "trained step (0: 20 for unipc, 80 for the others, at most the schedule's largest)",
+        "trained step (0: 80, for unipc the model calls between 10 and 80; at most the schedule's largest)",
+        check=non_negative,
+    )
+    sigma_min: float = option(
+        0.0,
+        "capped spacings: the noise level sigma/alpha of the grid's last point, whose x_0 prediction is the "
+        "sample (0: (1.6 / model calls)^2, or step 0's where that is higher)",
         check=non_negative,
     )
     guidance_scale: float = option(
@@ -382,6 +388,7 @@ class SamplingConfig(Section):
             solver_order=self.solver_order,
             unipc_variant=self.unipc_variant,
             sigma_max=self.sigma_max,
+            sigma_min=self.sigma_min,
             clip_denoised=self.clip_denoised,
         )
 

@@ -18,51 +18,56 @@ schedule it was trained with (the diffusion's alpha_bar at its discrete steps) a
   unipc (Zhao et al. 2023: predictor of order --solver_order, 2 by default, and a corrector that reuses the
   next step's model call; B(h) variant bh2 by default).
 
-Grids (``timestep_spacing``) over the diffusion's K trained steps, N points from the noisiest step to step 0:
+Grids (``timestep_spacing``) over the diffusion's K trained steps, N points from the noisiest step down:
 ``uniform`` (improved-diffusion's even spacing, ``space_timesteps(K, [N])``), ``quadratic`` (step indices
 (K-1) (i/(N-1))^2, rounded and kept distinct), ``trailing`` (diffusers' K-1-round(iK/N): from step K-1 by
 even strides, ending at step K/N-1 rather than 0), ``karras`` (EDM's
 s_i = (s_max^(1/7) + i/(N-1) (s_min^(1/7) - s_max^(1/7)))^7 between the schedule's extreme noise levels;
 ODE samplers only), ``logsnr`` (log s, i.e. lambda = -log s, evenly spaced between the same extremes:
 DPM-Solver's "logSNR" grid; ODE samplers only) and ``capped_logsnr`` / ``capped_karras``: the noisiest
-trained step, then the logsnr / karras spacing from ``--sigma_max`` down to step 0 (ODE samplers only).
-uniform, quadratic and trailing land on trained steps. Noise levels between trained steps are mapped to a
-fractional timestep by linear interpolation of log s over the trained steps (the model is called with that
-fractional timestep, which the UNet's sinusoidal embedding takes as it is), and the schedule's alpha, sigma
-at that point come from s itself.
+trained step, then the logsnr / karras spacing from ``--sigma_max`` down to ``--sigma_min`` (ODE samplers
+only). uniform, quadratic and trailing land on trained steps. Noise levels between trained steps are mapped
+to a fractional timestep by linear interpolation of log s over the trained steps (the model is called with
+that fractional timestep, which the UNet's sinusoidal embedding takes as it is), and the schedule's alpha,
+sigma at that point come from s itself.
 
 Which grid: ``auto`` is ``uniform`` for ddpm and ddim (improved-diffusion's results) and ``capped_logsnr``
-for the ODE samplers, with --sigma_max 80 (EDM's sigma_max for data in [-1, 1]) and 20 for unipc. Above
-s ~ 80 the data's share of x_t is ~1/80 of the noise's and the solution barely moves: the first step, from
-the noisiest trained step, is Euler's (DDIM's) step to sigma_max, exact as D stops changing there (its error
-falls as (c/sigma_max)^2 for data of scale c), and every other point goes where the solution does change.
-Per schedule (s at the top trained steps; measured with ``benchmarks/solver_error.py --closed_form``, Gaussian
-data with scales log-uniform over [0.05, 2] and the exact denoiser, RMS error against the exact
-probability-flow map, in ``benchmarks/results/solver_error.md``):
+for the ODE samplers. Its start (--sigma_max 0) is 80, EDM's sigma_max for data in [-1, 1], and for unipc
+its model calls between 10 and 80; its end (--sigma_min 0) is s = (1.6 / model calls)^2, or step 0 where
+that is higher (0.10 at 5 calls, 0.026 at 10, step 0 from 20 on cosine 1000). Both ends spend no points
+where little happens:
 
-* cosine (1000 and 4000 steps): the clipped last beta makes s jump 642 -> 20291 (1000 steps) or
-  2567 -> 81160 (4000) at the top step, and s > 80 spans 5.5 (6.9) of the 15 (16) units of log s. A log-SNR
-  grid from the top spends a third of its points there (4 of 20 inside the top interval alone); the capped
-  grid none. At 20 calls (1000 steps), logsnr -> capped_logsnr: unipc 2.0e-2 -> 4.8e-3, dpmpp_3m 1.1e-2 ->
-  2.8e-3, dpmpp_2m 2.1e-2 -> 1.1e-2, heun (19 calls) 0.40 -> 0.21, euler 0.13 -> 0.089 (euler is better
-  still on ``uniform``, 0.055; heun on logsnr from 40 calls on).
-* linear (1000, 4000): s_max ~ 155, and the 0.7 units of log s above 80 hold 70 (269) trained steps whose
-  solution does not move either; the cap changes little here (errors within 10-30% of logsnr, either way).
-* zero terminal SNR (linear or cosine, rescaled): s = inf at the top step, and then 1.5e4 (linear) or 663
-  (cosine); the capped grid steps from pure noise straight to sigma_max, the only step defined from s = inf
-  (unipc's bh2 corrector follows it: B(inf) = 1).
+* the start. Above s ~ 80 the data's share of x_t is ~1/80 of the noise's and the solution barely moves:
+  the first step, from the noisiest trained step, is Euler's (DDIM's) step to sigma_max, exact as D stops
+  changing there (its error falls as (c/sigma_max)^2 for data of scale c). On the cosine schedule the
+  clipped last beta makes s jump 642 -> 20291 (1000 steps) or 2567 -> 81160 (4000) at the top step, and
+  s > 80 spans 5.5 (6.9) of the 15 (16) units of log s: a log-SNR grid from the top spends a third of its
+  points there (4 of 20 inside the top interval alone), the capped grid none. On the linear schedules
+  (s_max ~ 155) the cap changes little; with zero terminal SNR (s = inf at the top step) the capped grid
+  steps from pure noise straight to sigma_max, the only step defined from s = inf (unipc's bh2 corrector
+  follows it: B(inf) = 1). With few calls a lower start pays: on the main job's model unipc at 10 calls
+  scores KID 0.0503 from 10 against 0.0535 from 20, and at 15 and 20 calls the start at 15-20 is as good as
+  or better than 10 (0.0453 and 0.0441 against 0.0464 and 0.0451): hence the calls, from 10 to 80.
+* the end. The sample is D at the last grid point. Below s ~ 0.1 a trained model's D changes the image by
+  less than its error at few calls, yet a log-SNR grid to step 0 (s = 0.0064) puts points there: with 5
+  calls unipc's grid from 20 was 20 -> 1.4 -> 0.094 -> 0.0064, two of its four ODE points at or below 0.1
+  and steps of 2.7 in log s. Ending at (1.6 / calls)^2 spends those points above it: on the main job's
+  model unipc's KID at 5 / 8 calls is 0.084 / 0.055 against 0.151 / 0.073 to step 0 from 20 (three seeds;
+  ends tried with seed 0: at 5 calls 0.05-0.3, best 0.07-0.15; at 10 calls 0.1 is worse, 0.02 and step 0
+  tie). The closed-form error below is measured to step 0, so a
+  grid that ends above it is charged for the noise it leaves.
 
-unipc's default order is 2: on the main job's model its RMS distance from the converged ODE solution at
-5/8/10 calls is 0.18/0.045/0.025 against 0.34/0.084/0.034 for order 3 (which is ahead in closed form from 10
-calls on); of the caps tried with it there, 20 and 40 tie at 8-10 calls (0.045/0.025, 0.047/0.024) and 10
-is worse (0.063/0.056). With the defaults unipc's closed-form error falls at
-every step from 5 to 80 calls on all six schedules measured (cosine 1000: 8.9e-2, 4.5e-2, 3.3e-2, 1.2e-2,
-4.8e-3, 5.5e-4, 5.4e-5), as do heun's and euler's (heun from 39 at 5 calls, 3 grid points, to 0.04 at 79:
-it needs many calls on any grid). dpmpp_2m's and dpmpp_3m's do not between 5 and 10 calls (dpmpp_2m
-0.21, 0.013, 0.028; dpmpp_3m 0.13, 0.26, 0.090: their extrapolation over log-SNR steps of 1.2-2.4 overshoots
-on the smallest scales, and 2M's 8-call error is a lucky cancellation), and dpmpp_3m's not from 40 to 80
-(1e-4 left by its first step to sigma_max = 80). ``trailing`` errors are not comparable (its grid ends at
-step K/N - 1, and its reference there).
+Measured with ``benchmarks/solver_error.py --closed_form`` (Gaussian data with scales log-uniform over
+[0.05, 2] and the exact denoiser, RMS error against the exact probability-flow map to step 0, in
+``benchmarks/results/solver_error.md``): unipc's error on its default grid falls at every step from 5 to 80
+calls on all six schedules measured (cosine 1000: 3.9e-2, 2.9e-2, 1.8e-2, 8.5e-3, 4.8e-3, 7.1e-4, 1.1e-4 at
+5, 8, 10, 15, 20, 40, 80 calls), as do heun's and euler's (heun from 30 at 5 calls, 3 grid points, to 0.04
+at 79: it needs many calls on any grid). dpmpp_2m's and dpmpp_3m's do not between 5 and 10 calls (dpmpp_2m
+0.14, 0.018, 0.023; dpmpp_3m 0.11, 0.18, 0.080: their extrapolation over log-SNR steps of 1.2-2.4 overshoots
+on the largest and smallest scales), and dpmpp_3m's not from 40 to 80 (1e-4 left by its first step to
+sigma_max = 80). unipc's default order is 2: on the main job's model its RMS distance from the converged ODE
+solution at 5/8/10 calls was 0.18/0.045/0.025 against 0.34/0.084/0.034 for order 3 (from sigma_max 20 to
+step 0). ``trailing`` errors are measured to its own last point (step K/N - 1) and are not comparable.
 
 Classifier-free guidance (Ho & Salimans 2022) with scale w: eps = eps_uncond + w (eps_cond - eps_uncond),
 applied to the model's mean output (epsilon, x_0 or v alike), both halves in one forward on a doubled batch;
@@ -106,9 +111,14 @@ SOLVER_ORDERS = {"unipc": (1, 2, 3), "dpmpp_3m": (3,), "dpmpp_2m": (2,)}
 """The orders --solver_order may ask of each multistep sampler (0: the first, its default, for dpmpp_*)."""
 DEFAULT_SOLVER_ORDER = {"unipc": 2, "dpmpp_3m": 3, "dpmpp_2m": 2}
 KARRAS_RHO = 7.0
-SIGMA_CAP = {"unipc": 20.0}
-"""The default --sigma_max per sampler, 80 (EDM's sigma_max for data in [-1, 1], Karras et al. 2022) for the
-others: where the data's share of x_t is 1/80 (1/20) of the noise's (see the module docstring)."""
+EDM_SIGMA_MAX = 80.0
+"""EDM's sigma_max for data in [-1, 1] (Karras et al. 2022): where the data's share of x_t is 1/80 of the
+noise's; the capped grids' default start, and unipc's from 80 model calls on."""
+UNIPC_SIGMA_MAX_FLOOR = 10.0
+"""unipc's default start is its model calls, at least this and at most EDM_SIGMA_MAX (module docstring)."""
+GRID_END_SCALE = 1.6
+"""The capped grids' default last point (--sigma_min 0): s = (GRID_END_SCALE / model calls)^2, or step 0's
+s where that is higher: 0.10 at 5 calls, 0.026 at 10, step 0 from about 20 (see the module docstring)."""
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -197,12 +207,31 @@ def largest_finite_sigma(schedule: NoiseSchedule) -> float:
     return float(sigmas[np.isfinite(sigmas)][-1])
 
 
-def resolved_sigma_max(schedule: NoiseSchedule, sigma_max: float = 0.0, sampler: str = "") -> float:
+def resolved_sigma_max(
+    schedule: NoiseSchedule, calls: int, sigma_max: float = 0.0, sampler: str = ""
+) -> float:
     """The noise level a capped grid starts its ODE at: ``sigma_max``, or for 0 the smaller of the
-    sampler's :data:`SIGMA_CAP` (80 if none) and the schedule's largest finite noise level."""
+    schedule's largest finite noise level and :data:`EDM_SIGMA_MAX` (for unipc: ``calls`` between
+    :data:`UNIPC_SIGMA_MAX_FLOOR` and that)."""
     if sigma_max != 0.0:
         return float(sigma_max)
-    return min(SIGMA_CAP.get(sampler, 80.0), largest_finite_sigma(schedule))
+    cap = EDM_SIGMA_MAX
+    if sampler == "unipc":
+        cap = min(max(float(calls), UNIPC_SIGMA_MAX_FLOOR), EDM_SIGMA_MAX)
+    return min(cap, largest_finite_sigma(schedule))
+
+
+def resolved_sigma_min(schedule: NoiseSchedule, calls: int, sigma_min: float = 0.0) -> float:
+    """The noise level a capped grid ends at (its last point, whose x_0 prediction is the sample):
+    ``sigma_min``, or for 0 the larger of (:data:`GRID_END_SCALE` / ``calls``)^2 and step 0's."""
+    if sigma_min != 0.0:
+        return float(sigma_min)
+    return max((GRID_END_SCALE / calls) ** 2, float(schedule.edm_sigmas()[0]))
+
+
+def model_calls(sampler: str, steps: int) -> int:
+    """The model calls a sampler makes over ``steps`` grid points (heun: 2 steps - 1)."""
+    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 def _free_levels(high: float, low: float, count: int, spacing: str) -> list[float]:
@@ -215,13 +244,20 @@ def _free_levels(high: float, low: float, count: int, spacing: str) -> list[floa
 
 
 def sampling_grid(
-    schedule: NoiseSchedule, steps: int, spacing: str, sigma_max: float = 0.0, sampler: str = ""
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str,
+    sigma_max: float = 0.0,
+    sampler: str = "",
+    sigma_min: float = 0.0,
 ) -> list[GridPoint]:
-    """``steps`` grid points from the noisiest trained step down to step 0 (trailing: to step K/N - 1).
+    """``steps`` grid points from the noisiest trained step down to step 0 (trailing: to step K/N - 1;
+    capped: to ``sigma_min``).
 
     The capped spacings go from the noisiest trained step to ``sigma_max`` (:func:`resolved_sigma_max`,
-    0: ``sampler``'s default) in one step, then by their spacing to step 0; with 2 points, the noisiest
-    step and step 0.
+    0: ``sampler``'s default) in one step, then by their spacing down to ``sigma_min``
+    (:func:`resolved_sigma_min`, 0: the default for ``sampler``'s model calls); with 2 points, the
+    noisiest step and ``sigma_min``.
     """
     if spacing == "trailing":
         return [schedule.point(i) for i in reversed(trailing_indices(schedule.num_steps, steps))]
@@ -231,14 +267,18 @@ def sampling_grid(
     finite = np.flatnonzero(np.isfinite(sigmas))
     top, bottom = int(finite[-1]), 0
     if spacing in CAPPED_SPACINGS:
-        cap = resolved_sigma_max(schedule, sigma_max, sampler)
+        calls = model_calls(sampler, steps)
+        end = resolved_sigma_min(schedule, calls, sigma_min)
+        last = schedule.point(bottom) if end == float(sigmas[bottom]) else schedule.point_at_sigma(end)
         noisiest = schedule.point(schedule.num_steps - 1)
         if steps <= 2:
-            return [noisiest, schedule.point(bottom)][:steps]
+            return [noisiest, last][:steps]
+        cap = resolved_sigma_max(schedule, calls, sigma_max, sampler)
         if cap >= sigmas[-1]:  # the schedule starts at or below the cap: nothing to skip
-            return sampling_grid(schedule, steps, CAPPED_SPACINGS[spacing])
-        levels = _free_levels(cap, float(sigmas[bottom]), steps - 1, CAPPED_SPACINGS[spacing])
-        return [noisiest, *(schedule.point_at_sigma(s) for s in levels[:-1]), schedule.point(bottom)]
+            levels = _free_levels(float(sigmas[-1]), end, steps, CAPPED_SPACINGS[spacing])
+            return [noisiest, *(schedule.point_at_sigma(s) for s in levels[1:-1]), last]
+        levels = _free_levels(cap, end, steps - 1, CAPPED_SPACINGS[spacing])
+        return [noisiest, *(schedule.point_at_sigma(s) for s in levels[:-1]), last]
     head: list[GridPoint] = []
     if not math.isfinite(sigmas[-1]):  # zero terminal SNR: start at the pure-noise step, then the grid
         head, steps = [schedule.point(schedule.num_steps - 1)], steps - 1
@@ -321,6 +361,7 @@ def check_sampling_options(
     solver_order: int = 0,
     unipc_variant: str = "bh2",
     sigma_max: float = 0.0,
+    sigma_min: float = 0.0,
 ) -> int:
     """Check the options against the diffusion (and the model, when given, for guidance) before sampling.
 
@@ -329,7 +370,7 @@ def check_sampling_options(
     """
     sampler_flag, steps_flag = f"--{flag_prefix}sampler", f"--{flag_prefix}steps"
     spacing_flag, guidance_flag = f"--{flag_prefix}timestep_spacing", f"--{flag_prefix}guidance_scale"
-    order_flag, cap_flag = f"--{flag_prefix}solver_order", f"--{flag_prefix}sigma_max"
+    order_flag = f"--{flag_prefix}solver_order"
     if sampler not in SAMPLERS:
         raise ValueError(f"{sampler_flag} must be one of {list(SAMPLERS)}, got {sampler!r}")
     if timestep_spacing not in SPACINGS:
@@ -365,7 +406,7 @@ def check_sampling_options(
         raise ValueError(
             f"--{flag_prefix}unipc_variant must be one of {list(UNIPC_VARIANTS)}, got {unipc_variant!r}"
         )
-    _check_sigma_max(diffusion, sigma_max, timestep_spacing, cap_flag, spacing_flag)
+    _check_grid_ends(diffusion, sampler, count, sigma_max, sigma_min, timestep_spacing, flag_prefix)
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"--eta applies to {sampler_flag} ddim only, got eta {eta} with {sampler}")
     mean_type = diffusion.model_mean_type
@@ -390,25 +431,46 @@ def check_sampling_options(
     return count
 
 
-def _check_sigma_max(
-    diffusion: GaussianDiffusion, sigma_max: float, spacing: str, cap_flag: str, spacing_flag: str
+def _check_grid_ends(
+    diffusion: GaussianDiffusion,
+    sampler: str,
+    count: int,
+    sigma_max: float,
+    sigma_min: float,
+    spacing: str,
+    flag_prefix: str,
 ) -> None:
-    """--sigma_max: 0 (the sampler's default), or with a capped spacing a noise level inside the schedule."""
-    if isinstance(sigma_max, bool) or not isinstance(sigma_max, (int, float)) or not sigma_max >= 0:
-        raise ValueError(f"{cap_flag} must be a number >= 0 (0: the sampler's default), got {sigma_max!r}")
-    if sigma_max == 0:
-        return
-    if spacing not in CAPPED_SPACINGS:
-        raise ValueError(
-            f"{cap_flag} applies to {spacing_flag} {' or '.join(CAPPED_SPACINGS)} only, got {spacing}"
-        )
+    """--sigma_max and --sigma_min: 0 (the defaults), or with a capped spacing noise levels inside the
+    schedule, the end below the start."""
+    cap_flag, end_flag = f"--{flag_prefix}sigma_max", f"--{flag_prefix}sigma_min"
     schedule = NoiseSchedule.from_diffusion(diffusion)
     smallest, largest = float(schedule.edm_sigmas()[0]), largest_finite_sigma(schedule)
-    if not smallest < sigma_max <= largest:
+    for flag, value, lowest in ((cap_flag, sigma_max, "<"), (end_flag, sigma_min, "<=")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{flag} must be a number >= 0 (0: the sampler's default), got {value!r}")
+        if value == 0:
+            continue
+        if spacing not in CAPPED_SPACINGS:
+            raise ValueError(
+                f"{flag} applies to --{flag_prefix}timestep_spacing {' or '.join(CAPPED_SPACINGS)} only, "
+                f"got {spacing}"
+            )
+        inside = smallest < value <= largest if lowest == "<" else smallest <= value < largest
+        if not inside:
+            raise ValueError(
+                f"{flag} {value} is beyond this schedule: its noise levels sigma/alpha run from "
+                f"{smallest:.4g} (step 0) to {largest:.4g} (the noisiest finite step); give one in that "
+                "range or 0"
+            )
+    if spacing not in CAPPED_SPACINGS:
+        return
+    calls = model_calls(sampler, count)
+    start = min(resolved_sigma_max(schedule, calls, sigma_max, sampler), largest)
+    end = resolved_sigma_min(schedule, calls, sigma_min)
+    if count > 2 and not end < start:
         raise ValueError(
-            f"{cap_flag} {sigma_max} is beyond this schedule: its noise levels sigma/alpha run from "
-            f"{smallest:.4g} (step 0) to {largest:.4g} (the noisiest finite step); give one in that range "
-            "or 0"
+            f"{end_flag} {end:.4g} (where the grid ends) must lie below {cap_flag} {start:.4g} (where its "
+            "ODE starts)"
         )
 
 
@@ -428,6 +490,7 @@ def sample_batch(
     solver_order: int = 0,
     unipc_variant: str = "bh2",
     sigma_max: float = 0.0,
+    sigma_min: float = 0.0,
     clip_denoised: bool = True,
     model_kwargs: dict[str, Any] | None = None,
     noise: torch.Tensor | None = None,
@@ -439,8 +502,8 @@ def sample_batch(
     :param diffusion: the (respaced) GaussianDiffusion the model was trained with.
     :param sampler, steps, timestep_spacing, guidance_scale: see ``fastdiff.config.SamplingConfig``.
     :param eta: DDIM's noise (ddim only).
-    :param solver_order, unipc_variant, sigma_max: unipc's order and B(h), the capped grids' start (0: the
-        sampler's defaults; see ``SamplingConfig``).
+    :param solver_order, unipc_variant, sigma_max, sigma_min: unipc's order and B(h), the capped grids'
+        start and end (0: the sampler's defaults; see ``SamplingConfig``).
     :param clip_denoised: clamp every x_0 prediction to [-1, 1].
     :param model_kwargs: e.g. ``{"y": labels [N]}``; guidance needs y.
     :param noise: the starting x_T [N, C, ...] (standard normal if None).
@@ -448,7 +511,7 @@ def sample_batch(
     """
     count = check_sampling_options(
         diffusion, sampler, steps, timestep_spacing, guidance_scale, model, eta,
-        solver_order=solver_order, unipc_variant=unipc_variant, sigma_max=sigma_max,
+        solver_order=solver_order, unipc_variant=unipc_variant, sigma_max=sigma_max, sigma_min=sigma_min,
     )  # fmt: skip
     timestep_spacing = resolve_spacing(sampler, timestep_spacing)
     # The starting noise, on the model's device unless told otherwise (drawn as p_sample_loop draws it).
@@ -468,7 +531,7 @@ def sample_batch(
             return diffusion.ddim_sample_loop(model, shape, progress=progress, eta=eta, **common)
         return diffusion.p_sample_loop(model, shape, progress=progress, **common)
     schedule = NoiseSchedule.from_diffusion(diffusion)
-    grid = sampling_grid(schedule, count, timestep_spacing, sigma_max, sampler)
+    grid = sampling_grid(schedule, count, timestep_spacing, sigma_max, sampler, sigma_min)
     denoiser = Denoiser(model, diffusion, schedule, clip_denoised, model_kwargs or {})
     with torch.no_grad():
         if sampler == "unipc":
