@@ -17,19 +17,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from fastdiff.data.images import (
     CHANNEL_MODES,
     ImageDataError,
     ImageSize,
-    check_channels,
-    image_size_of,
     resize_to_cover,
-    to_model_range,
 )
-from fastdiff.data.keys import ItemKey, flipped_for
+from fastdiff.data.keys import KeyedImageDataset
 from fastdiff.data.prepared import npy_layout
 
 MAX_LABEL = 1000
@@ -83,7 +79,7 @@ def _npz_member(path: str, member: str) -> tuple[tuple[int, ...], np.dtype, int 
     return shape, dtype, start + header_length
 
 
-class ArrayFileDataset(torch.utils.data.Dataset):
+class ArrayFileDataset(KeyedImageDataset):
     """``dataset[ItemKey(index, epoch)]`` -> (float32 ``[C, H, W]`` in [-1, 1], label) from an array file.
 
     The label is ``arr_1[index]`` with ``class_cond`` (the file must have it), else 0. With
@@ -101,10 +97,8 @@ class ArrayFileDataset(torch.utils.data.Dataset):
         random_flip: bool = False,
         seed: int = 0,
     ) -> None:
+        super().__init__(image_size, channels, random_flip, seed)
         self.path = path
-        self.image_size = image_size_of(image_size)
-        self.channels = check_channels(channels)
-        self.random_flip, self.seed = random_flip, seed
         if not os.path.isfile(path):
             raise ValueError(f"array file {path!r} does not exist")
         labels = None
@@ -164,8 +158,3 @@ class ArrayFileDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items in {self.path}")
         return conform_array(self.array()[index], self.image_size, self.channels, f"{self.path}[{index}]")
-
-    def __getitem__(self, key: ItemKey | int) -> tuple[torch.Tensor, int]:
-        key = ItemKey.of(key)
-        array = self.item_array(key.index)
-        return to_model_range(flipped_for(array, self.seed, key, self.random_flip)), self.labels[key.index]

@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from fastdiff.data.arrays import check_labels
 from fastdiff.data.image_folder import IMAGE_EXTENSIONS
-from fastdiff.data.images import check_channels, image_size_of, load_image, to_model_range
-from fastdiff.data.keys import ItemKey, flipped_for
+from fastdiff.data.images import load_image
+from fastdiff.data.keys import KeyedImageDataset
 
 LABELS_MEMBER = "dataset.json"
 
@@ -73,7 +72,7 @@ def _labels_from_json(text: bytes, path: str, names: list[str]) -> list[int] | N
     return [by_name[name] for name in names]
 
 
-class ZipDataset(torch.utils.data.Dataset):
+class ZipDataset(KeyedImageDataset):
     """``dataset[ItemKey(index, epoch)]`` -> (float32 ``[C, H, W]`` in [-1, 1], label) from a dataset ZIP.
 
     The label is the ``dataset.json`` label with ``class_cond``, else 0. With ``random_flip``, the
@@ -91,10 +90,8 @@ class ZipDataset(torch.utils.data.Dataset):
         random_flip: bool = False,
         seed: int = 0,
     ) -> None:
+        super().__init__(image_size, channels, random_flip, seed)
         self.path = path
-        self.image_size = image_size_of(image_size)
-        self.channels = check_channels(channels)
-        self.random_flip, self.seed = random_flip, seed
         try:
             with zipfile.ZipFile(path) as archive:
                 members = archive.namelist()
@@ -141,8 +138,3 @@ class ZipDataset(torch.utils.data.Dataset):
         name = self.names[index]
         encoded = io.BytesIO(self.archive().read(name))
         return load_image(encoded, self.image_size, self.channels, name=f"{self.path}:{name}")
-
-    def __getitem__(self, key: ItemKey | int) -> tuple[torch.Tensor, int]:
-        key = ItemKey.of(key)
-        array = self.item_array(key.index)
-        return to_model_range(flipped_for(array, self.seed, key, self.random_flip)), self.labels[key.index]

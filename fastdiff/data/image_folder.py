@@ -9,10 +9,10 @@ class labels, a file's class name is the part of its file name before the first 
 import os
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
-from fastdiff.data.images import check_channels, image_size_of, load_image, to_model_range
-from fastdiff.data.keys import ItemKey, flipped_for
+from fastdiff.data.images import load_image
+from fastdiff.data.keys import KeyedImageDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -50,7 +50,7 @@ def class_labels(paths: Sequence[str]) -> tuple[list[int], list[str]]:
     return [index[name] for name in names], sorted_names
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+class ImageFolderDataset(KeyedImageDataset):
     """Images under a folder; ``dataset[ItemKey(index, epoch)]`` -> (float32 ``[C, H, W]`` in [-1, 1], label).
 
     The label is the class index (0 when ``class_cond`` is false). With ``random_flip``, the horizontal flip
@@ -66,20 +66,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         random_flip: bool = False,
         seed: int = 0,
     ) -> None:
-        self.image_size = image_size_of(image_size)
-        self.channels = check_channels(channels)
+        super().__init__(image_size, channels, random_flip, seed)
         self.paths = list_image_files(data_dir)
-        self.random_flip = random_flip
-        self.seed = seed
         if class_cond:
             self.labels, self.class_names = class_labels(self.paths)
         else:
             self.labels, self.class_names = [0] * len(self.paths), []
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, key: ItemKey | int) -> tuple[torch.Tensor, int]:
-        key = ItemKey.of(key)
-        array = load_image(self.paths[key.index], self.image_size, self.channels)
-        return to_model_range(flipped_for(array, self.seed, key, self.random_flip)), self.labels[key.index]
+    def item_array(self, index: int) -> np.ndarray:
+        """Image ``index`` decoded: uint8 ``[H, W, C]`` at the training size and channels."""
+        return load_image(self.paths[index], self.image_size, self.channels)

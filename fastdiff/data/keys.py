@@ -1,8 +1,12 @@
 """Item keys: which dataset item, in which epoch; the per-item randomness derived from them."""
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+import torch
+
+from fastdiff.data.images import check_channels, image_size_of, to_model_range
 
 
 class ItemKey(NamedTuple):
@@ -34,3 +38,29 @@ def flip_for(seed: int, key: ItemKey) -> bool:
 def flipped_for(array: np.ndarray, seed: int, key: ItemKey, random_flip: bool) -> np.ndarray:
     """An item's image ``[H, W, C]``, mirrored left-right when ``random_flip`` and :func:`flip_for` say so."""
     return array[:, ::-1] if random_flip and flip_for(seed, key) else array
+
+
+class KeyedImageDataset(torch.utils.data.Dataset):
+    """What the image sources share: ``dataset[ItemKey(index, epoch)]`` -> (float32 ``[C, H, W]`` in
+    [-1, 1], label) from the subclass's :meth:`item_array` (uint8 ``[H, W, C]`` at the training size and
+    channels), mirrored with ``random_flip`` as a pure function of (``seed``, epoch, index), so that any
+    worker computes the same item. Subclasses set ``labels`` (one per item)."""
+
+    labels: list[int]
+
+    def __init__(self, image_size: int | Sequence[int], channels: int, random_flip: bool, seed: int) -> None:
+        self.image_size = image_size_of(image_size)
+        self.channels = check_channels(channels)
+        self.random_flip, self.seed = random_flip, seed
+
+    def item_array(self, index: int) -> np.ndarray:
+        """Item ``index`` as uint8 ``[H, W, C]`` at the training size and channels."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: ItemKey | int) -> tuple[torch.Tensor, int]:
+        key = ItemKey.of(key)
+        array = self.item_array(key.index)
+        return to_model_range(flipped_for(array, self.seed, key, self.random_flip)), self.labels[key.index]
