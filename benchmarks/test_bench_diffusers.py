@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.session import BenchRun
-from benchmarks.timing import Contestant, PairedResult, feed_benchmark, measure_paired, smoke_run
+from benchmarks.timing import Contestant, PairedResult, feed_contestant, measure_paired, smoke_run
 from fastdiff import ops
 from fastdiff.ops import backend as backends
 
@@ -91,17 +91,6 @@ def measure(run: BenchRun) -> dict:
 
 
 def _record(result: PairedResult, batch: int, device: torch.device, patch_summary: str) -> dict:
-    contestants = {}
-    for name in result.samples:
-        contestants[name] = {
-            "median_s": result.median(name),
-            "samples_s": result.samples[name],
-            "first_call_s": result.first_call_s[name],
-            "peak_memory_bytes": result.peak_memory_bytes.get(name),
-            "info": result.info[name],
-        }
-    for name, error in result.errors.items():
-        contestants[name] = {"error": error, "info": result.info[name]}
     return {
         "model": "UNet2DModel",
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
@@ -111,7 +100,7 @@ def _record(result: PairedResult, batch: int, device: torch.device, patch_summar
         "speedup": result.speedup("fastdiff", "diffusers") if "fastdiff" in result.samples else None,
         "memory_method": result.memory_method,
         "patch": patch_summary,
-        "contestants": contestants,
+        "contestants": result.contestant_records(),
     }
 
 
@@ -119,16 +108,10 @@ def _record(result: PairedResult, batch: int, device: torch.device, patch_summar
 def test_diffusers_unet_training_step(benchmark, bench: BenchRun, contestant: str):
     benchmark.group = GROUP
     record = bench.paired(GROUP, lambda: measure(bench))
-    entry = record["contestants"][contestant]
-    if "error" in entry:
-        pytest.fail(f"{contestant} failed on its first call: {entry['error']}")
-    peak = entry["peak_memory_bytes"]
-    benchmark.extra_info.update(
-        batch=record["batch"],
+    feed_contestant(
+        benchmark,
+        record,
+        contestant,
         diffusers_version=record["diffusers_version"],
         speedup_fastdiff_vs_diffusers=record["speedup"],
-        peak_memory_mib=None if peak is None else peak / 2**20,
-        memory_method=record["memory_method"],
-        **entry["info"],
     )
-    feed_benchmark(benchmark, entry["samples_s"])

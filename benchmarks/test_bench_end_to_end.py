@@ -257,19 +257,9 @@ def measure_group(config: UNetConfig, scenario: Scenario, run: BenchRun) -> dict
 
 def _record(config: UNetConfig, scenario: Scenario, run: BenchRun, result: PairedResult, facts: dict) -> dict:
     batch = facts["batch"]
-    contestants = {}
+    contestants = result.contestant_records()
     for name in result.samples:
-        median = result.median(name)
-        contestants[name] = {
-            "median_s": median,
-            "samples_s": result.samples[name],
-            "images_per_s": batch / median,
-            "first_call_s": result.first_call_s[name],
-            "peak_memory_bytes": result.peak_memory_bytes.get(name),
-            "info": result.info[name],
-        }
-    for name, error in result.errors.items():
-        contestants[name] = {"error": error, "info": result.info[name]}
+        contestants[name]["images_per_s"] = batch / result.median(name)
     speedup = result.speedup("fastdiff", "torch") if "fastdiff" in result.samples else None
     speedup_vs_eager = result.speedup("fastdiff", "eager") if "fastdiff" in result.samples else None
     return {

@@ -14,7 +14,7 @@ same decode with the process's CPU clock and adds the resident-set peak of a fre
 import pytest
 
 from benchmarks.session import BenchRun
-from benchmarks.timing import feed_benchmark
+from benchmarks.timing import feed_contestant
 
 pytest.importorskip("diffusers")
 
@@ -46,17 +46,11 @@ def measure(run: BenchRun) -> dict:
 def test_diffusers_vae_decode(benchmark, bench: BenchRun, contestant: str):
     benchmark.group = GROUP
     record = bench.paired(GROUP, lambda: measure(bench))
-    entry = record["contestants"][contestant]
-    if "error" in entry:
-        pytest.fail(f"{contestant} failed on its first call: {entry['error']}")
-    peak = entry["peak_memory_bytes"]
-    benchmark.extra_info.update(
+    feed_contestant(
+        benchmark,
+        record,
+        contestant,
         model=record["model"],
-        batch=record["batch"],
         diffusers_version=record["diffusers_version"],
         speedup_fastdiff_vs_diffusers=record["speedup"],
-        peak_memory_mib=None if peak is None else peak / 2**20,
-        memory_method=record["memory_method"],
-        **entry["info"],
     )
-    feed_benchmark(benchmark, entry["samples_s"])

@@ -58,6 +58,22 @@ class PairedResult:
             return None
         return self.median(baseline) / self.median(name)
 
+    def contestant_records(self) -> dict[str, dict[str, Any]]:
+        """Per contestant, for a results file: its median, samples, first call and peak memory with its
+        info, or (one that failed) its error with its info."""
+        records: dict[str, dict[str, Any]] = {}
+        for name in self.samples:
+            records[name] = {
+                "median_s": self.median(name),
+                "samples_s": self.samples[name],
+                "first_call_s": self.first_call_s[name],
+                "peak_memory_bytes": self.peak_memory_bytes.get(name),
+                "info": self.info[name],
+            }
+        for name, error in self.errors.items():
+            records[name] = {"error": error, "info": self.info[name]}
+        return records
+
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -208,6 +224,27 @@ def _first_calls(
         first[contestant.name] = seconds[0]
         ran.append(contestant)
     return ran, first, errors, memory, method
+
+
+def feed_contestant(benchmark: Any, record: dict[str, Any], contestant: str, **extra: Any) -> None:
+    """One contestant of a paired ``record`` (:meth:`PairedResult.contestant_records` under "contestants",
+    beside "batch" and "memory_method") to pytest-benchmark: a failed contestant fails the test; else
+    ``extra``, the record's batch and memory figures and the contestant's info go to ``extra_info`` and its
+    samples to the fixture."""
+    import pytest  # only the benchmark tests call this; the scripts sharing this module run without pytest
+
+    entry = record["contestants"][contestant]
+    if "error" in entry:
+        pytest.fail(f"{contestant} failed on its first call: {entry['error']}")
+    peak = entry["peak_memory_bytes"]
+    benchmark.extra_info.update(
+        **extra,
+        batch=record["batch"],
+        peak_memory_mib=None if peak is None else peak / 2**20,
+        memory_method=record["memory_method"],
+        **entry["info"],
+    )
+    feed_benchmark(benchmark, entry["samples_s"])
 
 
 def feed_benchmark(benchmark: Any, seconds_per_iteration: list[float]) -> None:

@@ -263,23 +263,13 @@ def measure(
         "speedup": result.speedup("fastdiff", "diffusers") if "fastdiff" in result.samples else None,
         "memory_method": result.memory_method,
         "patch": patch,
-        "contestants": {},
+        "contestants": result.contestant_records(),
         "cpu_model": cpu_policy.cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
         "load_average_before": load_before,
     }
-    for name in result.samples:
-        record["contestants"][name] = {
-            "median_s": result.median(name),
-            "samples_s": result.samples[name],
-            "first_call_s": result.first_call_s[name],
-            "peak_memory_bytes": result.peak_memory_bytes.get(name),
-            "info": result.info[name],
-        }
-    for name, error in result.errors.items():
-        record["contestants"][name] = {"error": error, "info": result.info[name]}
     if not result.errors and not smoke:
         ratios = per_round_ratios(result)
         record["speedup_iqr"] = quartiles(ratios)
