@@ -1,5 +1,6 @@
 """Item keys: which dataset item, in which epoch; the per-item randomness derived from them."""
 
+import abc
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -40,7 +41,7 @@ def flipped_for(array: np.ndarray, seed: int, key: ItemKey, random_flip: bool) -
     return array[:, ::-1] if random_flip and flip_for(seed, key) else array
 
 
-class KeyedImageDataset(torch.utils.data.Dataset):
+class KeyedImageDataset(torch.utils.data.Dataset, abc.ABC):
     """What the image sources share: ``dataset[ItemKey(index, epoch)]`` -> (float32 ``[C, H, W]`` in
     [-1, 1], label) from the subclass's :meth:`item_array` (uint8 ``[H, W, C]`` at the training size and
     channels), mirrored with ``random_flip`` as a pure function of (``seed``, epoch, index), so that any
@@ -53,9 +54,9 @@ class KeyedImageDataset(torch.utils.data.Dataset):
         self.channels = check_channels(channels)
         self.random_flip, self.seed = random_flip, seed
 
+    @abc.abstractmethod
     def item_array(self, index: int) -> np.ndarray:
         """Item ``index`` as uint8 ``[H, W, C]`` at the training size and channels."""
-        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.labels)
