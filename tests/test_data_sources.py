@@ -74,10 +74,10 @@ def test_zip_opens_one_handle_per_process(tmp_path, images):
     path, _ = write_zip(tmp_path / "d.zip", images)
     dataset = ZipDataset(str(path), SIZE)
     first = dataset[1][0]
-    handle = dataset._archive
+    handle = dataset._handle
     assert handle is not None and dataset.archive() is handle
     copy = pickle.loads(pickle.dumps(dataset))
-    assert copy._archive is None and torch.equal(copy[1][0], first)
+    assert copy._handle is None and torch.equal(copy[1][0], first)
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2)
     batches = torch.cat([images for images, _ in loader])
     assert torch.equal(batches, torch.stack([dataset[i][0] for i in range(9)]))

@@ -104,9 +104,9 @@ def test_flips_and_order_match_the_folder(folder, prepared):
 def test_each_process_maps_the_array_itself(prepared):
     dataset = PreparedDataset(str(prepared), SIZE, 3)
     dataset[0]
-    assert isinstance(dataset._array, np.memmap)
+    assert isinstance(dataset._handle, np.memmap)
     copy = pickle.loads(pickle.dumps(dataset))
-    assert copy._array is None and len(pickle.dumps(dataset)) < 4096
+    assert copy._handle is None and len(pickle.dumps(dataset)) < 4096
     assert torch.equal(copy[3][0], dataset[3][0])
 
 

@@ -25,7 +25,7 @@ from fastdiff.data.images import (
     ImageSize,
     resize_to_cover,
 )
-from fastdiff.data.keys import KeyedImageDataset
+from fastdiff.data.keys import KeyedImageDataset, PerProcessHandle
 from fastdiff.data.prepared import npy_layout
 
 MAX_LABEL = 1000
@@ -79,7 +79,7 @@ def _npz_member(path: str, member: str) -> tuple[tuple[int, ...], np.dtype, int 
     return shape, dtype, start + header_length
 
 
-class ArrayFileDataset(KeyedImageDataset):
+class ArrayFileDataset(PerProcessHandle, KeyedImageDataset):
     """``dataset[ItemKey(index, epoch)]`` -> (float32 ``[C, H, W]`` in [-1, 1], label) from an array file.
 
     The label is ``arr_1[index]`` with ``class_cond`` (the file must have it), else 0. With
@@ -131,27 +131,19 @@ class ArrayFileDataset(KeyedImageDataset):
             self.labels, self.class_names = check_labels(labels, count, path)
         else:
             self.labels, self.class_names = [0] * count, []
-        self._array: np.ndarray | None = None
-        self._pid: int | None = None
 
     def __len__(self) -> int:
         return self._shape[0]
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled without the array: each process maps (or reads) the file itself."""
-        return {**self.__dict__, "_array": None, "_pid": None}
-
     def array(self) -> np.ndarray:
         """This process's view of the images, uint8 ``[N, H, W, C]`` (mapped, or read when compressed)."""
-        if self._array is None or self._pid != os.getpid():
-            if self._offset is None:
-                with np.load(self.path) as arrays:
-                    array = arrays["arr_0"]
-            else:
-                array = np.memmap(self.path, np.uint8, mode="r", offset=self._offset, shape=self._shape)
-            self._array = array.reshape(self._shape)
-            self._pid = os.getpid()
-        return self._array
+        return self.per_process(self._open_array)
+
+    def _open_array(self) -> np.ndarray:
+        if self._offset is None:
+            with np.load(self.path) as arrays:
+                return arrays["arr_0"].reshape(self._shape)
+        return np.memmap(self.path, np.uint8, mode="r", offset=self._offset, shape=self._shape)
 
     def item_array(self, index: int) -> np.ndarray:
         """Item ``index`` as uint8 ``[H, W, C]`` at the training size and channels."""

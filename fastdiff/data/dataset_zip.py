@@ -17,17 +17,15 @@ Each worker process opens its own handle on the ZIP, on its first item.
 
 import io
 import json
-import os
 import zipfile
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from fastdiff.data.arrays import check_labels
 from fastdiff.data.image_folder import IMAGE_EXTENSIONS
 from fastdiff.data.images import load_image
-from fastdiff.data.keys import KeyedImageDataset
+from fastdiff.data.keys import KeyedImageDataset, PerProcessHandle
 
 LABELS_MEMBER = "dataset.json"
 
@@ -72,7 +70,7 @@ def _labels_from_json(text: bytes, path: str, names: list[str]) -> list[int] | N
     return [by_name[name] for name in names]
 
 
-class ZipDataset(KeyedImageDataset):
+class ZipDataset(PerProcessHandle, KeyedImageDataset):
     """``dataset[ItemKey(index, epoch)]`` -> (float32 ``[C, H, W]`` in [-1, 1], label) from a dataset ZIP.
 
     The label is the ``dataset.json`` label with ``class_cond``, else 0. With ``random_flip``, the
@@ -116,22 +114,13 @@ class ZipDataset(KeyedImageDataset):
             self.labels, self.class_names = check_labels(labels, len(self.names), f"{path}:{LABELS_MEMBER}")
         else:
             self.labels, self.class_names = [0] * len(self.names), []
-        self._archive: zipfile.ZipFile | None = None
-        self._pid: int | None = None
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled without the open handle: each process opens the ZIP itself."""
-        return {**self.__dict__, "_archive": None, "_pid": None}
-
     def archive(self) -> zipfile.ZipFile:
         """This process's handle on the ZIP (opened on first use in each process)."""
-        if self._archive is None or self._pid != os.getpid():
-            self._archive = zipfile.ZipFile(self.path)
-            self._pid = os.getpid()
-        return self._archive
+        return self.per_process(lambda: zipfile.ZipFile(self.path))
 
     def item_array(self, index: int) -> np.ndarray:
         """Item ``index`` decoded from the ZIP: uint8 ``[H, W, C]`` at the training size and channels."""

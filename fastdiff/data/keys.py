@@ -1,8 +1,10 @@
-"""Item keys: which dataset item, in which epoch; the per-item randomness derived from them."""
+"""Item keys: which dataset item, in which epoch; the per-item randomness derived from them; and what the
+image sources share (the keyed item, a per-process file handle)."""
 
 import abc
-from collections.abc import Sequence
-from typing import NamedTuple
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +41,27 @@ def flip_for(seed: int, key: ItemKey) -> bool:
 def flipped_for(array: np.ndarray, seed: int, key: ItemKey, random_flip: bool) -> np.ndarray:
     """An item's image ``[H, W, C]``, mirrored left-right when ``random_flip`` and :func:`flip_for` say so."""
     return array[:, ::-1] if random_flip and flip_for(seed, key) else array
+
+
+Handle = TypeVar("Handle")
+
+
+class PerProcessHandle:
+    """For a source that reads its file through a handle (an open ZIP, a memory map): the handle is made on
+    first use in each process, so a forked or spawned loader worker opens its own, and it is never pickled."""
+
+    _handle: Any = None
+    _handle_pid: int | None = None
+
+    def per_process(self, opener: Callable[[], Handle]) -> Handle:
+        """``opener()``'s handle for this process (made on this process's first call)."""
+        if self._handle is None or self._handle_pid != os.getpid():
+            self._handle, self._handle_pid = opener(), os.getpid()
+        return self._handle
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the handle: each process opens the file itself."""
+        return {**self.__dict__, "_handle": None, "_handle_pid": None}
 
 
 class KeyedImageDataset(torch.utils.data.Dataset, abc.ABC):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fastdiff.data.images import ImageSize, check_channels, image_size_of, to_model_range
-from fastdiff.data.keys import ItemKey, flipped_for
+from fastdiff.data.keys import ItemKey, PerProcessHandle, flipped_for
 
 FORMAT_NAME = "fastdiff-prepared-dataset"
 FORMAT_VERSION = 1
@@ -280,7 +280,7 @@ def check_array_file(file: str, shape: tuple[int, ...], dtype: str, header_bytes
     return offset
 
 
-class PreparedDataset(torch.utils.data.Dataset):
+class PreparedDataset(PerProcessHandle, torch.utils.data.Dataset):
     """A prepared dataset; ``dataset[ItemKey(index, epoch)]`` -> (float32 ``[C, H, W]``, label).
 
     Images come as uint8 ``[H, W, C]`` slices of the map, scaled to [-1, 1]; latents as float16
@@ -350,28 +350,18 @@ class PreparedDataset(torch.utils.data.Dataset):
         self.labels = labels.tolist() if class_cond else [0] * count
         self.random_flip = random_flip
         self.seed = seed
-        self._array: np.memmap | None = None
-        self._pid: int | None = None
 
     def __len__(self) -> int:
         return self._shape[0]
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled (to a spawned worker) without the map: each process maps the file itself."""
-        return {**self.__dict__, "_array": None, "_pid": None}
-
     def array(self) -> np.memmap:
         """This process's read-only map of the data array (opened on first use in each process)."""
-        if self._array is None or self._pid != os.getpid():
-            self._array = np.memmap(
-                os.path.join(self.path, DATA_FILENAME),
-                dtype=np.dtype(KINDS[self.kind][1]),
-                mode="r",
-                offset=self._data_offset,
-                shape=self._shape,
-            )
-            self._pid = os.getpid()
-        return self._array
+        return self.per_process(self._open_map)
+
+    def _open_map(self) -> np.memmap:
+        file = os.path.join(self.path, DATA_FILENAME)
+        dtype = np.dtype(KINDS[self.kind][1])
+        return np.memmap(file, dtype=dtype, mode="r", offset=self._data_offset, shape=self._shape)
 
     def item_array(self, index: int) -> np.ndarray:
         """Item ``index`` as stored: uint8 ``[H, W, C]`` (images) or float16 ``[C, h, w]`` (latents)."""
