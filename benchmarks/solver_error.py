@@ -65,8 +65,11 @@ CLOSED_FORM_ROWS = (
     ("dpmpp_2m", "auto"), ("dpmpp_2m", "logsnr"), ("dpmpp_2m", "uniform"),
     ("heun", "auto"), ("heun", "logsnr"), ("heun", "karras"),
     ("euler", "auto"), ("euler", "logsnr"), ("euler", "uniform"),
+    ("unipc gaussian", "auto"), ("dpmpp_3m gaussian", "auto"), ("dpmpp_2m gaussian", "auto"),
+    ("heun gaussian", "auto"), ("euler gaussian", "auto"),
 )  # fmt: skip
-"""(sampler, spacing) rows; "unipc bh1" is UniPC with --unipc_variant bh1."""
+"""(sampler, spacing) rows; "unipc bh1" is UniPC with --unipc_variant bh1; "... gaussian" starts the ODE
+from the data's exact Gaussian fit (--ode_start gaussian; the others start from noise, as without a fit)."""
 
 
 def closed_form(scales: tuple[float, float]) -> None:
@@ -92,7 +95,9 @@ def closed_form(scales: tuple[float, float]) -> None:
             for calls in CLOSED_FORM_CALLS:
                 steps = (calls + 1) // 2 if sampler == "heun" else calls
                 options = dict(sampler=sampler, steps=steps, timestep_spacing=spacing, clip_denoised=False)
-                if variant:
+                if variant == "gaussian":
+                    options["data_moments"] = data.moments()
+                elif variant:
                     options["unipc_variant"] = variant
                 out = sample_batch(model, diffusion, noise.shape, noise=noise, **options)
                 # One target for every grid but trailing's: the exact flow to step 0, then its x_0

@@ -29,7 +29,8 @@ from fastdiff import dist_util, ops
 from fastdiff.builders import NUM_CLASSES
 from fastdiff.cli import parse_command, run_main
 from fastdiff.config import ConfigError, SampleCommand
-from fastdiff.diffusion.sampling import sample_batch
+from fastdiff.diffusion.data_moments import MOMENTS_FILENAME
+from fastdiff.diffusion.sampling import gaussian_start, resolve_spacing, sample_batch
 from fastdiff.runtime.image_grid import GRID_MODES, save_image_grid, to_uint8_nhwc
 from fastdiff.runtime.inference import InferenceSetup, output_dir, prepare_inference
 from fastdiff.runtime.latent_vae import checked_vae, decoder
@@ -65,7 +66,16 @@ def prepare(config: SampleCommand, given: set[str], model_path: str, ctx) -> Inf
     checked against them, and for a latent model the VAE decoder of ``--vae`` (checked against the run's
     latent info)."""
     setup = prepare_inference(config, given, model_path, ctx)
-    setup.config.sampling.check_against(setup.diffusion, setup.model)
+    sampling = setup.config.sampling
+    sampling.check_against(setup.diffusion, setup.model, data_moments=setup.data_moments)
+    sampler = sampling.resolved_sampler
+    spacing = resolve_spacing(sampler, sampling.timestep_spacing)
+    if ctx.is_main and gaussian_start(sampling.ode_start, sampler, spacing, setup.data_moments):
+        print(
+            f"ODE start: the data's Gaussian fit ({MOMENTS_FILENAME} beside {model_path}), flowed to "
+            "--sigma_max in closed form",
+            flush=True,
+        )
     vae_path, info = setup.config.latents.vae, setup.latent_info
     if vae_path and info is None:
         raise ValueError(
@@ -98,7 +108,7 @@ def generate(setup: InferenceSetup, ctx) -> tuple[np.ndarray, np.ndarray | None]
         with setup.precision.autocast():
             sample = sample_batch(
                 setup.model, setup.diffusion, shape, model_kwargs=kwargs, device=ctx.device,
-                **config.sampling.options(),
+                data_moments=setup.data_moments, **config.sampling.options(),
             )  # fmt: skip
         if setup.decode is not None:
             sample = setup.decode(sample)

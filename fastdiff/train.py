@@ -32,6 +32,7 @@ from fastdiff.config.sections import image_sides
 from fastdiff.data import BatchStream, build_dataset
 from fastdiff.data.sources import describe_dataset
 from fastdiff.diffusion import create_named_schedule_sampler
+from fastdiff.diffusion.data_moments import DataMoments, moments_for_run
 from fastdiff.diffusion.sampling import ODE_SAMPLERS
 from fastdiff.runtime.backends import check_autotune, check_kernels
 from fastdiff.runtime.latent_vae import decoder
@@ -117,10 +118,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, set[str]]:
     return config, given
 
 
-def build_previews(config: RunConfig, model: torch.nn.Module):
+def build_previews(config: RunConfig, model: torch.nn.Module, data_moments: DataMoments | None = None):
     """The diffusion and sample_batch options of the sample grids and the in-training evaluation, with the
     --preview_* flags: an ODE sampler (unipc, the default, ...) runs --preview_steps grid points over the
-    training diffusion; ddpm and ddim run every step of the training diffusion respaced to --preview_steps
+    training diffusion (from ``data_moments``, the data's Gaussian fit, with --preview_ode_start auto or
+    gaussian); ddpm and ddim run every step of the training diffusion respaced to --preview_steps
     (by DDIM's stride with --preview_ddim True). A latent model's samples are not clipped to [-1, 1]
     (latents are not bounded there)."""
     preview = config.preview
@@ -134,8 +136,8 @@ def build_previews(config: RunConfig, model: torch.nn.Module):
         sampling = dataclasses.replace(preview, steps=0)
     if config.latents.info is not None:
         sampling = dataclasses.replace(sampling, clip_denoised=False)
-    sampling.check_against(diffusion, model, flag_prefix="preview_")
-    return diffusion, sampling.options()
+    sampling.check_against(diffusion, model, flag_prefix="preview_", data_moments=data_moments)
+    return diffusion, {**sampling.options(), "data_moments": data_moments}
 
 
 def build_evaluation(
@@ -232,7 +234,8 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
         seed_everything(runtime.seed, ctx.rank)
         schedule_sampler = create_named_schedule_sampler(train.schedule_sampler, diffusion)
 
-        previews = build_previews(config, model)
+        moments, moments_source = moments_for_run(dataset, train.log_dir, ctx.is_main)
+        previews = build_previews(config, model, moments)
         decode = decoder(latent.vae, ctx.device) if latent is not None and latent.vae is not None else None
         preview = None
         if latent is not None and decode is None and train.sample_interval:
@@ -259,7 +262,7 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
             f"training on {ctx.world_size} process(es), device {ctx.device}, precision {precision.name}, "
             f"batch {batch_size} per rank / {global_batch} global (microbatch {microbatch}), "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-            f"data: {describe_dataset(dataset)}, log dir {train.log_dir}",
+            f"data: {describe_dataset(dataset)} (Gaussian fit {moments_source}), log dir {train.log_dir}",
         )
         loop = TrainLoop(
             config=config,

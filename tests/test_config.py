@@ -278,8 +278,9 @@ def test_a_v_prediction_runs_grid_is_what_fastdiff_sample_draws(tmp_path, monkey
     config, given = sample.parse_args(["--model_path", path, "--sampler", "unipc", "--steps", "10"])
     setup = sample.prepare(config, given, path, CPU)
     images = sample_from_noise(
-        setup.model, setup.diffusion, preview.noise, preview.labels, config.sampling.options(),
-        setup.precision, seed=0, batch_size=4,
+        setup.model, setup.diffusion, preview.noise, preview.labels,
+        {**config.sampling.options(), "data_moments": setup.data_moments}, setup.precision, seed=0,
+        batch_size=4,
     )  # fmt: skip
     save_image_grid(images.numpy(), str(tmp_path / "from_sample.png"))
     with Image.open(tmp_path / "samples_000002.png") as a, Image.open(tmp_path / "from_sample.png") as b:

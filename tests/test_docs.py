@@ -59,6 +59,7 @@ RUN_MODULES = (
     "fastdiff.nll",
     "fastdiff.evaluate",
     "fastdiff.prepare_data",
+    "fastdiff.measure_moments",
 )
 """Entry points whose documented commands run here at small sizes."""
 

@@ -233,7 +233,7 @@ def test_capped_grid_starts_at_the_noisiest_step_then_sigma_max():
     schedule = NoiseSchedule.from_diffusion(diffusion)
     step_0 = float(schedule.edm_sigmas()[0])
     assert schedule.edm_sigmas()[-1] > 2e4 and schedule.edm_sigmas()[-2] < 700  # the clipped last beta
-    for sampler, cap, calls in (("dpmpp_3m", 80.0, 10), ("unipc", 10.0, 10), ("heun", 80.0, 19)):
+    for sampler, cap, calls in (("dpmpp_3m", 10.0, 10), ("unipc", 10.0, 10), ("heun", 80.0, 19)):
         grid = sampling_grid(schedule, 10, "capped_logsnr", 0.0, sampler)
         assert resolved_sigma_max(schedule, calls, 0.0, sampler) == cap
         end = resolved_sigma_min(schedule, calls)
@@ -243,10 +243,15 @@ def test_capped_grid_starts_at_the_noisiest_step_then_sigma_max():
         np.testing.assert_allclose(
             log_s, np.linspace(math.log(cap), math.log(end), 9), rtol=1e-12, atol=1e-12
         )
-    # unipc's start follows its calls between 10 and 80; the others start at 80.
-    starts = [resolved_sigma_max(schedule, calls, 0.0, "unipc") for calls in (2, 5, 10, 15, 20, 80, 200)]
-    assert starts == [10.0, 10.0, 10.0, 15.0, 20.0, 80.0, 80.0]
-    assert resolved_sigma_max(schedule, 5, 0.0, "dpmpp_2m") == 80.0 == resolved_sigma_max(schedule, 5, 80.0)
+    # The multistep samplers' start follows their calls between 10 and 80; heun's and euler's is 80.
+    for sampler in ("unipc", "dpmpp_2m", "dpmpp_3m"):
+        starts = [resolved_sigma_max(schedule, calls, 0.0, sampler) for calls in (2, 5, 10, 15, 20, 80, 200)]
+        assert starts == [10.0, 10.0, 10.0, 15.0, 20.0, 80.0, 80.0]
+    assert resolved_sigma_max(schedule, 5, 0.0, "euler") == 80.0 == resolved_sigma_max(schedule, 5, 80.0)
+    # From the Gaussian fit: 0.3 x calls between 2 and 3, whatever the sampler; an explicit start wins.
+    starts = [resolved_sigma_max(schedule, calls, 0.0, "heun", gaussian=True) for calls in (3, 7, 9, 10, 40)]
+    assert starts == pytest.approx([2.0, 2.1, 2.7, 3.0, 3.0])
+    assert resolved_sigma_max(schedule, 5, 7.5, "unipc", gaussian=True) == 7.5
     # From 20 calls on the default end is step 0 itself; an explicit --sigma_min is where the grid ends.
     assert resolved_sigma_min(schedule, 20) == step_0 and model_calls("heun", 10) == 19
     assert sampling_grid(schedule, 20, "capped_logsnr", 0.0, "unipc")[-1] == schedule.point(0)

@@ -19,6 +19,7 @@ from fastdiff.config.sections import (
     EvaluateConfig,
     LatentsConfig,
     ModelConfig,
+    MomentsConfig,
     NllConfig,
     PrepareDataConfig,
     RuntimeConfig,
@@ -31,17 +32,18 @@ from fastdiff.config.sections import (
 RUN_CONFIG_FILENAME = "run_config.json"
 LEGACY_FLAGS_FILENAME = "model_flags.json"
 RUN_CONFIG_FORMAT = "fastdiff-run-config"
-RUN_CONFIG_VERSION = 5
+RUN_CONFIG_VERSION = 6
 FIELDS_ADDED = {
     "model.in_channels": 2,
     "preview.solver_order": 3,
     "preview.unipc_variant": 3,
     "preview.sigma_max": 3,
     "preview.sigma_min": 5,
+    "preview.ode_start": 6,
 }
 """Fields a run config gained after version 1, with the version that added them: a file of an earlier
 version lacks them and they take their defaults (version 1 files are RGB models, ``in_channels`` 3;
-versions 1 and 2 predate the preview's solver flags of issue 21)."""
+versions 1 and 2 predate the preview's solver flags of issue 21, 1 to 5 its Gaussian start)."""
 SECTIONS_ADDED = {"latents": 4}
 """Sections a run config gained after version 1, with the version that added them: a file of an earlier
 version lacks them and they take their defaults (versions 1 to 3 are models of pixels: no latent info)."""
@@ -342,6 +344,13 @@ def with_saved_model(config: Bundle, saved: RunConfig, given: set[str]) -> tuple
     the names taken."""
     taken = {flag: value for flag, value in saved.model_flags().items() if flag not in given}
     return config.with_flags(taken), list(taken)
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentsCommand(Bundle):
+    """What ``fastdiff.measure_moments`` runs with."""
+
+    moments: MomentsConfig = section(MomentsConfig)
 
 
 @dataclasses.dataclass(frozen=True)

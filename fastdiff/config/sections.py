@@ -21,7 +21,7 @@ from fastdiff.config.fields import (
 )
 from fastdiff.diffusion.resample import SCHEDULE_SAMPLERS
 from fastdiff.diffusion.respace import space_timesteps
-from fastdiff.diffusion.sampling import SAMPLERS, SPACINGS, check_sampling_options
+from fastdiff.diffusion.sampling import ODE_STARTS, SAMPLERS, SPACINGS, check_sampling_options
 from fastdiff.diffusion.schedules import BETA_SCHEDULES
 from fastdiff.diffusion.solvers import UNIPC_VARIANTS
 from fastdiff.ops.backend import BACKENDS
@@ -347,8 +347,10 @@ class SamplingConfig(Section):
     )
     sigma_max: float = option(
         0.0,
-        "capped spacings: the noise level sigma/alpha the ODE starts at after one step from the noisiest "
-        "trained step (0: 80, for unipc the model calls between 10 and 80; at most the schedule's largest)",
+        "capped spacings: the noise level sigma/alpha the ODE starts at, after one step from the noisiest "
+        "trained step or the Gaussian start (0: from noise 80, for unipc and dpmpp_* their model calls "
+        "between 10 and 80; from the Gaussian fit 0.3 x model calls between 2 and 3; at most the "
+        "schedule's largest)",
         check=non_negative,
     )
     sigma_min: float = option(
@@ -356,6 +358,14 @@ class SamplingConfig(Section):
         "capped spacings: the noise level sigma/alpha of the grid's last point, whose x_0 prediction is the "
         "sample (0: (1.6 / model calls)^2, or step 0's where that is higher)",
         check=non_negative,
+    )
+    ode_start: str = option(
+        "auto",
+        "ODE samplers on capped spacings: where the first state comes from: noise (a model call at the "
+        "noisiest trained step, then a step to --sigma_max), gaussian (the training data's Gaussian fit, "
+        "data_moments.npz beside the checkpoint, flowed to --sigma_max in closed form: every model call "
+        "below it), auto (gaussian when the fit is there, else noise)",
+        choices=ODE_STARTS,
     )
     guidance_scale: float = option(
         1.0, "classifier-free guidance w: eps_u + w (eps_c - eps_u); 1: conditional, 0: unconditional"
@@ -389,15 +399,19 @@ class SamplingConfig(Section):
             unipc_variant=self.unipc_variant,
             sigma_max=self.sigma_max,
             sigma_min=self.sigma_min,
+            ode_start=self.ode_start,
             clip_denoised=self.clip_denoised,
         )
 
-    def check_against(self, diffusion, model=None, flag_prefix: str = "") -> None:
-        """These options checked against ``diffusion`` (and ``model``, for guidance) before sampling; a
-        ValueError names the flag (``--{flag_prefix}sampler``, ...)."""
+    def check_against(self, diffusion, model=None, flag_prefix: str = "", data_moments=None) -> None:
+        """These options checked against ``diffusion`` (``model``, for guidance; ``data_moments``, the
+        data's Gaussian fit if known, for --ode_start) before sampling; a ValueError names the flag
+        (``--{flag_prefix}sampler``, ...)."""
         options = self.options()
         del options["clip_denoised"]  # any value goes with any sampler
-        check_sampling_options(diffusion, model=model, flag_prefix=flag_prefix, **options)
+        check_sampling_options(
+            diffusion, model=model, flag_prefix=flag_prefix, data_moments=data_moments, **options
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -606,6 +620,19 @@ class NllConfig(Section):
     batch_size: int = option(1, "images per rank per batch", check=positive)
     out_dir: str = option("", "where to write the per-step terms (default: the directory of --model_path)")
     num_workers: int = option(0, "data-loading worker processes per rank", check=non_negative)
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentsConfig(Section):
+    """fastdiff.measure_moments: the training data's Gaussian fit for a run that has none."""
+
+    title: ClassVar[str] = "measure_moments"
+
+    model_path: str = option(
+        "", "a model*.pt or ema_*.pt file with the run's run_config.json beside it; the fit goes beside it"
+    )
+    data_dir: str = option("", "the data to measure (default: the run's --data_dir; '': the embedded shapes)")
+    num_items: int = option(2048, "items measured, evenly spaced over the data", check=positive)
 
 
 @dataclasses.dataclass(frozen=True)

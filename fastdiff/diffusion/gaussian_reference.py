@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .data_moments import DataMoments
 from .gaussian_diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
 from .sampling import NoiseSchedule
 from .solvers import GridPoint
@@ -34,6 +35,16 @@ class GaussianData:
         fractions = torch.rand(channels, generator=generator, dtype=torch.float64)
         scales = torch.exp(math.log(low) + fractions * (math.log(high) - math.log(low)))
         return cls(torch.full((channels,), float(mean), dtype=torch.float64), scales)
+
+    def moments(self, rank: int | None = None) -> DataMoments:
+        """The exact Gaussian fit (items of shape [C]): every coordinate a principal direction, or the
+        ``rank`` largest, the others' mean variance as the residual."""
+        variances, order = torch.sort(self.scales**2, descending=True)
+        rank = len(order) if rank is None else rank
+        directions = torch.eye(len(order), dtype=torch.float64)[order[:rank]]
+        rest = variances[rank:]
+        residual = float(rest.mean()) if len(rest) else 0.0
+        return DataMoments(self.mean.clone(), directions, variances[:rank].clone(), residual, count=2)
 
     def denoise(self, x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
         """E[x_0 | x_t = x] for x [N, C] at (alpha, sigma); alpha = 0 gives the mean."""

@@ -32,10 +32,11 @@ that fractional timestep, which the UNet's sinusoidal embedding takes as it is),
 sigma at that point come from s itself.
 
 Which grid: ``auto`` is ``uniform`` for ddpm and ddim (improved-diffusion's results) and ``capped_logsnr``
-for the ODE samplers. Its start (--sigma_max 0) is 80, EDM's sigma_max for data in [-1, 1], and for unipc
-its model calls between 10 and 80; its end (--sigma_min 0) is s = (1.6 / model calls)^2, or step 0 where
-that is higher (0.10 at 5 calls, 0.026 at 10, step 0 from 20 on cosine 1000). Both ends spend no points
-where little happens:
+for the ODE samplers. Its start (--sigma_max 0) is 80, EDM's sigma_max for data in [-1, 1], and for the
+multistep samplers (unipc, dpmpp_2m, dpmpp_3m) their model calls between 10 and 80; its end (--sigma_min 0)
+is s = (1.6 / model calls)^2, or step 0 where that is higher (0.10 at 5 calls, 0.026 at 10, step 0 from 20
+on cosine 1000). With the training data's Gaussian fit (``--ode_start``) it starts lower still, with no
+model call above its start. Both ends spend no points where little happens:
 
 * the start. Above s ~ 80 the data's share of x_t is ~1/80 of the noise's and the solution barely moves:
   the first step, from the noisiest trained step, is Euler's (DDIM's) step to sigma_max, exact as D stops
@@ -48,26 +49,43 @@ where little happens:
   follows it: B(inf) = 1). With few calls a lower start pays: on the main job's model unipc at 10 calls
   scores KID 0.0503 from 10 against 0.0535 from 20, and at 15 and 20 calls the start at 15-20 is as good as
   or better than 10 (0.0453 and 0.0441 against 0.0464 and 0.0451): hence the calls, from 10 to 80.
+  dpmpp_2m and dpmpp_3m take the same rule: their closed-form error (below) then falls with the calls, and
+  dpmpp_3m's KID at 5 / 8 / 10 calls is 0.079 / 0.071 / 0.054 against 0.126 / 0.075 / 0.069 from 80 (three
+  seeds; at 15 and 20 calls 0.049 / 0.048 against 0.046 / 0.045, a small loss where the fit below is the
+  default anyway).
+* the start from the data's Gaussian fit (``--ode_start``; ``fastdiff.diffusion.data_moments``). For data of
+  the fit's mean and covariance the probability-flow ODE is linear and its solution from x_T is known in
+  closed form; while the noise is large against the data's spread, a trained model's x_0 prediction is close
+  to that Gaussian's (the linear estimate from mean and covariance). With the fit, which fastdiff.train
+  writes beside its checkpoints, ``auto`` takes the flow from x_T down to --sigma_max (0: 0.3 x model calls
+  between 2 and 3) in closed form and spends every model call below it, where the noise start spends one at
+  the noisiest step and part of its grid above s ~ 5. On the main job's model (three seeds) unipc's KID
+  at 5 / 8 / 10 / 20 calls is 0.062 / 0.050 / 0.045 / 0.044 from the fit against 0.084 / 0.055 / 0.050 /
+  0.044 from noise (DDIM: 0.069 at 20 calls, 0.049 at 50). The start rises with the calls because the
+  model's own flow between s ~ 10 and 3 matters once there are calls to spend on it (at 50 calls from the
+  fit at 10: 0.051, at 3: 0.046; at 5 calls 2 beats 3: 0.059 against 0.062).
 * the end. The sample is D at the last grid point. Below s ~ 0.1 a trained model's D changes the image by
   less than its error at few calls, yet a log-SNR grid to step 0 (s = 0.0064) puts points there: with 5
   calls unipc's grid from 20 was 20 -> 1.4 -> 0.094 -> 0.0064, two of its four ODE points at or below 0.1
   and steps of 2.7 in log s. Ending at (1.6 / calls)^2 spends those points above it: on the main job's
   model unipc's KID at 5 / 8 calls is 0.084 / 0.055 against 0.151 / 0.073 to step 0 from 20 (three seeds;
   ends tried with seed 0: at 5 calls 0.05-0.3, best 0.07-0.15; at 10 calls 0.1 is worse, 0.02 and step 0
-  tie). The closed-form error below is measured to step 0, so a
-  grid that ends above it is charged for the noise it leaves.
+  tie). The closed-form error below is measured to step 0, so a grid that ends above it is charged for the
+  noise it leaves.
 
 Measured with ``benchmarks/solver_error.py --closed_form`` (Gaussian data with scales log-uniform over
 [0.05, 2] and the exact denoiser, RMS error against the exact probability-flow map to step 0, in
-``benchmarks/results/solver_error.md``): unipc's error on its default grid falls at every step from 5 to 80
-calls on all six schedules measured (cosine 1000: 3.9e-2, 2.9e-2, 1.8e-2, 8.5e-3, 4.8e-3, 7.1e-4, 1.1e-4 at
-5, 8, 10, 15, 20, 40, 80 calls), as do heun's and euler's (heun from 30 at 5 calls, 3 grid points, to 0.04
-at 79: it needs many calls on any grid). dpmpp_2m's and dpmpp_3m's do not between 5 and 10 calls (dpmpp_2m
-0.14, 0.018, 0.023; dpmpp_3m 0.11, 0.18, 0.080: their extrapolation over log-SNR steps of 1.2-2.4 overshoots
-on the largest and smallest scales), and dpmpp_3m's not from 40 to 80 (1e-4 left by its first step to
-sigma_max = 80). unipc's default order is 2: on the main job's model its RMS distance from the converged ODE
-solution at 5/8/10 calls was 0.18/0.045/0.025 against 0.34/0.084/0.034 for order 3 (from sigma_max 20 to
-step 0). ``trailing`` errors are measured to its own last point (step K/N - 1) and are not comparable.
+``benchmarks/results/solver_error.md``), starting from noise (no fit): the error of unipc, dpmpp_2m, heun and
+euler on their default grids falls at every step from 5 to 80 calls on all six schedules measured (unipc on
+cosine 1000: 3.9e-2, 2.9e-2, 1.8e-2, 8.5e-3, 4.8e-3, 7.1e-4, 1.1e-4 at 5, 8, 10, 15, 20, 40, 80 calls;
+dpmpp_2m 6.7e-2, 1.1e-2, 9.8e-3, 8.3e-3, 6.3e-3, 1.9e-3, 5.4e-4). dpmpp_3m's does on the linear and
+zero-terminal-SNR schedules, not on cosine (1000 steps: 4.5e-2, 4.6e-2, 2.0e-2, ... from 5 to 10 calls): its
+5-call error is low by luck of the orders (one third-order step), and at 6 and 7 calls it is 7.8e-2 and
+7.2e-2; extrapolating D quadratically over log-SNR steps of ~0.9 overshoots. From the exact Gaussian fit every
+solver's error is lower still (unipc 1.9e-2 at 5 calls, 4.3e-3 at 10). unipc's default order is 2: on the
+main job's model its RMS distance from the converged ODE solution at 5/8/10 calls was 0.18/0.045/0.025
+against 0.34/0.084/0.034 for order 3 (from sigma_max 20 to step 0). ``trailing`` errors are measured to its
+own last point (step K/N - 1) and are not comparable.
 
 Classifier-free guidance (Ho & Salimans 2022) with scale w: eps = eps_uncond + w (eps_cond - eps_uncond),
 applied to the model's mean output (epsilon, x_0 or v alike), both halves in one forward on a doubled batch;
@@ -85,6 +103,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data_moments import MOMENTS_FILENAME, DataMoments
 from .gaussian_diffusion import GaussianDiffusion, Model, ModelMeanType, ModelVarType
 from .respace import SpacedDiffusion, space_timesteps
 from .solvers import (
@@ -113,12 +132,21 @@ DEFAULT_SOLVER_ORDER = {"unipc": 2, "dpmpp_3m": 3, "dpmpp_2m": 2}
 KARRAS_RHO = 7.0
 EDM_SIGMA_MAX = 80.0
 """EDM's sigma_max for data in [-1, 1] (Karras et al. 2022): where the data's share of x_t is 1/80 of the
-noise's; the capped grids' default start, and unipc's from 80 model calls on."""
-UNIPC_SIGMA_MAX_FLOOR = 10.0
-"""unipc's default start is its model calls, at least this and at most EDM_SIGMA_MAX (module docstring)."""
+noise's; heun's and euler's default start, and the multistep samplers' from 80 model calls on."""
+MULTISTEP_SAMPLERS = ("unipc", "dpmpp_2m", "dpmpp_3m")
+"""Samplers whose default start is their model calls, between SIGMA_MAX_FLOOR and EDM_SIGMA_MAX."""
+SIGMA_MAX_FLOOR = 10.0
+"""The multistep samplers' lowest default start from noise (module docstring)."""
 GRID_END_SCALE = 1.6
 """The capped grids' default last point (--sigma_min 0): s = (GRID_END_SCALE / model calls)^2, or step 0's
 s where that is higher: 0.10 at 5 calls, 0.026 at 10, step 0 from about 20 (see the module docstring)."""
+ODE_STARTS = ("auto", "noise", "gaussian")
+"""Where the ODE's first state comes from: noise (the noisiest trained step, then a step to --sigma_max),
+gaussian (the data's Gaussian fit, ``data_moments``, flowed to --sigma_max in closed form), auto (gaussian
+when the ODE sampler runs a capped grid and the fit is known, else noise)."""
+GAUSSIAN_START_SCALE = 0.3
+GAUSSIAN_START_RANGE = (2.0, 3.0)
+"""The Gaussian start's default level (--sigma_max 0): GAUSSIAN_START_SCALE x model calls, in this range."""
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -208,16 +236,21 @@ def largest_finite_sigma(schedule: NoiseSchedule) -> float:
 
 
 def resolved_sigma_max(
-    schedule: NoiseSchedule, calls: int, sigma_max: float = 0.0, sampler: str = ""
+    schedule: NoiseSchedule, calls: int, sigma_max: float = 0.0, sampler: str = "", gaussian: bool = False
 ) -> float:
-    """The noise level a capped grid starts its ODE at: ``sigma_max``, or for 0 the smaller of the
-    schedule's largest finite noise level and :data:`EDM_SIGMA_MAX` (for unipc: ``calls`` between
-    :data:`UNIPC_SIGMA_MAX_FLOOR` and that)."""
+    """The noise level a capped grid starts its ODE at: ``sigma_max``, or for 0 the default, at most the
+    schedule's largest finite noise level: from noise :data:`EDM_SIGMA_MAX` (for the
+    :data:`MULTISTEP_SAMPLERS`: ``calls`` between :data:`SIGMA_MAX_FLOOR` and that); from the ``gaussian``
+    fit :data:`GAUSSIAN_START_SCALE` x ``calls`` within :data:`GAUSSIAN_START_RANGE`."""
     if sigma_max != 0.0:
         return float(sigma_max)
-    cap = EDM_SIGMA_MAX
-    if sampler == "unipc":
-        cap = min(max(float(calls), UNIPC_SIGMA_MAX_FLOOR), EDM_SIGMA_MAX)
+    if gaussian:
+        low, high = GAUSSIAN_START_RANGE
+        cap = min(max(GAUSSIAN_START_SCALE * calls, low), high)
+    elif sampler in MULTISTEP_SAMPLERS:
+        cap = min(max(float(calls), SIGMA_MAX_FLOOR), EDM_SIGMA_MAX)
+    else:
+        cap = EDM_SIGMA_MAX
     return min(cap, largest_finite_sigma(schedule))
 
 
@@ -250,6 +283,7 @@ def sampling_grid(
     sigma_max: float = 0.0,
     sampler: str = "",
     sigma_min: float = 0.0,
+    gaussian: bool = False,
 ) -> list[GridPoint]:
     """``steps`` grid points from the noisiest trained step down to step 0 (trailing: to step K/N - 1;
     capped: to ``sigma_min``).
@@ -257,7 +291,9 @@ def sampling_grid(
     The capped spacings go from the noisiest trained step to ``sigma_max`` (:func:`resolved_sigma_max`,
     0: ``sampler``'s default) in one step, then by their spacing down to ``sigma_min``
     (:func:`resolved_sigma_min`, 0: the default for ``sampler``'s model calls); with 2 points, the
-    noisiest step and ``sigma_min``.
+    noisiest step and ``sigma_min``. With a ``gaussian`` start (capped spacings only) every point lies on
+    the spacing from ``sigma_max`` to ``sigma_min`` (1 point: ``sigma_max``): the state at the first comes
+    from the data's Gaussian fit, not from a model call at the noisiest step.
     """
     if spacing == "trailing":
         return [schedule.point(i) for i in reversed(trailing_indices(schedule.num_steps, steps))]
@@ -270,10 +306,15 @@ def sampling_grid(
         calls = model_calls(sampler, steps)
         end = resolved_sigma_min(schedule, calls, sigma_min)
         last = schedule.point(bottom) if end == float(sigmas[bottom]) else schedule.point_at_sigma(end)
+        cap = resolved_sigma_max(schedule, calls, sigma_max, sampler, gaussian)
+        if gaussian:
+            if steps == 1:
+                return [schedule.point_at_sigma(cap)]
+            levels = _free_levels(cap, end, steps, CAPPED_SPACINGS[spacing])
+            return [*(schedule.point_at_sigma(s) for s in levels[:-1]), last]
         noisiest = schedule.point(schedule.num_steps - 1)
         if steps <= 2:
             return [noisiest, last][:steps]
-        cap = resolved_sigma_max(schedule, calls, sigma_max, sampler)
         if cap >= sigmas[-1]:  # the schedule starts at or below the cap: nothing to skip
             levels = _free_levels(float(sigmas[-1]), end, steps, CAPPED_SPACINGS[spacing])
             return [noisiest, *(schedule.point_at_sigma(s) for s in levels[1:-1]), last]
@@ -362,8 +403,11 @@ def check_sampling_options(
     unipc_variant: str = "bh2",
     sigma_max: float = 0.0,
     sigma_min: float = 0.0,
+    ode_start: str = "auto",
+    data_moments: DataMoments | None = None,
 ) -> int:
-    """Check the options against the diffusion (and the model, when given, for guidance) before sampling.
+    """Check the options against the diffusion (and the model, when given, for guidance; ``data_moments``,
+    the data's Gaussian fit if known, for ``ode_start``) before sampling.
 
     Returns the number of grid points (``steps``, or all the diffusion's steps for 0). ValueError names
     the flag (``--{flag_prefix}sampler``, ...) and what was expected.
@@ -406,7 +450,8 @@ def check_sampling_options(
         raise ValueError(
             f"--{flag_prefix}unipc_variant must be one of {list(UNIPC_VARIANTS)}, got {unipc_variant!r}"
         )
-    _check_grid_ends(diffusion, sampler, count, sigma_max, sigma_min, timestep_spacing, flag_prefix)
+    gaussian = gaussian_start(ode_start, sampler, timestep_spacing, data_moments, flag_prefix)
+    _check_grid_ends(diffusion, sampler, count, sigma_max, sigma_min, timestep_spacing, flag_prefix, gaussian)
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"--eta applies to {sampler_flag} ddim only, got eta {eta} with {sampler}")
     mean_type = diffusion.model_mean_type
@@ -431,6 +476,33 @@ def check_sampling_options(
     return count
 
 
+def gaussian_start(
+    ode_start: str, sampler: str, spacing: str, data_moments: DataMoments | None, flag_prefix: str = ""
+) -> bool:
+    """Whether the ODE starts from the data's Gaussian fit (``ode_start`` of :data:`ODE_STARTS`; ``spacing``
+    resolved): auto does for an ODE sampler on a capped grid when ``data_moments`` is known; gaussian must
+    (a ValueError naming ``--{flag_prefix}ode_start`` otherwise)."""
+    flag = f"--{flag_prefix}ode_start"
+    if ode_start not in ODE_STARTS:
+        raise ValueError(f"{flag} must be one of {list(ODE_STARTS)}, got {ode_start!r}")
+    usable = sampler in ODE_SAMPLERS and spacing in CAPPED_SPACINGS
+    if ode_start != "gaussian":
+        return ode_start == "auto" and usable and data_moments is not None
+    if not usable:
+        raise ValueError(
+            f"{flag} gaussian starts the ODE of a capped grid: it needs one of {list(ODE_SAMPLERS)} with "
+            f"--{flag_prefix}timestep_spacing {' or '.join(CAPPED_SPACINGS)} (or auto), got {sampler} on "
+            f"{spacing}"
+        )
+    if data_moments is None:
+        raise ValueError(
+            f"{flag} gaussian needs the data's Gaussian fit ({MOMENTS_FILENAME}, which fastdiff.train writes "
+            "beside the checkpoints; python -m fastdiff.measure_moments measures it for an earlier run), and "
+            "there is none"
+        )
+    return True
+
+
 def _check_grid_ends(
     diffusion: GaussianDiffusion,
     sampler: str,
@@ -439,6 +511,7 @@ def _check_grid_ends(
     sigma_min: float,
     spacing: str,
     flag_prefix: str,
+    gaussian: bool = False,
 ) -> None:
     """--sigma_max and --sigma_min: 0 (the defaults), or with a capped spacing noise levels inside the
     schedule, the end below the start."""
@@ -465,9 +538,9 @@ def _check_grid_ends(
     if spacing not in CAPPED_SPACINGS:
         return
     calls = model_calls(sampler, count)
-    start = min(resolved_sigma_max(schedule, calls, sigma_max, sampler), largest)
+    start = min(resolved_sigma_max(schedule, calls, sigma_max, sampler, gaussian), largest)
     end = resolved_sigma_min(schedule, calls, sigma_min)
-    if count > 2 and not end < start:
+    if count > (1 if gaussian else 2) and not end < start:
         raise ValueError(
             f"{end_flag} {end:.4g} (where the grid ends) must lie below {cap_flag} {start:.4g} (where its "
             "ODE starts)"
@@ -491,6 +564,8 @@ def sample_batch(
     unipc_variant: str = "bh2",
     sigma_max: float = 0.0,
     sigma_min: float = 0.0,
+    ode_start: str = "auto",
+    data_moments: DataMoments | None = None,
     clip_denoised: bool = True,
     model_kwargs: dict[str, Any] | None = None,
     noise: torch.Tensor | None = None,
@@ -502,8 +577,10 @@ def sample_batch(
     :param diffusion: the (respaced) GaussianDiffusion the model was trained with.
     :param sampler, steps, timestep_spacing, guidance_scale: see ``fastdiff.config.SamplingConfig``.
     :param eta: DDIM's noise (ddim only).
-    :param solver_order, unipc_variant, sigma_max, sigma_min: unipc's order and B(h), the capped grids'
-        start and end (0: the sampler's defaults; see ``SamplingConfig``).
+    :param solver_order, unipc_variant, sigma_max, sigma_min, ode_start: unipc's order and B(h), the capped
+        grids' start and end (0: the sampler's defaults) and where the ODE's first state comes from (see
+        ``SamplingConfig``).
+    :param data_moments: the training data's Gaussian fit, for the Gaussian start (None: unknown).
     :param clip_denoised: clamp every x_0 prediction to [-1, 1].
     :param model_kwargs: e.g. ``{"y": labels [N]}``; guidance needs y.
     :param noise: the starting x_T [N, C, ...] (standard normal if None).
@@ -512,6 +589,7 @@ def sample_batch(
     count = check_sampling_options(
         diffusion, sampler, steps, timestep_spacing, guidance_scale, model, eta,
         solver_order=solver_order, unipc_variant=unipc_variant, sigma_max=sigma_max, sigma_min=sigma_min,
+        ode_start=ode_start, data_moments=data_moments,
     )  # fmt: skip
     timestep_spacing = resolve_spacing(sampler, timestep_spacing)
     # The starting noise, on the model's device unless told otherwise (drawn as p_sample_loop draws it).
@@ -531,7 +609,11 @@ def sample_batch(
             return diffusion.ddim_sample_loop(model, shape, progress=progress, eta=eta, **common)
         return diffusion.p_sample_loop(model, shape, progress=progress, **common)
     schedule = NoiseSchedule.from_diffusion(diffusion)
-    grid = sampling_grid(schedule, count, timestep_spacing, sigma_max, sampler, sigma_min)
+    gaussian = gaussian_start(ode_start, sampler, timestep_spacing, data_moments)
+    grid = sampling_grid(schedule, count, timestep_spacing, sigma_max, sampler, sigma_min, gaussian)
+    if gaussian:  # the fit's exact flow from x_T at the noisiest step to the first grid point (x = alpha y)
+        first, top = grid[0], float(schedule.edm_sigmas()[-1])
+        x = first.alpha * data_moments.flow_from_noise(x, first.sigma / first.alpha, top)
     denoiser = Denoiser(model, diffusion, schedule, clip_denoised, model_kwargs or {})
     with torch.no_grad():
         if sampler == "unipc":

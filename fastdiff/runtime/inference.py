@@ -15,6 +15,7 @@ import torch
 from fastdiff import dist_util
 from fastdiff.builders import build_diffusion, build_model
 from fastdiff.config import Bundle, find_run_config, load_run_config, with_saved_model
+from fastdiff.diffusion.data_moments import DataMoments, moments_beside
 from fastdiff.runtime.backends import check_kernels
 from fastdiff.runtime.checkpoint import load_model_state
 from fastdiff.runtime.precision import Precision, resolve_precision
@@ -64,6 +65,9 @@ class InferenceSetup:
     """The ``fastdiff.latents.LatentInfo`` the run config records for a model of latents; None: pixels."""
     decode: Callable | None = None
     """A latent model's VAE decoder (latents -> images in [-1, 1]) when ``--vae`` gave one."""
+    data_moments: DataMoments | None = None
+    """The training data's Gaussian fit beside the model (``data_moments.npz``), for the ODE's Gaussian
+    start; None when there is none."""
 
 
 def with_run_config(
@@ -93,4 +97,14 @@ def prepare_inference(config: Bundle, given: set[str], model_path: str, ctx) -> 
     load_model_state(model, load_plain_state_dict(model_path, config.runtime.trust_checkpoint), model_path)
     model.to(ctx.device).eval().requires_grad_(False)
     diffusion = build_diffusion(config.diffusion)
-    return InferenceSetup(config, model, diffusion, precision, kernels, class_names, latent_info)
+    moments = moments_beside(model_path) if model_path else None
+    item = (config.model.in_channels, *config.model.image_hw)
+    if moments is not None and moments.shape != item:
+        raise ValueError(
+            f"the data moments beside --model_path {model_path} are of items {list(moments.shape)}, the "
+            f"model makes {list(item)}: remove that data_moments.npz or measure it again (python -m "
+            "fastdiff.measure_moments)"
+        )
+    return InferenceSetup(
+        config, model, diffusion, precision, kernels, class_names, latent_info, data_moments=moments
+    )
