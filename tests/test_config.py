@@ -81,7 +81,7 @@ def test_an_earlier_run_config_takes_the_defaults_of_the_preview_solver_fields(t
     def as_earlier(data):
         data["version"] = version
         del data["latents"]  # added by version 4
-        for field in ("solver_order", "unipc_variant", "sigma_max", "sigma_min"):
+        for field in ("solver_order", "unipc_variant", "sigma_max", "sigma_min", "ode_start"):
             del data["preview"][field]
 
     config = load_run_config(_written(tmp_path, as_earlier))
@@ -96,10 +96,23 @@ def test_a_version_4_run_config_takes_the_default_grid_end(tmp_path):
     def as_version_4(data):
         data["version"] = 4
         del data["preview"]["sigma_min"]
+        del data["preview"]["ode_start"]
 
     assert load_run_config(_written(tmp_path, as_version_4)).preview.sigma_min == 0.0
     with pytest.raises(ValueError, match=r"missing field\(s\) preview\.sigma_min"):
         load_run_config(_written(tmp_path, lambda d: d["preview"].pop("sigma_min")))
+
+
+def test_a_version_5_run_config_takes_the_default_ode_start(tmp_path):
+    """Version 6 added the preview's ode_start (the Gaussian start, auto by default)."""
+
+    def as_version_5(data):
+        data["version"] = 5
+        del data["preview"]["ode_start"]
+
+    assert load_run_config(_written(tmp_path, as_version_5)).preview.ode_start == "auto"
+    with pytest.raises(ValueError, match=r"missing field\(s\) preview\.ode_start"):
+        load_run_config(_written(tmp_path, lambda d: d["preview"].pop("ode_start")))
 
 
 @pytest.mark.parametrize(
