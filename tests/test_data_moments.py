@@ -180,9 +180,9 @@ def test_the_gaussian_grid_and_the_model_calls():
     assert sampling_grid(table, 1, "capped_logsnr", 4.0, "euler", gaussian=True) == [
         table.point_at_sigma(4.0)
     ]
-    heun = sampling_grid(table, 4, "capped_karras", 0.0, "heun", gaussian=True)  # 7 calls: 0.3 x 7 = 2.1
-    assert heun[0].sigma / heun[0].alpha == pytest.approx(2.1) and heun[-1] == table.point_at_sigma(
-        resolved_sigma_min(table, 7)
+    heun = sampling_grid(table, 8, "capped_karras", 0.0, "heun", gaussian=True)  # 15 calls, 8 points: 2.4
+    assert heun[0].sigma / heun[0].alpha == pytest.approx(2.4) and heun[-1] == table.point_at_sigma(
+        resolved_sigma_min(table, 15)
     )
     calls = []
     original = Denoiser.__call__

@@ -248,9 +248,11 @@ def test_capped_grid_starts_at_the_noisiest_step_then_sigma_max():
         starts = [resolved_sigma_max(schedule, calls, 0.0, sampler) for calls in (2, 5, 10, 15, 20, 80, 200)]
         assert starts == [10.0, 10.0, 10.0, 15.0, 20.0, 80.0, 80.0]
     assert resolved_sigma_max(schedule, 5, 0.0, "euler") == 80.0 == resolved_sigma_max(schedule, 5, 80.0)
-    # From the Gaussian fit: 0.3 x calls between 2 and 3, whatever the sampler; an explicit start wins.
-    starts = [resolved_sigma_max(schedule, calls, 0.0, "heun", gaussian=True) for calls in (3, 7, 9, 10, 40)]
-    assert starts == pytest.approx([2.0, 2.1, 2.7, 3.0, 3.0])
+    # From the Gaussian fit: 0.3 x grid points between 2 and 3 (heun's are (calls + 1) / 2); an explicit
+    # start wins.
+    for sampler, calls in (("unipc", (3, 7, 9, 10, 40)), ("heun", (5, 13, 17, 19, 79))):
+        starts = [resolved_sigma_max(schedule, count, 0.0, sampler, gaussian=True) for count in calls]
+        assert starts == pytest.approx([2.0, 2.1, 2.7, 3.0, 3.0])
     assert resolved_sigma_max(schedule, 5, 7.5, "unipc", gaussian=True) == 7.5
     # From 20 calls on the default end is step 0 itself; an explicit --sigma_min is where the grid ends.
     assert resolved_sigma_min(schedule, 20) == step_0 and model_calls("heun", 10) == 19

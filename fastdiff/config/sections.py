@@ -349,7 +349,7 @@ class SamplingConfig(Section):
         0.0,
         "capped spacings: the noise level sigma/alpha the ODE starts at, after one step from the noisiest "
         "trained step or the Gaussian start (0: from noise 80, for unipc and dpmpp_* their model calls "
-        "between 10 and 80; from the Gaussian fit 0.3 x model calls between 2 and 3; at most the "
+        "between 10 and 80; from the Gaussian fit 0.3 x --steps between 2 and 3; at most the "
         "schedule's largest)",
         check=non_negative,
     )

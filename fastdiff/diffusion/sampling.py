@@ -57,7 +57,7 @@ model call above its start. Both ends spend no points where little happens:
   the fit's mean and covariance the probability-flow ODE is linear and its solution from x_T is known in
   closed form; while the noise is large against the data's spread, a trained model's x_0 prediction is close
   to that Gaussian's (the linear estimate from mean and covariance). With the fit, which fastdiff.train
-  writes beside its checkpoints, ``auto`` takes the flow from x_T down to --sigma_max (0: 0.3 x model calls
+  writes beside its checkpoints, ``auto`` takes the flow from x_T down to --sigma_max (0: 0.3 x grid points
   between 2 and 3) in closed form and spends every model call below it, where the noise start spends one at
   the noisiest step and part of its grid above s ~ 5. On the main job's model (three seeds) unipc's KID
   at 5 / 8 / 10 / 20 calls is 0.062 / 0.050 / 0.045 / 0.044 from the fit against 0.084 / 0.055 / 0.050 /
@@ -146,7 +146,7 @@ gaussian (the data's Gaussian fit, ``data_moments``, flowed to --sigma_max in cl
 when the ODE sampler runs a capped grid and the fit is known, else noise)."""
 GAUSSIAN_START_SCALE = 0.3
 GAUSSIAN_START_RANGE = (2.0, 3.0)
-"""The Gaussian start's default level (--sigma_max 0): GAUSSIAN_START_SCALE x model calls, in this range."""
+"""The Gaussian start's default level (--sigma_max 0): GAUSSIAN_START_SCALE x grid points, in this range."""
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -241,12 +241,14 @@ def resolved_sigma_max(
     """The noise level a capped grid starts its ODE at: ``sigma_max``, or for 0 the default, at most the
     schedule's largest finite noise level: from noise :data:`EDM_SIGMA_MAX` (for the
     :data:`MULTISTEP_SAMPLERS`: ``calls`` between :data:`SIGMA_MAX_FLOOR` and that); from the ``gaussian``
-    fit :data:`GAUSSIAN_START_SCALE` x ``calls`` within :data:`GAUSSIAN_START_RANGE`."""
+    fit :data:`GAUSSIAN_START_SCALE` x grid points (``calls``; heun's (calls + 1) / 2) within
+    :data:`GAUSSIAN_START_RANGE` (heun's error grows fast with its first step's length)."""
     if sigma_max != 0.0:
         return float(sigma_max)
     if gaussian:
         low, high = GAUSSIAN_START_RANGE
-        cap = min(max(GAUSSIAN_START_SCALE * calls, low), high)
+        points = (calls + 1) // 2 if sampler == "heun" else calls
+        cap = min(max(GAUSSIAN_START_SCALE * points, low), high)
     elif sampler in MULTISTEP_SAMPLERS:
         cap = min(max(float(calls), SIGMA_MAX_FLOOR), EDM_SIGMA_MAX)
     else:
