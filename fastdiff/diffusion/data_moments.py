@@ -85,7 +85,7 @@ class DataMoments:
         if filled < 2:
             raise ValueError(f"measuring the data's moments needs 2 readable items, got {filled}")
         items, count = items[:filled], filled
-        mean = items.double().mean(0)
+        mean = sum(chunk.double().sum(0) for chunk in items.split(256)) / count  # no float64 copy of all
         items -= mean.float()
         # The principal directions from the [count, count] Gram matrix (count <= MOMENT_ITEMS << C*H*W).
         gram = (items @ items.T).double() / (count - 1)
@@ -96,7 +96,7 @@ class DataMoments:
         directions = (coefficients.T @ items).double()  # [K, D], orthogonal up to float32 rounding
         orthonormal, triangle = torch.linalg.qr(directions.T)  # made exactly so, keeping each direction
         directions = (orthonormal * torch.sign(torch.diagonal(triangle))).T
-        total = float(items.double().pow(2).sum()) / (count - 1)
+        total = sum(float(chunk.double().pow(2).sum()) for chunk in items.split(256)) / (count - 1)
         rest = size - keep
         residual = max(total - float(variances.sum()), 0.0) / rest if rest else 0.0
         return cls(mean.reshape(shape), directions, variances, residual, count)
