@@ -12,6 +12,7 @@ import torch
 from tiny_run import TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: autouse)
 
 from fastdiff import measure_moments, sample, train
+from fastdiff.builders import build_model
 from fastdiff.config import ConfigError, SamplingConfig
 from fastdiff.data.images import ImageDataError
 from fastdiff.data.keys import ItemKey
@@ -292,6 +293,9 @@ def test_training_writes_the_fit_and_sampling_starts_from_it(tmp_path, capsys):
     path = tmp_path / MOMENTS_FILENAME
     written = DataMoments.load(str(path))
     assert written.shape == (3, 8, 8) and "Gaussian fit measured on" in capsys.readouterr().out
+    config, _ = train.parse_args([*TINY_RUN_ARGV, "--preview_steps", "6"])
+    model = build_model(config.model, config.diffusion)
+    assert train.build_previews(config, model, written)[1]["data_moments"] is written  # grids, evaluation
     model_path = str(tmp_path / "ema_0.9999_000002.pt")
     config, given = sample.parse_args(["--model_path", model_path, "--sampler", "unipc", "--steps", "6"])
     setup = sample.prepare(config, given, model_path, CPU)

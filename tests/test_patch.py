@@ -157,20 +157,32 @@ def test_report_lists_each_replacement_and_skip_and_keeps_state():
     assert "body.0" in report.summary() and "skipped  scaled" in str(report)
 
 
+DRAWS = 5
+"""Fresh models and inputs per dtype. In bf16 rounding noise passes the bound in about one draw in a few
+hundred (the ratio's tail above), while a wrong kernel is off by the values' size in every draw: a majority
+of the draws must pass."""
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_outputs_and_gradients_match_before_and_after(backend, dtype):
-    reference = TinyNet().double()
-    model = copy.deepcopy(reference).to(dtype)
-    x, dy = inputs()
-    expected_out, expected_grads = run(reference, x.double(), dy.double())
-    before_out, before_grads = run(model, x.to(dtype), dy)
-    fuse_group_norm(model)
-    after_out, after_grads = run(model, x.to(dtype), dy)
+    failures = []
+    for _ in range(DRAWS):
+        reference = TinyNet().double()
+        model = copy.deepcopy(reference).to(dtype)
+        x, dy = inputs()
+        expected_out, expected_grads = run(reference, x.double(), dy.double())
+        before_out, before_grads = run(model, x.to(dtype), dy)
+        fuse_group_norm(model)
+        after_out, after_grads = run(model, x.to(dtype), dy)
 
-    assert after_out.dtype == dtype and all(g.dtype == dtype for g in after_grads[1:])
-    bounds = dict(factor=ERROR_FACTOR[dtype], floor=RELATIVE_FLOOR[dtype])
-    assert_no_worse([after_out], [before_out], [expected_out], **bounds, what="output")
-    assert_no_worse(after_grads, before_grads, expected_grads, **bounds, what="gradient")
+        assert after_out.dtype == dtype and all(g.dtype == dtype for g in after_grads[1:])
+        bounds = dict(factor=ERROR_FACTOR[dtype], floor=RELATIVE_FLOOR[dtype])
+        try:
+            assert_no_worse([after_out], [before_out], [expected_out], **bounds, what="output")
+            assert_no_worse(after_grads, before_grads, expected_grads, **bounds, what="gradient")
+        except AssertionError as error:
+            failures.append(str(error))
+    assert len(failures) <= DRAWS // 2, failures
 
 
 class FastdiffOpLog(TorchDispatchMode):
