@@ -50,9 +50,8 @@ model call above its start. Both ends spend no points where little happens:
   scores KID 0.0503 from 10 against 0.0535 from 20, and at 15 and 20 calls the start at 15-20 is as good as
   or better than 10 (0.0453 and 0.0441 against 0.0464 and 0.0451): hence the calls, from 10 to 80.
   dpmpp_2m and dpmpp_3m take the same rule: their closed-form error (below) then falls with the calls, and
-  dpmpp_3m's KID at 5 / 8 / 10 calls is 0.079 / 0.071 / 0.054 against 0.126 / 0.075 / 0.069 from 80 (three
-  seeds; at 15 and 20 calls 0.049 / 0.048 against 0.046 / 0.045, a small loss where the fit below is the
-  default anyway).
+  dpmpp_3m's KID at 5 / 8 / 10 / 15 / 20 calls is 0.084 / 0.072 / 0.054 / 0.047 / 0.046 against 0.126 /
+  0.075 / 0.069 / 0.046 / 0.045 from 80 (three seeds).
 * the start from the data's Gaussian fit (``--ode_start``; ``fastdiff.diffusion.data_moments``). For data of
   the fit's mean and covariance the probability-flow ODE is linear and its solution from x_T is known in
   closed form; while the noise is large against the data's spread, a trained model's x_0 prediction is close
@@ -75,14 +74,13 @@ model call above its start. Both ends spend no points where little happens:
 
 Measured with ``benchmarks/solver_error.py --closed_form`` (Gaussian data with scales log-uniform over
 [0.05, 2] and the exact denoiser, RMS error against the exact probability-flow map to step 0, in
-``benchmarks/results/solver_error.md``), starting from noise (no fit): the error of unipc, dpmpp_2m, heun and
-euler on their default grids falls at every step from 5 to 80 calls on all six schedules measured (unipc on
-cosine 1000: 3.9e-2, 2.9e-2, 1.8e-2, 8.5e-3, 4.8e-3, 7.1e-4, 1.1e-4 at 5, 8, 10, 15, 20, 40, 80 calls;
-dpmpp_2m 6.7e-2, 1.1e-2, 9.8e-3, 8.3e-3, 6.3e-3, 1.9e-3, 5.4e-4). dpmpp_3m's does on the linear and
-zero-terminal-SNR schedules, not on cosine (1000 steps: 4.5e-2, 4.6e-2, 2.0e-2, ... from 5 to 10 calls): its
-5-call error is low by luck of the orders (one third-order step), and at 6 and 7 calls it is 7.8e-2 and
-7.2e-2; extrapolating D quadratically over log-SNR steps of ~0.9 overshoots. From the exact Gaussian fit every
-solver's error is lower still (unipc 1.9e-2 at 5 calls, 4.3e-3 at 10). unipc's default order is 2: on the
+``benchmarks/results/solver_error.md``), every solver's error on its default grid falls at every step from 5
+to 80 calls on all six schedules measured, from noise (no fit) and from the exact fit. From noise on cosine
+1000: unipc 3.9e-2, 2.9e-2, 1.8e-2, 8.5e-3, 4.8e-3, 7.1e-4, 1.1e-4 at 5, 8, 10, 15, 20, 40, 80 calls; dpmpp_2m
+6.7e-2, 1.1e-2, 9.8e-3, 8.3e-3, 6.3e-3, 1.9e-3, 5.4e-4; dpmpp_3m 7.1e-2, 4.3e-2, 2.4e-2, 5.1e-3, 2.3e-3,
+5.5e-4, 1.4e-4, its multistep history starting at sigma_max (``solve_dpmpp_3m``'s ``jump_start``: with the
+noisiest step's prediction differenced it was 4.5e-2 at 5 calls and 4.6e-2 at 8). From the fit: unipc 1.9e-2
+at 5 calls, 4.3e-3 at 10. unipc's default order is 2: on the
 main job's model its RMS distance from the converged ODE solution at 5/8/10 calls was 0.18/0.045/0.025
 against 0.34/0.084/0.034 for order 3 (from sigma_max 20 to step 0). ``trailing`` errors are measured to its
 own last point (step K/N - 1) and are not comparable.
@@ -622,12 +620,10 @@ def sample_batch(
             return solve_unipc(
                 denoiser, x, grid, solver_order or DEFAULT_SOLVER_ORDER["unipc"], unipc_variant
             )
-        solver = {
-            "euler": solve_euler,
-            "heun": solve_heun,
-            "dpmpp_2m": solve_dpmpp_2m,
-            "dpmpp_3m": solve_dpmpp_3m,
-        }
+        if sampler == "dpmpp_3m":
+            jump_start = timestep_spacing in CAPPED_SPACINGS and not gaussian and len(grid) > 2
+            return solve_dpmpp_3m(denoiser, x, grid, jump_start=jump_start)
+        solver = {"euler": solve_euler, "heun": solve_heun, "dpmpp_2m": solve_dpmpp_2m}
         return solver[sampler](denoiser, x, grid)
 
 

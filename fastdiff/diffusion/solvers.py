@@ -118,7 +118,11 @@ def _phis(h: float, count: int) -> list[float]:
 
 
 def solve_dpmpp_3m(
-    denoise: Denoise, x: torch.Tensor, grid: list[GridPoint], published_curvature: bool = False
+    denoise: Denoise,
+    x: torch.Tensor,
+    grid: list[GridPoint],
+    published_curvature: bool = False,
+    jump_start: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022, multistep, data prediction) over ``grid`` then to s = 0:
     len(grid) model calls.
@@ -134,13 +138,20 @@ def solve_dpmpp_3m(
     ``published_curvature``: weight F by phi_3, not 2 phi_3, as Lu et al.'s code and diffusers'
     DPMSolverMultistepScheduler do. That is half the Taylor term, which leaves an O(h^3) local error: the
     method is then second order (tests/test_solvers.py measures both); kept to check against diffusers.
+
+    ``jump_start``: the first point is a capped grid's noisiest trained step, and the step from it a jump to
+    sigma_max (7.6 in log-SNR to sigma_max = 10 on cosine 1000, against steps of ~0.9 below). Its x_0
+    prediction is then not differenced, as a pure-noise start's never is: a quadratic through a point that
+    far away extrapolates D badly (closed form, cosine 1000: with it 4.5e-2 at 5 calls and 4.6e-2 at 8,
+    without it 7.1e-2 and 4.3e-2, and the error then falls with the calls on every schedule).
     """
     orders = step_orders(len(grid), 3)
     history: list[tuple[torch.Tensor, float]] = []  # (x_0 prediction, lambda), newest last
     points = [*grid[1:], CLEAN]
-    for here, there, order in zip(grid, points, orders, strict=True):
+    for index, (here, there, order) in enumerate(zip(grid, points, orders, strict=True)):
         x0 = denoise(x, here)
-        history = [*history[-2:], (x0, log_snr(here))] if here.alpha != 0.0 else []
+        differenced = here.alpha != 0.0 and not (jump_start and index == 0)
+        history = [*history[-2:], (x0, log_snr(here))] if differenced else []
         order = min(order, len(history))
         if order <= 1 or there.sigma == 0.0:
             x = first_order_step(x, x0, here, there)
