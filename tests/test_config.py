@@ -24,6 +24,7 @@ from fastdiff.config import (
     load_run_config,
     write_run_config,
 )
+from fastdiff.config.bundles import FIELDS_ADDED
 from fastdiff.runtime.generate import sample_from_noise
 from fastdiff.runtime.image_grid import save_image_grid
 from fastdiff.runtime.inference import prepare_inference
@@ -90,29 +91,27 @@ def test_an_earlier_run_config_takes_the_defaults_of_the_preview_solver_fields(t
         load_run_config(_written(tmp_path, lambda d: d["preview"].pop("sigma_max")))
 
 
-def test_a_version_4_run_config_takes_the_default_grid_end(tmp_path):
-    """Version 5 added the preview's sigma_min (the capped grids' end)."""
+@pytest.mark.parametrize(
+    ("version", "field", "default"),
+    [(4, "sigma_min", 0.0), (5, "ode_start", "auto")],
+)
+def test_a_run_config_takes_the_default_of_a_preview_field_its_version_predates(
+    tmp_path, version, field, default
+):
+    """Version 5 added the preview's sigma_min (the capped grids' end), version 6 its ode_start (the
+    Gaussian start): an earlier file lacks them and takes the default; a file of today's version must
+    have them."""
 
-    def as_version_4(data):
-        data["version"] = 4
-        del data["preview"]["sigma_min"]
-        del data["preview"]["ode_start"]
+    def as_earlier(data):
+        data["version"] = version
+        for name, added in FIELDS_ADDED.items():
+            section, _, key = name.partition(".")
+            if added > version:
+                del data[section][key]
 
-    assert load_run_config(_written(tmp_path, as_version_4)).preview.sigma_min == 0.0
-    with pytest.raises(ValueError, match=r"missing field\(s\) preview\.sigma_min"):
-        load_run_config(_written(tmp_path, lambda d: d["preview"].pop("sigma_min")))
-
-
-def test_a_version_5_run_config_takes_the_default_ode_start(tmp_path):
-    """Version 6 added the preview's ode_start (the Gaussian start, auto by default)."""
-
-    def as_version_5(data):
-        data["version"] = 5
-        del data["preview"]["ode_start"]
-
-    assert load_run_config(_written(tmp_path, as_version_5)).preview.ode_start == "auto"
-    with pytest.raises(ValueError, match=r"missing field\(s\) preview\.ode_start"):
-        load_run_config(_written(tmp_path, lambda d: d["preview"].pop("ode_start")))
+    assert getattr(load_run_config(_written(tmp_path, as_earlier)).preview, field) == default
+    with pytest.raises(ValueError, match=rf"missing field\(s\) preview\.{field}"):
+        load_run_config(_written(tmp_path, lambda d: d["preview"].pop(field)))
 
 
 @pytest.mark.parametrize(
