@@ -9,7 +9,8 @@ interpreted function, CUDA tensors included).
 Inputs are fresh each run: the session seed is random unless FASTDIFF_TEST_SEED is given, and is
 printed in the report header so a failure can be replayed. With FASTDIFF_REQUIRE_BACKENDS=1 (set by
 .ci/run) a test that asks for a backend this machine lacks fails instead of skipping, so CI cannot pass
-by skipping the kernels.
+by skipping the kernels. FASTDIFF_TEST_SHARD=i/n keeps every n-th selected test from the i-th
+(tools/gpu_check.sh runs n pytest processes side by side that way).
 """
 
 import os
@@ -65,6 +66,27 @@ def kernel_device(request) -> torch.device:
             pytest.skip(NO_CUDA_REASON)
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with 0 <= i < n; a UsageError naming FASTDIFF_TEST_SHARD otherwise."""
+    index, slash, count = value.partition("/")
+    if slash and index.isdigit() and count.isdigit() and int(index) < int(count):
+        return int(index), int(count)
+    raise pytest.UsageError(f"FASTDIFF_TEST_SHARD: expected i/n with 0 <= i < n, got {value!r}")
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected theirs
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under FASTDIFF_TEST_SHARD=i/n, deselect all but items i, i + n, i + 2n, ... of the selection."""
+    value = os.environ.get("FASTDIFF_TEST_SHARD")
+    if value is None:
+        return
+    index, count = parse_shard(value)
+    config.hook.pytest_deselected(
+        items=[item for position, item in enumerate(items) if position % count != index]
+    )
+    items[:] = items[index::count]
 
 
 SESSION_SEED = int(os.environ.get("FASTDIFF_TEST_SEED", random.SystemRandom().randrange(2**31)))

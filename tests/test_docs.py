@@ -195,8 +195,9 @@ def all_commands() -> list[Command]:
 
 
 def split_launcher(argv: tuple[str, ...]) -> tuple[str, str, list[str]]:
-    """``(launcher, module, args)``: launcher is python, python-c (``python -c CODE``), torchrun, pip or
-    pytest; module is what ``python -m`` / ``torchrun -m`` runs ("" for the others)."""
+    """``(launcher, module, args)``: launcher is python, python-c (``python -c CODE``), torchrun, pip,
+    pytest or script (``tools/NAME.sh``); module is what ``python -m`` / ``torchrun -m`` runs, the script's
+    path for a script ("" for the others)."""
     if argv[0] in ("python", "python3") and len(argv) == 3 and argv[1] == "-c":
         return "python-c", "", [argv[2]]
     if argv[0] in ("python", "python3") and len(argv) > 2 and argv[1] == "-m":
@@ -205,6 +206,8 @@ def split_launcher(argv: tuple[str, ...]) -> tuple[str, str, list[str]]:
         return "python", argv[2], list(argv[3:])
     if argv[0] in ("pip", "pytest"):
         return argv[0], "", list(argv[1:])
+    if re.fullmatch(r"tools/\w+\.sh", argv[0]):
+        return "script", argv[0], list(argv[1:])
     if argv[0] == "torchrun":
         from torch.distributed import run as torchrun
 
@@ -352,17 +355,28 @@ def check_pytest(args: list[str]) -> None:
         assert re.search(rf"(^|[\s,]){re.escape(word)}([\s=,]|$)", help_text, flags=re.M), (
             f"pytest does not know {word}"
         )
-    for word in args:
-        if not word.startswith("-"):
+    for previous, word in zip(["", *args], args, strict=False):
+        if not word.startswith("-") and previous not in ("-k", "-m", "-p", "-o"):  # not an option's value
             assert (ROOT / word).exists(), f"pytest path {word} does not exist"
+
+
+def check_script(path: str, args: list[str]) -> None:
+    """The script exists, is executable, and its usage line names every argument."""
+    script = ROOT / path
+    assert script.is_file() and os.access(script, os.X_OK), f"{path} is not an executable file"
+    usage = next((line for line in script.read_text().splitlines() if f"usage: {path}" in line), "")
+    for word in args:
+        assert re.search(rf"\[{re.escape(word)}\]|\s{re.escape(word)}(\s|$)", usage), (
+            f"{path}'s usage lacks {word}"
+        )
 
 
 def check_environment(command: Command) -> None:
     """Each ``VAR=value`` of a command is read somewhere in the repository."""
-    folders = ("fastdiff/**", "kernels", "benchmarks", "tests")
-    text = "\n".join(path.read_text() for folder in folders for path in ROOT.glob(f"{folder}/*.py"))
+    patterns = ("fastdiff/**/*.py", "kernels/*.py", "benchmarks/*.py", "tests/*.py", "tools/*.sh")
+    text = "\n".join(path.read_text() for pattern in patterns for path in ROOT.glob(pattern))
     for name, _ in command.env:
-        assert name in text, f"{command.where}: {name} is read nowhere in {', '.join(folders)}"
+        assert name in text, f"{command.where}: {name} is read nowhere in {', '.join(patterns)}"
 
 
 def parse_command(command: Command) -> tuple[argparse.ArgumentParser | None, argparse.Namespace | None]:
@@ -375,6 +389,9 @@ def parse_command(command: Command) -> tuple[argparse.ArgumentParser | None, arg
         return None, None
     if launcher == "pytest":
         check_pytest(args)
+        return None, None
+    if launcher == "script":
+        check_script(module, args)
         return None, None
     if launcher == "python-c":  # a one-line check: it must at least be valid Python
         compile(args[0], command.where, "exec")
