@@ -118,6 +118,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, set[str]]:
     return config, given
 
 
+def shared_moments(dataset, log_dir: str, is_main: bool) -> tuple[DataMoments, str]:
+    """The run's Gaussian fit and its source (``moments_for_run``), read or measured by the main process
+    alone and sent to every rank, so all ranks hold the same fit and measure nothing. What stops the main
+    process stops every rank."""
+    found, error = None, None
+    if is_main:
+        try:
+            found = moments_for_run(dataset, log_dir, write=True)
+        except Exception as caught:  # raised below, on this rank as it is and on the others by its message
+            error = caught
+    shared = dist_util.broadcast_object(found if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if isinstance(shared, str):
+        raise RuntimeError(f"the main process could not get the data's Gaussian fit: {shared}")
+    return shared
+
+
 def build_previews(config: RunConfig, model: torch.nn.Module, data_moments: DataMoments | None = None):
     """The diffusion and sample_batch options of the sample grids and the in-training evaluation, with the
     --preview_* flags: an ODE sampler (unipc, the default, ...) runs --preview_steps grid points over the
@@ -234,7 +252,7 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
         seed_everything(runtime.seed, ctx.rank)
         schedule_sampler = create_named_schedule_sampler(train.schedule_sampler, diffusion)
 
-        moments, moments_source = moments_for_run(dataset, train.log_dir, ctx.is_main)
+        moments, moments_source = shared_moments(dataset, train.log_dir, ctx.is_main)
         previews = build_previews(config, model, moments)
         decode = decoder(latent.vae, ctx.device) if latent is not None and latent.vae is not None else None
         preview = None

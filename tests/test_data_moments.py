@@ -313,3 +313,22 @@ def test_training_writes_the_fit_and_sampling_starts_from_it(tmp_path, capsys):
     DataMoments.measure(Items(_random_items(count=10)), count=10).save(str(path))
     with pytest.raises(ValueError, match=r"data moments beside --model_path .* are of items \[2, 3, 5\]"):
         sample.prepare(config, given, model_path, CPU)
+
+
+def test_a_fit_the_main_process_cannot_get_stops_every_rank(monkeypatch):
+    """The main process raises its own error; the other ranks get its message (tests/test_train_ddp.py
+    checks that one process measures and every rank holds its fit)."""
+    sent = []
+
+    def fail(*args, **kwargs):
+        raise ValueError("measuring the data's moments needs 2 items or more, got 1")
+
+    monkeypatch.setattr(train, "moments_for_run", fail)
+    monkeypatch.setattr(train.dist_util, "broadcast_object", lambda message: sent.append(message) or message)
+    with pytest.raises(ValueError, match="needs 2 items or more, got 1"):
+        train.shared_moments([None], "log", is_main=True)
+    assert sent == ["ValueError: measuring the data's moments needs 2 items or more, got 1"]
+    monkeypatch.setattr(train.dist_util, "broadcast_object", lambda nothing: sent[0])  # what rank 0 sent
+    expected = "the main process could not get the data's Gaussian fit: ValueError: measuring"
+    with pytest.raises(RuntimeError, match=f"^{expected}"):
+        train.shared_moments([None], "log", is_main=False)

@@ -15,6 +15,8 @@ import pytest
 import torch
 from tiny_run import TINY_RUN_ARGV, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
+from fastdiff.diffusion.data_moments import MOMENTS_FILENAME, DataMoments
+
 TINY = [
     *TINY_RUN_ARGV,
     "--num_workers", "0",
@@ -41,6 +43,25 @@ def record_first_gradients(loop_class, path_pattern: str) -> None:
     loop_class._optimizer_step = step_and_record
 
 
+def record_the_fit(train, out_dir: str) -> None:
+    """Patch ``train`` so each rank notes when it measures the data's fit, and saves the fit it previews
+    with."""
+    from fastdiff.diffusion.data_moments import DataMoments
+
+    measure, build_previews = DataMoments.measure.__func__, train.build_previews
+
+    def measure_and_note(cls, *args, **kwargs):
+        open(os.path.join(out_dir, f"measured_on_rank{torch.distributed.get_rank()}"), "w").close()
+        return measure(cls, *args, **kwargs)
+
+    def build_and_record(config, model, data_moments=None):
+        torch.save(data_moments, os.path.join(out_dir, f"fit_rank{torch.distributed.get_rank()}.pt"))
+        return build_previews(config, model, data_moments)
+
+    DataMoments.measure = classmethod(measure_and_note)
+    train.build_previews = build_and_record
+
+
 def _worker(out_dir: str, train_args: list[str]) -> int:
     """Train under torchrun, record every rank's parameters, then sample a few images on both ranks.
 
@@ -63,6 +84,7 @@ def _worker(out_dir: str, train_args: list[str]) -> int:
         return step
 
     TrainLoop.run = run_and_record
+    record_the_fit(train, out_dir)
     code = train.main(train_args)
     log_dir = train_args[train_args.index("--log_dir") + 1]
     sample_args = ["--model_path", os.path.join(log_dir, "ema_0.9999_000003.pt"), "--num_samples", "5"]
@@ -158,6 +180,17 @@ def test_one_process_with_the_same_global_batch_makes_the_same_update(two_proces
     torch.testing.assert_close(
         state_two["schedule_sampler"]["loss_history"], state_one["schedule_sampler"]["loss_history"]
     )
+
+
+def test_the_main_process_alone_measures_the_fit_and_every_rank_gets_it(two_process_run):
+    out, _ = two_process_run
+    assert (out / "measured_on_rank0").is_file() and not (out / "measured_on_rank1").exists()
+    fits = [torch.load(out / f"fit_rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    for name in ("mean", "directions", "variances"):
+        assert torch.equal(getattr(fits[0], name), getattr(fits[1], name))
+    assert fits[1].count == fits[0].count > 2 and fits[1].residual_variance == fits[0].residual_variance
+    written = DataMoments.load(str(out / "log" / MOMENTS_FILENAME))
+    torch.testing.assert_close(written.mean, fits[0].mean)
 
 
 def test_metrics_are_logged_once_per_step(two_process_run):
