@@ -213,8 +213,18 @@ def test_encode_and_decode_in_bfloat16_return_float32_near_the_float32_results(v
     low_decoded = decode_latents(low, latents)
     assert low_latents.dtype == low_decoded.dtype == torch.float32
     assert low_latents.device == x.device
+    # bf16 rounding through the random decoder: relative RMS error 0.024 (at most 0.030 over 300 draws) and
+    # largest error 0.030 of the largest value (at most 0.048); encoding 0.009 (0.011) and 0.011 (0.022).
+    # A tight RMS bound, and a loose bound on the largest error for a wrong corner or channel.
+    assert relative_rms(low_latents, latents) <= 0.025
+    assert relative_rms(low_decoded, decoded) <= 0.05
     assert (low_latents - latents).abs().max() <= 0.05 * latents.abs().max()
-    assert (low_decoded - decoded).abs().max() <= 0.05 * max(decoded.abs().max().item(), 0.1)
+    assert (low_decoded - decoded).abs().max() <= 0.1 * max(decoded.abs().max().item(), 0.1)
+
+
+def relative_rms(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """RMS of ``value - reference`` over the RMS of ``reference``."""
+    return ((value - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
 
 
 def test_bad_images_and_latents_are_refused_naming_what_was_expected(vae_folder):
