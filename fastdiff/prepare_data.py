@@ -13,7 +13,8 @@ encoded with the VAE (``fastdiff.latents.encode_images``: the posterior mean, no
 scaling) and OUT holds latents: float16 ``[N, C, H / f, W / f]`` (C the VAE's latent channels, f its
 downsampling factor), its ``image_size`` the latents' size, and ``metadata`` the ``LatentInfo`` (scaling,
 shift, channels, factor, the VAE's fingerprint), the VAE path as given (for information: training looks
-there for its VAE by default) and the images' size. A latent that does not fit float16 is an error.
+there for its VAE by default) and the images' size. A latent that does not fit float16 is an error. The
+VAE runs in float32 on ``--device`` (auto: the first CUDA device when there is one, else the CPU).
 
 OUT is written atomically (a temporary sibling directory, renamed when complete); an existing OUT is
 refused unless ``--overwrite True``, which replaces only a prepared dataset or an empty directory.
@@ -26,8 +27,10 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
+from fastdiff import dist_util
 from fastdiff.cli import parse_command, run_main
 from fastdiff.config import PrepareDataCommand
 from fastdiff.data.images import CHANNEL_MODES, image_size_of
@@ -63,11 +66,12 @@ class LatentEncoder:
     """Turns chunks of uint8 images ``[n, H, W, C]`` into float16 latents ``[n, C', H / f, W / f]`` with the
     VAE at ``vae_path`` (see the module docstring)."""
 
-    def __init__(self, vae_path: str, image_size: tuple[int, int]) -> None:
+    def __init__(self, vae_path: str, image_size: tuple[int, int], device: str = "cpu") -> None:
         from fastdiff.latents import LatentInfo
 
         self.vae_path = vae_path
         self.vae = open_vae(vae_path)
+        self.device, self.placed = device, False
         self.info = LatentInfo.from_vae(self.vae)
         try:
             self.shape = self.info.latent_shape(*image_size)
@@ -83,10 +87,11 @@ class LatentEncoder:
     def encode(self, chunk: np.ndarray, start: int) -> np.ndarray:
         """Items ``start, start + 1, ...`` (uint8 ``[n, H, W, C]``) -> float16 latents ``[n, C', h, w]``;
         a ValueError naming the item when a latent does not fit float16."""
-        import torch
-
         from fastdiff.latents import encode_images
 
+        if not self.placed:  # moved on first use, after the decoding workers fork: they hold no CUDA state
+            self.vae.to(self.device)
+            self.placed = True
         images = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         latents = encode_images(self.vae, images).numpy()
         peaks = np.abs(latents).reshape(len(latents), -1).max(axis=1)
@@ -120,14 +125,16 @@ def prepare(
     limit: int = 0,
     progress: bool = True,
     vae_path: str = "",
+    device: str = "cpu",
 ) -> str:
     """Write the prepared dataset of ``source_path`` to ``out`` (module docstring); returns its path. With
-    ``vae_path`` the images are encoded to latents (``channels``: the VAE's input channels, or 0 for them)."""
+    ``vae_path`` the images are encoded to latents (``channels``: the VAE's input channels, or 0 for them)
+    by the VAE on ``device``."""
     if not out:
         raise ValueError("OUT is empty: name the directory to write the prepared dataset to")
     encoder = None
     if vae_path:
-        encoder = LatentEncoder(vae_path, image_size_of(image_size))
+        encoder = LatentEncoder(vae_path, image_size_of(image_size), device)
         channels = channels or encoder.channels
         if channels != encoder.channels:
             raise ValueError(
@@ -176,6 +183,20 @@ def prepare(
         return writer.commit(source.class_names if class_cond else (), origin, metadata)
 
 
+def encoding_device(device: str, vae_path: str, given: bool) -> torch.device:
+    """Where the VAE encodes: ``--device`` as training reads it (auto: the first CUDA device when there is
+    one, else the CPU); a ValueError naming the flag for a device this machine lacks, or for ``--device``
+    given without ``--vae`` (images are decoded and resized on the CPU)."""
+    if given and not vae_path:
+        raise ValueError(
+            f"--device {device}: only --vae encoding runs on a device; images are prepared on the CPU"
+        )
+    try:
+        return dist_util.pick_device(0, device)
+    except ValueError as error:
+        raise ValueError(f"--device {device}: {error}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Prepare a dataset with the arguments in ``argv`` (``sys.argv`` when None); returns the exit status."""
     config, given = parse_command(PrepareDataCommand, argv, "fastdiff.prepare_data", __doc__)
@@ -184,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.latents.vae and "in_channels" not in given:
         channels = 0  # the VAE's input channels, read when it is loaded
     workers = settings.workers or usable_cpus()
+    device = encoding_device(config.runtime.device, config.latents.vae, "device" in given)
     began = time.perf_counter()
     path = prepare(
         settings.source,
@@ -195,12 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         overwrite=settings.overwrite,
         limit=settings.limit,
         vae_path=config.latents.vae,
+        device=str(device),
     )
     written = PreparedDataset(path)
     height, width = written.image_size
     size = sum(entry["bytes"] for entry in written.header["files"].values())
     classes = f", {len(written.class_names)} classes" if written.class_names else ""
-    what = "images" if written.kind == "images" else "float16 latents"
+    what = "images" if written.kind == "images" else f"float16 latents (encoded on {device})"
     print(
         f"wrote prepared dataset {path}: {len(written)} {what} {height}x{width}x{written.channels}{classes}, "
         f"{size / 2**20:.1f} MiB, from {written.header['source']['kind']} {settings.source} with {workers} "

@@ -161,6 +161,26 @@ def test_prepare_with_a_missing_or_wrong_vae_folder(work, image_folder, vae_fold
     assert not (work / "never").exists()
 
 
+def test_prepare_encodes_on_the_device_asked_for(work, image_folder, vae_folder, latent_data, capsys):
+    out = work / "latents_on_cpu"
+    argv = [str(image_folder), str(out), "--image_size", str(IMAGE_SIZE), "--vae", str(vae_folder)]
+    assert prepare_data.main([*argv, "--workers", "1", "--device", "cpu"]) == 0
+    assert "float16 latents (encoded on cpu)" in capsys.readouterr().out
+    assert np.array_equal(np.load(out / DATA_FILENAME), np.load(latent_data / DATA_FILENAME))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_prepare_refuses_a_device_it_cannot_use(work, image_folder, vae_folder):
+    argv = [str(image_folder), str(work / "never"), "--image_size", str(IMAGE_SIZE)]
+    with pytest.raises(ValueError, match="--device cuda: device 'cuda' was asked for but torch sees no CUDA"):
+        prepare_data.main([*argv, "--vae", str(vae_folder), "--device", "cuda"])
+    with pytest.raises(ValueError, match="--device gpu: device must be 'auto', 'cpu' or 'cuda', got 'gpu'"):
+        prepare_data.main([*argv, "--vae", str(vae_folder), "--device", "gpu"])
+    with pytest.raises(ValueError, match="--device cpu: only --vae encoding runs on a device"):
+        prepare_data.main([*argv, "--device", "cpu"])
+    assert not (work / "never").exists()
+
+
 # --- train on latents ----------------------------------------------------------------------------------
 
 

@@ -367,3 +367,4 @@ class PrepareDataCommand(Bundle):
     prepare: PrepareDataConfig = section(PrepareDataConfig, positional=("source", "out"))
     model: ModelConfig = section(ModelConfig, only=("image_size", "in_channels", "class_cond"))
     latents: LatentsConfig = section(LatentsConfig, only=("vae",))
+    runtime: RuntimeConfig = section(RuntimeConfig, only=("device",))
