@@ -27,6 +27,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 wheels=.gpu_wheels
+if ! command -v python > /dev/null; then  # an image that names it python3 only
+  mkdir -p .gpu_cache/bin && ln -sf "$(command -v python3)" .gpu_cache/bin/python
+  export PATH=$PWD/.gpu_cache/bin:$PATH
+fi
 
 if [ "${1:-}" = "--wheels" ]; then
   mkdir -p "$wheels"
