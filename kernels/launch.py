@@ -17,7 +17,8 @@ Public names: ``Config``, ``Problem``, ``Kernel``, ``register``, ``kernels(famil
 ``device_guard(device)``, ``interprets(tensor)``, ``interpreting(fn)``, ``set_autotune``,
 ``autotune_enabled``, ``autotune_key``, ``AutotuneCache``, ``autotune_cache_path``, ``arg_types``,
 ``constexpr_names``, ``launch_constexprs``, ``compile_spec``, ``size_bucket``, ``TARGET_SMS``,
-``compile_key``, ``compile_count``, ``compile_keys``, ``reset_compile_count``, ``replaying``.
+``compile_key``, ``compile_count``, ``compile_keys``, ``reset_compile_count``, ``replaying``,
+``compiling_meta_launches``.
 
 Compile counter: every launch records its compile key (``compile_key``: device, kernel function, every
 constexpr and tile size, warps, stages and what Triton's JIT specialises each runtime argument on), so
@@ -291,13 +292,43 @@ def _set(owner: Any, name: str, value: Any) -> None:
         setattr(owner, name, value)
 
 
+def _language_state() -> list[tuple[Any, dict[str, Any]]]:
+    """What Triton's interpreter patches while a kernel runs: the attributes of the ``triton.language``
+    modules and of its tensor classes, as (owner, copy of its attributes)."""
+    owners = [m for name, m in list(sys.modules.items()) if name.startswith("triton.language") and m]
+    owners += [tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", None)]
+    return [(owner, dict(vars(owner))) for owner in owners if owner is not None]
+
+
+def _restore_language(state: list[tuple[Any, dict[str, Any]]]) -> None:
+    """Put back every attribute ``_language_state`` saw that has changed since. Triton's interpreter
+    restores its patches of ``triton.language`` after a kernel (triton-lang/triton#8735) but not after a
+    device function the kernel calls (``InterpretedFunction.__call__`` drops them, in 3.6 and 3.9), and the
+    patched ``tl.program_id``,
+    ``tl.full``, ... then break every later compile in the process (``'value' object has no attribute
+    'dtype'``). Names it added (helpers its rewritten functions look up) stay."""
+    for owner, before in state:
+        now = vars(owner)
+        for name, value in before.items():
+            if now.get(name, _MISSING) is not value:
+                setattr(owner, name, value)
+
+
+_MISSING = object()
+
+
 @contextlib.contextmanager
 def interpreting(fn: Any) -> Iterator[Any]:
     """Run ``fn``'s interpreted twin inside the block: yields it, with every ``@triton.jit`` function
     its body can reach swapped for its twin until the block ends (Triton's interpreter does the same
-    to ``triton.language`` while a kernel runs). Under ``TRITON_INTERPRET=1`` ``fn`` already is one."""
+    to ``triton.language`` while a kernel runs). Under ``TRITON_INTERPRET=1`` ``fn`` already is one.
+    Whatever the interpreter left patched in ``triton.language`` is put back when the block ends."""
+    state = _language_state()
     if isinstance(fn, InterpretedFunction):
-        yield fn
+        try:
+            yield fn
+        finally:
+            _restore_language(state)
         return
     if not isinstance(fn, JITFunction):
         raise TypeError(f"expected a @triton.jit function, got {type(fn).__name__}")
@@ -309,6 +340,7 @@ def interpreting(fn: Any) -> Iterator[Any]:
     finally:
         for owner, name, value in slots:
             _set(owner, name, value)
+        _restore_language(state)
 
 
 def _runtime_arg_names(fn: Any) -> list[str]:
@@ -520,6 +552,8 @@ def run(
     _LAST[kernel.name] = config
     _record_compile(kernel, args, constexprs, config, like)
     if like.device.type == "meta":
+        if _COMPILING_META:
+            _launch_one(kernel.fn, grid, args, constexprs, config, compile_only=True)
         return config
     with device_guard(like.device):
         if interpret:
@@ -530,9 +564,38 @@ def run(
     return config
 
 
-def _launch_one(fn, grid, args, constexprs, config: Config) -> None:
+def _launch_one(fn, grid, args, constexprs, config: Config, compile_only: bool = False) -> None:
     grid = grid(config) if callable(grid) else grid
-    fn[grid](*args, **constexprs, **config.meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    settings = {**constexprs, **config.meta, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    if compile_only:
+        _COMPILED_ONLY.add(fn)
+        fn.warmup(*args, grid=grid, **settings)
+    else:
+        fn[grid](*args, **settings)
+
+
+_COMPILING_META = False
+_COMPILED_ONLY: set = set()  # the functions compiled inside ``compiling_meta_launches``
+
+
+@contextlib.contextmanager
+def compiling_meta_launches() -> Iterator[None]:
+    """Inside the block a launch on ``meta`` tensors compiles its kernel (Triton's ``warmup``: built and
+    stored in Triton's cache, never run) for the target of Triton's active driver, where it would do
+    nothing: how ``fastdiff.selftest.precompile`` fills a GPU's Triton cache on a machine without one.
+    Leaving the block drops those functions' in-memory kernels (built for that target), so a later launch
+    on a real device loads or builds its own."""
+    global _COMPILING_META
+    previous, _COMPILING_META = _COMPILING_META, True
+    try:
+        yield
+    finally:
+        _COMPILING_META = previous
+        while _COMPILED_ONLY:
+            fn = _COMPILED_ONLY.pop()
+            while not hasattr(fn, "device_caches") and hasattr(fn, "fn"):  # a wrapper's jit function
+                fn = fn.fn
+            getattr(fn, "device_caches", {}).clear()
 
 
 # ----------------------------------------------------------------------------------------------------

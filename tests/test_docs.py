@@ -68,6 +68,7 @@ PARSE_ONLY = {
     "pip": "installs or downloads packages; pins must equal .ci/run's or setup.py's, extras must exist",
     "pytest": "a test or benchmark session of its own; its paths must exist",
     "fastdiff.selftest": "minutes of checks (tests/test_selftest.py runs --quick)",
+    "fastdiff.selftest.precompile": "compiles 262 kernels for a GPU (tests/test_precompile.py)",
     "fastdiff.kernels.report": "compiles every kernel configuration for two GPU targets (about 150 s)",
     "benchmarks.training_quality": "trains the main job per seed and variant: an hour or more",
     "benchmarks.sampler_sweep": "samples and scores a trained main job many times",
@@ -366,9 +367,8 @@ def check_script(path: str, args: list[str]) -> None:
     assert script.is_file() and os.access(script, os.X_OK), f"{path} is not an executable file"
     usage = next((line for line in script.read_text().splitlines() if f"usage: {path}" in line), "")
     for word in args:
-        assert re.search(rf"\[{re.escape(word)}\]|\s{re.escape(word)}(\s|$)", usage), (
-            f"{path}'s usage lacks {word}"
-        )
+        named = re.search(rf"(^|[\s\[|]){re.escape(word)}($|[\s\]|])", usage)
+        assert named, f"{path}'s usage lacks {word}"
 
 
 def check_environment(command: Command) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import parse_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_a_bad_shard_stops_pytest_before_any_test():
 
 
 def _gpu_check(out: Path, **settings: str) -> subprocess.CompletedProcess:
-    env = _env(OUT=str(out), GPU_CHECK_INSTALL="0", **settings)
+    env = _env(OUT=str(out), GPU_CHECK_INSTALL="0", GPU_CACHE=str(out / "cache"), **settings)
     return subprocess.run(
         ["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
@@ -91,6 +92,27 @@ def test_gpu_check_runs_both_phases_and_keeps_the_results(tmp_path):
     assert "python 3." in (tmp_path / "machine.txt").read_text()
 
 
+def test_gpu_check_unpacks_precompiled_kernels_into_tritons_cache(tmp_path):
+    pytest.importorskip("triton")
+    from fastdiff.selftest import cold, precompile
+    from fastdiff.selftest.cases import OpCase
+
+    with precompile.compile_only(90, tmp_path / "compiled"):
+        cold.launches(cold.case_steps([OpCase("group_norm", (2, 64, 5, 7), torch.float32)]))
+    packed = tmp_path / "kernels.tar.xz"
+    subprocess.run(["tar", "-cJf", str(packed), "-C", str(tmp_path / "compiled"), "."], check=True)
+    out = tmp_path / "out"
+    result = _gpu_check(
+        out, PRECOMPILED=str(packed), SELFTEST_ARGS="--device cpu --quick", CHECK_GROUPS="versions",
+        SPEED_GROUPS="versions", TIER_ARGS="tests/test_launch.py -k cuda", TIER_SHARDS="1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = (out / "summary.md").read_text()
+    assert f"- Triton's cache holds 2 kernels, precompiled ones from {packed} unpacked" in summary
+    assert "- Triton's cache holds 2 kernels at the end" in summary
+    assert len(list((out / "cache" / "triton").glob("*/*.cubin"))) == 2
+
+
 def test_gpu_check_reports_what_its_limits_cut_and_fails(tmp_path):
     result = _gpu_check(
         tmp_path,
@@ -110,4 +132,4 @@ def test_gpu_check_reports_what_its_limits_cut_and_fails(tmp_path):
 def test_gpu_check_refuses_an_unknown_argument():
     result = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "usage: tools/gpu_check.sh [--wheels]" in result.stderr
+    assert "usage: tools/gpu_check.sh [--wheels | --precompile]" in result.stderr

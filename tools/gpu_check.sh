@@ -6,10 +6,16 @@
 #   2. speed, alone on the machine: the selftest's train_step and kernel_timing groups,
 # and leaves everything under $OUT (which the device tool brings back).
 #
-#   tools/gpu_check.sh --wheels     here, once: the wheels a bare Python 3.12 machine may lack (numpy<2.4,
-#                                   pillow, tqdm, setuptools, wheel) into .gpu_wheels/ (git-ignored, ~25 MB)
-#   tools/gpu_check.sh              there: device run(command="tools/gpu_check.sh", carry=[".gpu_wheels"],
-#                                   timeout_s=480); here on a CPU it runs too (tests/test_gpu_check.py)
+# Here, once, before the device run (both outputs are git-ignored; carry them):
+#   tools/gpu_check.sh --wheels       the wheels a bare Python 3.12 machine may lack (numpy<2.4, pillow, tqdm,
+#                                     setuptools, wheel) into .gpu_wheels/ (~25 MB)
+#   PYTHON=/work/side312/bin/python tools/gpu_check.sh --precompile
+#                                     the selftest's first five groups' Triton kernels, compiled for sm_90 by
+#                                     the Triton the GPU machine has (tools/side_env.sh), packed into
+#                                     .gpu_precompiled.tar.xz (~4 MB; fastdiff.selftest.precompile)
+# There:
+#   device run(command="tools/gpu_check.sh", carry=[".gpu_wheels", ".gpu_precompiled.tar.xz"], timeout_s=480)
+# Here on a CPU it runs too (tests/test_gpu_check.py).
 #
 # Environment (defaults in brackets):
 #   OUT [gpu_check]            where the results go; the device tool sets it
@@ -20,16 +26,20 @@
 #   SELFTEST_ARGS []           more flags for both selftests, e.g. "--device cpu --quick"
 #   TIER_SHARDS [8], TIER_ARGS [tests -k cuda]   the tier's processes, and what pytest selects for it
 #   GPU_CHECK_INSTALL [1]      0 uses the fastdiff already importable instead of installing this tree
+#   GPU_CACHE [.gpu_cache], PRECOMPILED [.gpu_precompiled.tar.xz]   the caches' folder, the packed kernels
 #
-# Triton's and inductor's caches live in .gpu_cache/ (git-ignored): phase 2 and the tier reuse phase 1's
-# compiles, and a second run on a still-warm machine starts warm. Exits 1 when a selftest or a shard did
-# not exit 0 (a failure, an error, a cut, or a shard with no tests).
+# Triton's and inductor's caches live in GPU_CACHE (git-ignored), the precompiled kernels unpacked into
+# Triton's: phase 2 and the tier reuse phase 1's compiles, and a second run on a still-warm machine starts
+# warm. Exits 1 when a selftest or a shard did not exit 0 (a failure, an error, a cut, or a shard with no
+# tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 wheels=.gpu_wheels
+cache=${GPU_CACHE:-.gpu_cache}
+mkdir -p "$cache" && cache=$(cd "$cache" && pwd) || exit 2
 if ! command -v python > /dev/null; then  # an image that names it python3 only
-  mkdir -p .gpu_cache/bin && ln -sf "$(command -v python3)" .gpu_cache/bin/python
-  export PATH=$PWD/.gpu_cache/bin:$PATH
+  mkdir -p "$cache/bin" && ln -sf "$(command -v python3)" "$cache/bin/python"
+  export PATH=$cache/bin:$PATH
 fi
 
 if [ "${1:-}" = "--wheels" ]; then
@@ -38,7 +48,13 @@ if [ "${1:-}" = "--wheels" ]; then
     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --implementation cp \
     "numpy<2.4" pillow tqdm "setuptools>=64,<82" wheel
 fi
-[ $# -eq 0 ] || { echo "usage: tools/gpu_check.sh [--wheels]" >&2; exit 2; }
+precompiled=${PRECOMPILED:-.gpu_precompiled.tar.xz}
+if [ "${1:-}" = "--precompile" ]; then
+  rm -rf "$cache/precompiled"
+  "${PYTHON:-python}" -m fastdiff.selftest.precompile --out "$cache/precompiled" || exit 1
+  exec tar -cJf "$precompiled" -C "$cache/precompiled" .
+fi
+[ $# -eq 0 ] || { echo "usage: tools/gpu_check.sh [--wheels | --precompile]" >&2; exit 2; }
 
 out=${OUT:-gpu_check}
 check_seconds=${CHECK_SECONDS:-150}
@@ -47,12 +63,17 @@ grace=${GRACE:-60}
 shards=${TIER_SHARDS:-8}
 tier_args=${TIER_ARGS:-tests -k cuda}
 mkdir -p "$out/tier" || { echo "cannot create the output directory $out" >&2; exit 2; }
-export TRITON_CACHE_DIR=$PWD/.gpu_cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu_cache/inductor
+export TRITON_CACHE_DIR=$cache/triton TORCHINDUCTOR_CACHE_DIR=$cache/inductor
 began=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - began )) s"; }
 note() { echo "$*" | tee -a "$out/summary.md"; }
 
 echo "# fastdiff GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$out/summary.md"
+kernels_in_cache() { find "$TRITON_CACHE_DIR" -name "__grp__*.json" 2>/dev/null | wc -l; }
+if [ -f "$precompiled" ]; then
+  mkdir -p "$TRITON_CACHE_DIR" && tar -xJf "$precompiled" -C "$TRITON_CACHE_DIR"
+  note "- Triton's cache holds $(kernels_in_cache) kernels, precompiled ones from $precompiled unpacked"
+fi
 {
   nvidia-smi 2>&1 || echo "nvidia-smi: not found"
   python -c 'import sys; print("python", sys.version.split()[0])'
@@ -70,11 +91,11 @@ if [ "${GPU_CHECK_INSTALL:-1}" = 1 ]; then
   done
   if [ ${#missing[@]} -gt 0 ]; then
     # into a folder of our own: a system Python may refuse pip in site-packages (PEP 668)
-    site=$PWD/.gpu_cache/site
+    site=$cache/site
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
     python -m pip install -q --no-index --find-links "$wheels" --target "$site" "${missing[@]}" \
       > "$out/install.log" 2>&1 \
-      && note "- installed from $wheels into .gpu_cache/site: ${missing[*]}" \
+      && note "- installed from $wheels into $site: ${missing[*]}" \
       || note "- could not install ${missing[*]} from $wheels (see install.log)"
   fi
   if FASTDIFF_NO_EXT=1 python -m pip install -q --no-index --no-deps --no-build-isolation -e . \
@@ -128,5 +149,5 @@ note "- failures and errors: $(wc -l < "$out/tier/failures.txt") (tier/failures.
 # 2. Speed, alone on the machine.
 selftest selftest_speed "${SPEED_GROUPS:-train_step,kernel_timing}" "$speed_seconds" $((speed_seconds + grace))
 report_selftest selftest_speed $?
-note "- all done after $(elapsed)"
+note "- Triton's cache holds $(kernels_in_cache) kernels at the end; all done after $(elapsed)"
 exit "$failed"
