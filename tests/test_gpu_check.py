@@ -59,7 +59,9 @@ def test_a_bad_shard_stops_pytest_before_any_test():
 
 
 def _gpu_check(out: Path, **settings: str) -> subprocess.CompletedProcess:
-    env = _env(OUT=str(out), GPU_CHECK_INSTALL="0", GPU_CACHE=str(out / "cache"), **settings)
+    """The script on this CPU: the selftests --quick on CPU tensors, one shard unless ``settings`` say."""
+    defaults = {"SELFTEST_ARGS": "--device cpu --quick", "TIER_SHARDS": "1", "GPU_CHECK_INSTALL": "0"}
+    env = _env(**{**defaults, "OUT": str(out), "GPU_CACHE": str(out / "cache"), **settings})
     return subprocess.run(
         ["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
@@ -68,7 +70,6 @@ def _gpu_check(out: Path, **settings: str) -> subprocess.CompletedProcess:
 def test_gpu_check_runs_both_phases_and_keeps_the_results(tmp_path):
     result = _gpu_check(
         tmp_path,
-        SELFTEST_ARGS="--device cpu --quick",
         CHECK_GROUPS="versions,determinism",
         SPEED_GROUPS="kernel_timing",
         TIER_ARGS="tests/test_launch.py tests/test_ops.py -k cuda",
@@ -102,10 +103,12 @@ def test_gpu_check_unpacks_precompiled_kernels_into_tritons_cache(tmp_path):
     packed = tmp_path / "kernels.tar.xz"
     subprocess.run(["tar", "-cJf", str(packed), "-C", str(tmp_path / "compiled"), "."], check=True)
     out = tmp_path / "out"
-    result = _gpu_check(
-        out, PRECOMPILED=str(packed), SELFTEST_ARGS="--device cpu --quick", CHECK_GROUPS="versions",
-        SPEED_GROUPS="versions", TIER_ARGS="tests/test_launch.py -k cuda", TIER_SHARDS="1",
-    )  # fmt: skip
+    settings = {
+        "CHECK_GROUPS": "versions",
+        "SPEED_GROUPS": "versions",
+        "TIER_ARGS": "tests/test_launch.py -k cuda",
+    }
+    result = _gpu_check(out, PRECOMPILED=str(packed), **settings)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = (out / "summary.md").read_text()
     assert f"- Triton's cache holds 2 kernels, precompiled ones from {packed} unpacked" in summary
@@ -114,14 +117,7 @@ def test_gpu_check_unpacks_precompiled_kernels_into_tritons_cache(tmp_path):
 
 
 def test_gpu_check_reports_what_its_limits_cut_and_fails(tmp_path):
-    result = _gpu_check(
-        tmp_path,
-        SELFTEST_ARGS="--device cpu --quick",
-        CHECK_SECONDS="3",
-        SPEED_SECONDS="1",
-        GRACE="0",
-        TIER_SHARDS="1",
-    )
+    result = _gpu_check(tmp_path, CHECK_SECONDS="3", SPEED_SECONDS="1", GRACE="0")
     assert result.returncode == 1
     summary = (tmp_path / "summary.md").read_text()
     assert "- selftest_correctness: exit 124 after " in summary
