@@ -98,6 +98,7 @@ def _parse_ptxas(text: str) -> dict[str, int]:
 def compile_one(spec: Any, arch: int) -> dict[str, Any]:
     """Compile ``spec`` for ``sm_<arch>`` and measure it; a failure is reported in the row's ``error``."""
     import triton
+    from fastdiff.kernels.launch import COMPILE_OPTIONS
     from triton.backends.compiler import GPUTarget
 
     row: dict[str, Any] = {
@@ -108,7 +109,7 @@ def compile_one(spec: Any, arch: int) -> dict[str, Any]:
     }
     try:
         source = triton.compiler.ASTSource(spec.fn, spec.signature, spec.constexprs, attrs=spec.attrs())
-        options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+        options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **COMPILE_OPTIONS}
         kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
         with tempfile.TemporaryDirectory() as tmp:
             cubin, ptx = Path(tmp, "kernel.cubin"), Path(tmp, "kernel.ptx")
