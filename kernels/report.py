@@ -81,6 +81,17 @@ def _parse_cuobjdump(text: str) -> dict[str, int]:
     return {key.lower(): int(value) for key, value in fields.items()}
 
 
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """``reg``, ``stack``, ``shared``, ``local`` of a cubin's kernel, as ``cuobjdump --dump-resource-usage``
+    reads them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "kernel.cubin")
+        path.write_bytes(cubin)
+        command = [_tool("cuobjdump"), "--dump-resource-usage", str(path)]
+        usage = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return _parse_cuobjdump(usage)
+
+
 def _parse_ptxas(text: str) -> dict[str, int]:
     """Registers, spill stores/loads and stack frame from ``ptxas -v`` output."""
     spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -112,22 +123,15 @@ def compile_one(spec: Any, arch: int) -> dict[str, Any]:
         options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **COMPILE_OPTIONS}
         kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
         with tempfile.TemporaryDirectory() as tmp:
-            cubin, ptx = Path(tmp, "kernel.cubin"), Path(tmp, "kernel.ptx")
-            cubin.write_bytes(kernel.asm["cubin"])
+            ptx = Path(tmp, "kernel.ptx")
             ptx.write_text(kernel.asm["ptx"])
-            usage = subprocess.run(
-                [_tool("cuobjdump"), "--dump-resource-usage", str(cubin)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
             ptxas = subprocess.run(
                 [*_ptxas_command(arch, kernel.metadata), str(ptx), "-o", os.devnull],
                 capture_output=True,
                 text=True,
                 check=True,
             )
-        resources = _parse_cuobjdump(usage)
+        resources = resource_usage(kernel.asm["cubin"])
         row.update(_parse_ptxas(ptxas.stdout + ptxas.stderr))
         row.update(
             registers=resources["reg"],

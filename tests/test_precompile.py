@@ -46,6 +46,22 @@ def test_meta_launches_compile_their_kernels_for_the_target_and_nothing_more(tmp
     assert precompile.cache_entries(tmp_path) == 2
 
 
+def test_stack_users_names_kernels_whose_cubin_spills(tmp_path, monkeypatch):
+    from fastdiff.kernels import report
+
+    with precompile.compile_only(90, tmp_path):
+        cold.launches(cold.case_steps([OpCase("group_norm", (2, 64, 5, 7), torch.float32)]))
+    assert precompile.stack_users(tmp_path) == []  # what cuobjdump reads from the two real cubins
+    fake = tmp_path / "ABCDEFGHIJKLMNOP" / "_attn_bwd_dq_kernel.cubin"
+    fake.parent.mkdir()
+    fake.write_bytes(b"spills")
+    real = report.resource_usage
+    usage = {"reg": 80, "stack": 16, "shared": 0, "local": 0}
+    monkeypatch.setattr(report, "resource_usage", lambda cubin: usage if cubin == b"spills" else real(cubin))
+    expected = "_attn_bwd_dq_kernel (ABCDEFGHIJKL): REG 80, STACK 16, LOCAL 0"
+    assert precompile.stack_users(tmp_path) == [expected]
+
+
 @pytest.mark.parametrize("value", ["9", "sm_90", "", "300", "x.y"])
 def test_a_bad_arch_is_refused(value):
     with pytest.raises(Exception, match=r"expected a CUDA compute capability such as 90 or 8\.0"):

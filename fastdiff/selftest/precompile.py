@@ -71,6 +71,23 @@ def cache_entries(cache_dir: Path) -> int:
     return sum(1 for _ in cache_dir.glob("*/__grp__*.json"))
 
 
+def stack_users(cache_dir: Path) -> list[str]:
+    """The compiled kernels in a Triton cache whose cubin uses a stack frame or local memory (spilled
+    registers, as ``cuobjdump --dump-resource-usage`` reads the cubin Triton built): ``name (dir): REG
+    r, STACK s, LOCAL l`` each. The compile report checks every config in two variants of alignment;
+    this checks the specialisations real launches compile."""
+    from fastdiff.kernels.report import resource_usage
+
+    found = []
+    for cubin in sorted(cache_dir.glob("*/*.cubin")):
+        usage = resource_usage(cubin.read_bytes())
+        stack, local = usage.get("stack", 0), usage.get("local", 0)
+        if stack or local:
+            where = f"{cubin.stem} ({cubin.parent.name[:12]})"
+            found.append(f"{where}: REG {usage['reg']}, STACK {stack}, LOCAL {local}")
+    return found
+
+
 def parse_arch(value: str) -> int:
     """``90`` or ``9.0`` -> 90; an argparse error for anything but a CUDA compute capability."""
     try:
@@ -115,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"in {time.perf_counter() - began:.0f} s",
         flush=True,
     )
+    spilled = stack_users(args.out)
+    print(f"{len(spilled)} kernels use a stack frame or local memory", *spilled, sep="\n  ", flush=True)
     return 0
 
 

@@ -42,6 +42,12 @@ def _tag(config: launch.Config) -> str:
 # m16n32w8s1 and m16n16w4s1 spill in no variant under either Triton. m16n32w8s1 serves: 8 warps as before,
 # half the queries per program (twice the programs, twice the K/V reloads), twice the keys per step (half
 # the steps), one stage (the next K/V tile is not prefetched), 51-52 KB of shared memory instead of 68.
+# fp32 d64 dQ m32n32w8s2 spilled 4-16 B (sm_80 under both Tritons, sm_90 under 3.6) in a launch whose
+# strides are divisible by 16 in some tensors and not others (flash_attention with K and V of other
+# layouts than Q), which neither report variant builds; fastdiff.selftest.precompile compiles the
+# selftest's real launches and found it. m32n16w8s2 replaces it (the same 32 query rows and 8 warps,
+# half the keys per step): no spill in either report variant or in those launches. (m32n64w8s2 was
+# clean too, but a dQ list keeps one BLOCK_N, the block its loop accumulates over, for determinism.)
 FORWARD_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("half", 16): (_C(64, 64, 4, 3), _C(128, 32, 4, 3), _C(128, 128, 8, 3)),
     ("half", 32): (_C(64, 64, 4, 3), _C(128, 32, 8, 3), _C(128, 128, 8, 3)),
@@ -82,7 +88,7 @@ DQ_CONFIGS: dict[tuple[str, int], tuple[launch.Config, ...]] = {
     ("half", 256): (_C(16, 16, 8, 2), _C(16, 16, 8, 3)),
     ("fp32", 16): (_C(32, 32, 4, 2), _C(64, 32, 8, 2), _C(32, 32, 8, 2)),
     ("fp32", 32): (_C(32, 32, 4, 2), _C(32, 32, 8, 2)),
-    ("fp32", 64): (_C(32, 32, 8, 2),),
+    ("fp32", 64): (_C(32, 16, 8, 2),),
     ("fp32", 128): (_C(16, 32, 8, 2),),
     ("fp32", 256): (_C(32, 16, 8, 2),),
 }
