@@ -295,6 +295,10 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
         )
         with ops.use_backend(kernels):
             loop.run()
+        # On success only (a rank that failed may never reach it): DDP's reducer and any work it holds go
+        # first, and every rank has left every collective before any tears the process group down.
+        del loop, data
+        dist_util.barrier()
         return 0
     finally:
         dist_util.cleanup_dist()
