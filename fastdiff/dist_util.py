@@ -7,6 +7,7 @@ Backend: NCCL when the process drives a CUDA device, gloo on CPU. Device: ``cuda
 available, else the CPU.
 """
 
+import gc
 import os
 import pickle
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # imported before any group exists: see destroy_group
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,23 @@ def setup_dist(device: str = "auto") -> DistContext:
 def cleanup_dist() -> None:
     """Leave the process group if :func:`setup_dist` created it."""
     if _owned_group["created"] and dist.is_initialized():
-        dist.destroy_process_group()
+        destroy_group()
     _owned_group["created"] = False
+
+
+def destroy_group() -> None:
+    """Destroy the default process group and free it now, while the interpreter is still whole.
+
+    ``destroy_process_group`` only unregisters the group; gloo's worker threads run until its last reference
+    goes. A worker that drops a finished collective's tensors once interpreter shutdown has begun must take
+    the GIL, which ends the thread and aborts the process ("terminate called without an active exception":
+    seen at exit under torchrun on loaded CPUs). Collecting garbage frees the group, and the DDP wrappers in
+    reference cycles that hold it, which joins those threads here. ``torch.distributed.nn`` takes
+    ``group.WORLD`` as default arguments when first imported, which would pin the group for good: this
+    module imports it before any group exists, and DDP's import of it later finds it imported.
+    """
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def world_size() -> int:

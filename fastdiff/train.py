@@ -295,8 +295,8 @@ def main(argv: Sequence[str] | None = None, model_factory: ModelFactory = build_
         )
         with ops.use_backend(kernels):
             loop.run()
-        # On success only (a rank that failed may never reach it): DDP's reducer and any work it holds go
-        # first, and every rank has left every collective before any tears the process group down.
+        # On success only (a rank that failed may never reach it): the loop's DDP wrapper goes, so that
+        # cleanup_dist can free the group, and every rank has left every collective before any tears it down.
         del loop, data
         dist_util.barrier()
         return 0

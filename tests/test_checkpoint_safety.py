@@ -163,7 +163,7 @@ def _read_on_two_ranks(rank: int, store_path: str, file_path: str, shared: bool,
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
-        dist.destroy_process_group()
+        dist_util.destroy_group()
 
 
 @pytest.mark.parametrize("shared", [True, False])

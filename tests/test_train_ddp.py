@@ -99,7 +99,7 @@ def _worker(out_dir: str, train_args: list[str]) -> int:
         "1",
     ]
     code = code or nll.main([*nll_args, "--out_dir", out_dir])
-    torch.distributed.destroy_process_group()
+    dist_util.destroy_group()
     return code
 
 

@@ -124,7 +124,7 @@ def _two_ranks_one_poisoned(rank: int, store: str, out_dir: str) -> None:
         result = {"applied": applied, "params": params, "skipped": loop.skipped_steps}
         torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))
     finally:
-        torch.distributed.destroy_process_group()
+        dist_util.destroy_group()
 
 
 def test_every_rank_skips_a_step_that_is_non_finite_on_one_rank(tmp_path):
