@@ -247,12 +247,22 @@ FIXTURES = torch.load(
 )
 
 
+def assert_matches_recording(out: torch.Tensor, recorded: torch.Tensor) -> None:
+    """``out`` is a recorded sample up to the CPU's float32 rounding.
+
+    The recordings were made on an AMD EPYC without AVX-512; elsewhere vectorised exp and tanh round
+    differently (an Intel Xeon with AMX is off by up to 1.6e-6, 13 ulps of 1.0, in 12 of 56 cases). A
+    changed method, grid or schedule moves the samples by orders of magnitude more."""
+    torch.testing.assert_close(out, recorded, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_ddpm_and_ddim_match_the_code_before_issue_13(name):
     from data.make_sampler_fixtures import SHAPE, analytic_model, run_case
 
     fixture = FIXTURES[name]
-    assert torch.equal(run_case(fixture["flags"], fixture["sampler"]), fixture["output"])
+    loop = run_case(fixture["flags"], fixture["sampler"])
+    assert_matches_recording(loop, fixture["output"])
     diffusion = create_gaussian_diffusion(**fixture["flags"])
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
     torch.manual_seed(11)
@@ -260,7 +270,7 @@ def test_ddpm_and_ddim_match_the_code_before_issue_13(name):
         analytic_model(fixture["flags"].get("learn_sigma", False)), diffusion, SHAPE,
         sampler=fixture["sampler"], noise=noise,
     )  # fmt: skip
-    assert torch.equal(out, fixture["output"])
+    assert torch.equal(out, loop), "sample_batch must be GaussianDiffusion's own loop, bit for bit"
 
 
 SOLVER_FIXTURES = torch.load(
@@ -274,7 +284,7 @@ def test_ode_samplers_on_their_grids_match_the_code_before_issue_21(name):
 
     case = SOLVER_FIXTURES[name]
     out = run_case(case["flags"], case["sampler"], case["spacing"], case["steps"], case["clip"])
-    assert torch.equal(out, case["output"])
+    assert_matches_recording(out, case["output"])
 
 
 def test_steps_respace_ddpm_like_timestep_respacing():

@@ -225,8 +225,11 @@ def test_unipc_agrees_with_diffusers(order, variant, spacing):
     )  # fmt: skip
     scheduler = UniPCMultistepScheduler(solver_order=order, solver_type=variant, prediction_type="epsilon")
     theirs = _run_diffusers(scheduler, diffusion, grid, noise)
+    # float32 rounding alone: up to 89 ulps of the largest sample at order 3 on karras (diffusers solves
+    # its order-3 coefficients in float32, and that rounding depends on the CPU's LAPACK kernels). Two
+    # different methods here (orders 1-3, bh1 / bh2) differ by 120,000 ulps or more.
     scale = ours.abs().max().item()
-    assert (ours - theirs).abs().max().item() <= 64 * torch.finfo(torch.float32).eps * scale
+    assert (ours - theirs).abs().max().item() <= 1024 * torch.finfo(torch.float32).eps * scale
 
 
 @pytest.mark.parametrize("spacing", ["capped_logsnr", "logsnr"])

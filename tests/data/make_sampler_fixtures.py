@@ -1,8 +1,9 @@
 """Writes tests/data/sampler_reference.pt: DDPM and DDIM samples computed by fastdiff before issue 13.
 
-The samplers of issue 13 must leave improved-diffusion's DDPM and DDIM results unchanged bit for bit.
-This script was run once on the code before that change (commit a49f8d1); tests/test_sampling.py
-compares today's ``GaussianDiffusion`` methods and ``fastdiff.diffusion.sampling.sample_batch`` with it.
+The samplers of issue 13 must leave improved-diffusion's DDPM and DDIM results unchanged: bit for bit on
+the AMD EPYC that ran this script once, on the code before that change (commit a49f8d1), and to float32
+rounding on other CPUs. tests/test_sampling.py compares today's ``GaussianDiffusion`` loops with it, and
+``fastdiff.diffusion.sampling.sample_batch`` with those loops, bit for bit.
 
 The model is a fixed analytic function of (x, t), so the file holds only the outputs:
 ``{name: {"flags": create_gaussian_diffusion kwargs, "sampler": "ddpm" | "ddim", "output": [2, 2, 4, 4]}}``.

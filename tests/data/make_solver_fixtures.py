@@ -1,9 +1,10 @@
 """Writes tests/data/solver_reference.pt: euler, heun and dpmpp_2m samples on explicit grids, computed by
 fastdiff before issue 21 (commit 701d017).
 
-Issue 21 adds grids and solvers; the existing samplers on the grids they already had must not change, bit
-for bit. tests/test_sampling.py compares today's ``sample_batch`` with this file. DDPM and DDIM have their
-own file (``sampler_reference.pt``, make_sampler_fixtures.py).
+Issue 21 adds grids and solvers; the existing samplers on the grids they already had must not change (bit
+for bit on the AMD EPYC that recorded them, to float32 rounding on other CPUs). tests/test_sampling.py
+compares today's ``sample_batch`` with this file. DDPM and DDIM have their own file
+(``sampler_reference.pt``, make_sampler_fixtures.py).
 
 The model is make_sampler_fixtures' analytic function of (x, t), so the file holds only the outputs:
 ``{name: {"flags": create_gaussian_diffusion kwargs, "sampler", "spacing", "steps", "clip",
