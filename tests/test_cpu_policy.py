@@ -22,8 +22,8 @@ def test_isa_levels_from_cpu_flags():
     assert cpu_policy.cpu_isa() in cpu_policy.ISAS
 
 
-@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2", "default"])
-def test_attention_picks_without_amx(isa):
+@pytest.mark.parametrize("isa", cpu_policy.ISAS)
+def test_attention_picks_on_every_level(isa):
     choose = cpu_policy.attention_choice
     t256, t64 = 256 * 256, 64 * 64
     # bf16 with gradients: the flash kernel's bf16 backward is the slow one here: math below 512 x 512
@@ -42,14 +42,6 @@ def test_attention_picks_without_amx(isa):
     # not measured: the flash kernel, as before
     assert choose(torch.float64, t64, 1, True, isa) == "cpp"
     assert choose(torch.float16, t64, 1, True, isa) == "cpp"
-
-
-def test_amx_keeps_the_cpp_kernels():
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for grad in (False, True):
-            for query_keys in (16 * 16, 64 * 64, 256 * 256):
-                assert cpu_policy.attention_choice(dtype, query_keys, 1, grad, "amx") == "cpp"
-        assert cpu_policy.group_norm_choice(dtype, "amx") == "cpp"
 
 
 def test_group_norm_keeps_cpp_on_every_level():
@@ -71,16 +63,11 @@ def test_describe_names_every_pick():
     assert picks["group_norm/bfloat16"] == "cpp"
     assert picks["attention/bfloat16/forward+backward"] == "math below Tq*Tk = 512x512, cpp from it"
     assert picks["attention/float32/forward"] == "math below Tq*Tk = 256x256, cpp from it"
-    assert set(cpu_policy.describe("amx").values()) == {"amx", "cpp"}
+    assert {**cpu_policy.describe("amx"), "isa": "avx512_bf16"} == picks  # AMX: the same table
     assert cpu_policy.describe()["isa"] == cpu_policy.cpu_isa()
 
 
-@pytest.fixture
-def no_amx(monkeypatch):
-    monkeypatch.setattr(cpu_policy, "cpu_isa", lambda: "avx512_bf16")
-
-
-def test_resolve_follows_the_policy_on_cpu_tensors(no_amx, monkeypatch):
+def test_resolve_follows_the_policy_on_cpu_tensors():
     qkv = torch.randn(2, 3 * 4 * 8, 64, dtype=torch.bfloat16)
     assert backends.resolve_attention(qkv, 8) == backends.MATH  # T = 64
     assert backends.resolve_attention(torch.randn(2, 96, 256), 8) == "cpp"  # fp32, T = 256
@@ -100,8 +87,6 @@ def test_resolve_follows_the_policy_on_cpu_tensors(no_amx, monkeypatch):
     with ops.use_backend("torch"):
         assert backends.resolve_attention(qkv, 8) == "torch"
     assert backends.resolve_group_norm(torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)) == "cpp"
-    monkeypatch.setattr(cpu_policy, "cpu_isa", lambda: "amx")
-    assert backends.resolve_attention(qkv, 8) == "cpp"
 
 
 def _reference(q, k, v, scale, dout):
@@ -128,7 +113,7 @@ def _math_accuracy_factor(dtype):
 @pytest.mark.parametrize(
     ("batch", "heads", "head_dim", "length"), [(2, 2, 16, 1), (1, 3, 40, 37), (2, 4, 32, 64)]
 )
-def test_math_qkv_attention_matches_float64(no_amx, order, batch, heads, head_dim, length):
+def test_math_qkv_attention_matches_float64(order, batch, heads, head_dim, length):
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         qkv = torch.randn(batch, 3 * heads * head_dim, length).to(dtype).requires_grad_()
         policy = backends.MATH if dtype != torch.float64 else "cpp"
@@ -150,7 +135,7 @@ def test_math_qkv_attention_matches_float64(no_amx, order, batch, heads, head_di
         _assert_close(grad, expected_grad, dtype, "dqkv", 4 * factor)
 
 
-def test_math_flash_attention_matches_float64_with_cross_attention(no_amx):
+def test_math_flash_attention_matches_float64_with_cross_attention():
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         q = torch.randn(2, 3, 19, 24).to(dtype).requires_grad_()
         k, v = (torch.randn(2, 3, 7, 24).to(dtype).requires_grad_() for _ in range(2))
@@ -169,7 +154,7 @@ def test_math_flash_attention_matches_float64_with_cross_attention(no_amx):
             _assert_close(actual, want, dtype, what, factor if what == "out" else 4 * factor)
 
 
-def test_math_attention_keeps_the_input_dtype_under_autocast(no_amx):
+def test_math_attention_keeps_the_input_dtype_under_autocast():
     qkv = torch.randn(2, 24, 6, dtype=torch.bfloat16, requires_grad=True)
     assert backends.resolve_attention(qkv, 4) == backends.MATH
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -180,7 +165,7 @@ def test_math_attention_keeps_the_input_dtype_under_autocast(no_amx):
     assert qkv.grad.dtype == torch.bfloat16 and torch.isfinite(qkv.grad).all()
 
 
-def test_math_attention_on_empty_inputs(no_amx):
+def test_math_attention_on_empty_inputs():
     qkv = torch.randn(0, 24, 5, requires_grad=True)
     out = ops.qkv_attention(qkv, 2)
     assert out.shape == (0, 8, 5)

@@ -10,9 +10,9 @@ On a CPU ``auto`` must never run slower than the eager ops it replaces (improved
   which stores the ``[B, H, Tq, Tk]`` weights, as improved-diffusion does.
 
 Measured with ``python -m benchmarks.cpu_policy`` (and the same paired rounds at more lengths) on an AMD
-EPYC with AVX-512 and AVX512_BF16, no AMX (torch 2.13, 1 thread, improved-diffusion's 32x32 UNet shapes at
-batch 16; ratios are eager time over the candidate's, medians of paired rounds of CPU time on a shared
-machine, about +-15% run to run):
+EPYC with AVX-512 and AVX512_BF16, no AMX, then checked on an Intel Xeon with AMX (below); torch 2.13, 1
+thread, improved-diffusion's 32x32 UNet shapes at batch 16; ratios are eager time over the candidate's,
+medians of paired rounds of CPU time on a shared machine, about +-15% run to run:
 
 * GroupNorm, GroupNorm+SiLU, scale-shift GroupNorm+SiLU: with each shape weighted by its calls per UNet,
   ``cpp`` beats eager (1.0x-5.7x) and ``native`` in every dtype (fp32, bf16), layout and pass but one:
@@ -21,15 +21,21 @@ machine, about +-15% run to run):
 * Attention, forward (fp32 and bf16) and fp32 forward+backward: the flash kernel wins from T = 256 (1.3x-
   2.7x eager) and loses below (T = 16, 64, 128: 0.5x-1.0x) where ``math`` runs at eager's speed: the
   flash kernel from ``Tq * Tk >= 256 * 256``, ``math`` below.
-* Attention, bf16 forward+backward: the flash kernel's bf16 backward without AMX is slow: 0.15x-0.35x eager
+* Attention, bf16 forward+backward: the flash kernel's bf16 backward is slow: 0.15x-0.35x eager
   at T = 16-128, 0.7x at T = 384, 0.9x-1.1x at T = 256, then 1.3x at T = 512 and 3.4x at T = 1024: the
   flash kernel from ``Tq * Tk >= 512 * 512``, ``math`` below.
-* With AMX the flash kernel's bf16 matmuls run on AMX tiles (fastdiff's train step measured 1.1x-1.2x
-  eager there with ``cpp``): AMX keeps ``cpp`` everywhere.
+
+On an Intel Xeon with AMX (2026-12-04, the same benchmark) the same table holds: AMX speeds up neither the
+flash kernel's small-T forward (fp32 0.46x-0.70x eager at T = 16-64, ``math`` 1.07x-1.12x) nor its bf16
+backward (0.14x at T = 16, 0.20x at T = 64, 0.95x at T = 256, ``math`` 1.03x-1.11x), and from T = 256 the
+flash kernel wins as above (fp32 forward 2.44x, fp32 forward+backward 1.32x, bf16 forward 2.13x).
+GroupNorm: ``cpp`` 1.0x-3.7x eager, weighted per UNet, in every case but plain GroupNorm on contiguous fp32
+(0.86x forward, 0.78x forward+backward; ``native``, the very op eager calls, 0.87x and 0.85x): the op
+boundary's cost on tensors of tens of microseconds, which no kernel choice removes.
 
 ``math`` stores ``B * H * Tq * Tk`` weights: above ``MATH_MAX_SCORES`` the flash kernel runs whatever the
-table says. CPUs below AVX512_BF16 (AVX-512 without bf16, AVX2) were not measured; they take the
-AVX512_BF16 rows (their bf16 flash backward has no faster path than this one's). float16 and float64
+table says. CPUs below AVX512_BF16 (AVX-512 without bf16, AVX2) were not measured; they take the same
+rows (their bf16 flash backward has no faster path than these two's). float16 and float64
 keep ``cpp`` (not measured). A forced backend (``use_backend("cpp")``, ``--kernels cpp``) still runs what
 was asked; this table is only ``auto``'s.
 """
@@ -51,7 +57,7 @@ FLASH_MIN_SCORES: dict[tuple[torch.dtype, bool], int] = {
     (torch.bfloat16, True): 512 * 512,
 }
 """(dtype, gradients wanted) -> the ``Tq * Tk`` from which attention runs the flash kernel (``cpp``) on a
-CPU without AMX; below it ``math``. Dtypes not listed run ``cpp``."""
+CPU, with or without AMX; below it ``math``. Dtypes not listed run ``cpp``."""
 
 MATH_MAX_SCORES = 2**25
 """Most attention weights (``B * H * Tq * Tk``) ``math`` may store: 128 MiB as fp32; above, ``cpp``."""
@@ -130,8 +136,9 @@ def attention_choice(
 ) -> str:
     """``cpp`` (flash kernel) or ``math`` for attention on ``dtype`` tensors on a CPU of level ``isa``
     (this CPU's when None): ``query_keys`` is ``Tq * Tk``, ``scores`` is ``B * H * Tq * Tk``, ``grad``
-    whether gradients will be taken."""
-    if _isa(isa) == "amx" or scores > MATH_MAX_SCORES or (dtype, grad) not in FLASH_MIN_SCORES:
+    whether gradients will be taken. The same on every level: see the module's figures."""
+    _isa(isa)
+    if scores > MATH_MAX_SCORES or (dtype, grad) not in FLASH_MIN_SCORES:
         return "cpp"
     return "math" if query_keys < FLASH_MIN_SCORES[dtype, grad] else "cpp"
 
@@ -145,5 +152,5 @@ def describe(isa: str | None = None) -> dict[str, str]:
     for (dtype, grad), flash_from in FLASH_MIN_SCORES.items():
         key = f"attention/{str(dtype).removeprefix('torch.')}/{'forward+backward' if grad else 'forward'}"
         side = math.isqrt(flash_from)
-        picks[key] = "cpp" if isa == "amx" else f"math below Tq*Tk = {side}x{side}, cpp from it"
+        picks[key] = f"math below Tq*Tk = {side}x{side}, cpp from it"
     return picks
