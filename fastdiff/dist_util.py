@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # imported before any group exists: see destroy_group
+
+if dist.is_available():  # before any group exists: see destroy_group
+    import torch.distributed.nn
 
 
 @dataclass(frozen=True)
