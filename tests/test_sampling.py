@@ -250,8 +250,8 @@ FIXTURES = torch.load(
 def assert_matches_recording(out: torch.Tensor, recorded: torch.Tensor) -> None:
     """``out`` is a recorded sample up to the CPU's float32 rounding.
 
-    The recordings were made on an AMD EPYC without AVX-512; elsewhere vectorised exp and tanh round
-    differently (an Intel Xeon with AMX is off by up to 1.6e-6, 13 ulps of 1.0, in 12 of 56 cases). A
+    The recordings were made on an AMD EPYC (AVX-512, no AMX); elsewhere vectorised exp and tanh round
+    differently (an Intel Xeon with AMX is off by up to 1.6e-6, 13 ulps of 1.0, in 39 of 56 cases). A
     changed method, grid or schedule moves the samples by orders of magnitude more."""
     torch.testing.assert_close(out, recorded, rtol=1e-5, atol=1e-6)
 
